@@ -1,0 +1,129 @@
+"""The `lmforge` command. Thin: parse arguments, load the config, call one function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from lmforge.errors import ConfigError, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train and fine-tune language models from one YAML file.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Show or check a config.")
+app.add_typer(config_app, name="config")
+
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-4 data.max_length=256.")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.command("train")
+def train_command(
+    config: Path = typer.Argument(..., help="YAML or JSON config file."),
+    overrides: list[str] = OVERRIDES,
+    quick_test: bool = typer.Option(
+        False, "--quick-test", help="A few steps and a tiny eval, to check a config."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate config and data, report sizes, train nothing."
+    ),
+) -> None:
+    """Train a model as the config says."""
+    from lmforge.config import load_config
+    from lmforge.run import quick_test_config, run_train
+
+    cfg = load_config(config, overrides or [])
+    if quick_test:
+        cfg = quick_test_config(cfg)
+    _quiet_libraries()
+    run_train(cfg, console, dry_run=dry_run)
+
+
+@app.command("eval")
+def eval_command(
+    target: Path = typer.Argument(..., help="A run directory or a Hugging Face model directory."),
+    data: list[str] = typer.Option(None, "--data", help="Evaluate on these files instead of a split."),
+    split: str = typer.Option("test", "--split", help="validation or test: the run's own split."),
+    max_length: int = typer.Option(None, "--max-length", help="Tokens per row (default: the run's)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+) -> None:
+    """Evaluate a trained model: loss, perplexity and token accuracy."""
+    from lmforge.eval.target import evaluate_target
+
+    _quiet_libraries()
+    metrics = evaluate_target(target, data or None, split, max_length, batch_size, log=err_console.print)
+    console.print(json.dumps(metrics, indent=2))
+
+
+@app.command("generate")
+def generate_command(
+    target: Path = typer.Argument(..., help="A run directory or a Hugging Face model directory."),
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(0.8, "--temperature", help="0 for greedy decoding."),
+    top_k: int = typer.Option(50, "--top-k"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Continue a prompt with a trained model."""
+    from lmforge.config import GenerateConfig
+    from lmforge.eval.generation import generate
+    from lmforge.eval.target import load_target
+
+    _quiet_libraries()
+    model, tokenizer, _ = load_target(target)
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+    text = generate(model, tokenizer, [prompt], cfg, seed=seed)[0]
+    console.print(prompt + text, markup=False)
+
+
+@config_app.command("show")
+def config_show(config: Path = typer.Argument(...), overrides: list[str] = OVERRIDES) -> None:
+    """Print the resolved config, every default filled in."""
+    from lmforge.config import dump_yaml, load_config
+
+    console.print(dump_yaml(load_config(config, overrides or [])), markup=False, end="")
+
+
+@config_app.command("validate")
+def config_validate(config: Path = typer.Argument(...), overrides: list[str] = OVERRIDES) -> None:
+    """Check a config; print every problem at once and exit 1 if there is any."""
+    from lmforge.config import load_config
+
+    try:
+        load_config(config, overrides or [])
+    except ConfigError as exc:
+        err_console.print(f"error: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    console.print(f"{config}: valid")
+
+
+def main() -> None:
+    """Entry point: user errors are one clear message and exit code 2, never a traceback."""
+    try:
+        app()
+    except UserError as exc:
+        err_console.print(f"error: {exc}", markup=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)

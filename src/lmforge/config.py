@@ -1,0 +1,476 @@
+"""The one config schema, and loading it from a file, the environment and the command line.
+
+Precedence, lowest first: defaults in this schema < the YAML/JSON file < `LMFORGE_SECTION__KEY`
+environment variables < dotted `section.key=value` command-line overrides. Every problem is
+collected and reported at once, with the file line of the offending key where there is one, and
+unknown keys come with the nearest known key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmforge.errors import ConfigError
+
+ENV_PREFIX = "LMFORGE_"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, and field docstrings become docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = None
+    """A local Hugging Face model directory (or hub id, online only) to start from. Leave empty to
+    build a new model from `preset` and/or explicit sizes."""
+    preset: str | None = None
+    """A built-in architecture for training from scratch: llama-tiny, llama-20m or llama-120m."""
+    hidden_size: int | None = Field(default=None, gt=0)
+    """Width of the model; overrides the preset's."""
+    num_layers: int | None = Field(default=None, gt=0)
+    """Number of transformer blocks; overrides the preset's."""
+    num_heads: int | None = Field(default=None, gt=0)
+    """Attention heads; must divide hidden_size."""
+    num_kv_heads: int | None = Field(default=None, gt=0)
+    """Key/value heads (grouped-query attention); must divide num_heads. Default: num_heads."""
+    intermediate_size: int | None = Field(default=None, gt=0)
+    """Width of the MLP; overrides the preset's."""
+    max_position_embeddings: int | None = Field(default=None, gt=0)
+    """Longest sequence the model supports; must be at least data.max_length."""
+    tie_embeddings: bool | None = None
+    """Share the input embedding and output projection weights."""
+    task: Literal["causal-lm"] = "causal-lm"
+    """What the model is trained to do."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype. auto keeps float32 master weights and lets train.precision pick the compute
+    dtype; bfloat16/float16 store (and train) the weights in that dtype."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    trust_remote_code: bool = False
+    """Allow a pretrained model directory to run its own Python code. Only for sources you trust."""
+
+
+class TokenizerConfig(Section):
+    train: bool = False
+    """Train a byte-level BPE tokenizer on the training split (for models built from scratch)."""
+    path: str | None = None
+    """An existing tokenizer directory to use for a model built from scratch."""
+    vocab_size: int = Field(default=8192, ge=260)
+    """Vocabulary size of a trained tokenizer, special tokens included."""
+    min_frequency: int = Field(default=2, ge=1)
+    """A pair must occur this often in the corpus to be merged."""
+
+
+class DataConfig(Section):
+    train: str | list[str]
+    """Training corpus: a file, a glob, a directory, or a list of these. .txt, .text and .jsonl."""
+    validation: str | list[str] | None = None
+    """Validation corpus. Default: `validation_fraction` of the training documents, chosen by a
+    hash of each document's text, so the split never changes between runs."""
+    test: str | list[str] | None = None
+    """Test corpus, evaluated once at the end. Default: `test_fraction` split off like validation."""
+    format: Literal["text"] = "text"
+    """How records are turned into training text. text: plain documents."""
+    text_field: str = "text"
+    """The field holding the text in .jsonl records."""
+    txt_documents: Literal["paragraph", "line", "file"] = "paragraph"
+    """How a .txt file is cut into documents: at blank lines, at every line, or not at all."""
+    max_length: int = Field(default=512, ge=8)
+    """Tokens per training row. Documents are joined with EOS and cut into blocks of this length."""
+    validation_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Share of training documents held out for validation when `validation` is not given."""
+    test_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Share of training documents held out for testing when `test` is not given."""
+    cache_dir: str | None = None
+    """Where tokenizers and tokenized data are cached. Default: ~/.cache/lmforge."""
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=1, ge=1)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps to train for; overrides epochs."""
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Rows per forward/backward pass."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
+    lr: float = Field(default=3e-4, gt=0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Floor of the linear/cosine decay, as a fraction of lr."""
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int | None = Field(default=None, ge=0)
+    """Steps of linear warmup from 0 to lr. Exclusive with warmup_ratio."""
+    warmup_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """Warmup as a fraction of the total steps. Exclusive with warmup_steps."""
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    """AdamW weight decay; never applied to norms, biases or embeddings."""
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """AdamW beta1."""
+    adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
+    """AdamW beta2."""
+    adam_eps: float = Field(default=1e-8, gt=0.0)
+    """AdamW epsilon."""
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    """Clip the global gradient norm to this; null disables clipping."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision. auto: bf16 on GPUs that support it, else fp16 with a grad scaler on
+    CUDA, fp32 on CPU. fp16 needs CUDA."""
+    eval_every: int | None = Field(default=200, ge=1)
+    """Evaluate on validation every this many steps (and always at the end); null: only at the end."""
+    log_every: int = Field(default=10, ge=1)
+    """Log training metrics every this many steps. Each log costs one device sync."""
+
+
+class GenerateConfig(Section):
+    num_examples: int = Field(default=4, ge=0)
+    """Samples generated before and after training and saved to examples.jsonl."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    """Length of each sample."""
+    prompts: list[str] | None = None
+    """Prompts to sample from. Default: the opening tokens of held-out documents."""
+    prompt_tokens: int = Field(default=12, ge=1)
+    """Tokens taken from a held-out document as its prompt when `prompts` is not given."""
+    temperature: float = Field(default=0.8, ge=0.0)
+    """Sampling temperature; 0 means greedy decoding."""
+    top_k: int | None = Field(default=50, ge=1)
+    """Sample only among the k most likely tokens."""
+
+
+class EvalConfig(Section):
+    batch_size: int | None = Field(default=None, ge=1)
+    """Rows per evaluation batch. Default: train.micro_batch_size."""
+    max_batches: int | None = Field(default=None, ge=1)
+    """Evaluate on at most this many batches (the same ones every time)."""
+    at_start: bool = True
+    """Also evaluate before the first step, so the improvement is on record."""
+    generate: GenerateConfig = GenerateConfig()
+    """Sample generation."""
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = None
+    """Where MLflow stores runs. Default: an embedded sqlite store, <output_dir>/mlflow.db."""
+    experiment: str = "default"
+    """MLflow experiment name."""
+
+
+class TrackingConfig(Section):
+    backends: list[Literal["mlflow", "none"]] = ["mlflow"]
+    """Trackers besides the local metrics.jsonl, which is always written."""
+    mlflow: MlflowConfig = MlflowConfig()
+    """MLflow settings."""
+
+
+class Config(Section):
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Run name; the run directory is <output_dir>/<name>-<time>/."""
+    seed: int = Field(default=42, ge=0)
+    """Seeds model initialisation, data order and dropout."""
+    output_dir: str = "runs"
+    """Where run directories are created."""
+    model: ModelConfig = ModelConfig()
+    """The model to train."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    """The tokenizer, for models built from scratch."""
+    data: DataConfig
+    """Training, validation and test data."""
+    train: TrainConfig = TrainConfig()
+    """The optimisation loop."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation and sampling."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Experiment tracking."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Load, merge and validate a config.
+
+    Args:
+        path: YAML or JSON file; None starts from the schema defaults alone.
+        overrides: dotted `key=value` strings from the command line; values are parsed as YAML.
+        env: environment to read `LMFORGE_*` overrides from (default: `os.environ`).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    source = str(path) if path is not None else None
+    raw, key_lines = _read_file(Path(path)) if path is not None else ({}, {})
+    problems: list[str] = []
+    origins: dict[str, str] = {}
+    env = os.environ if env is None else env
+    for name, value in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and name != ENV_PREFIX:
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _apply_override(raw, dotted, value, f"environment variable {name}", origins, problems)
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
+            continue
+        dotted, value = item.split("=", 1)
+        _apply_override(raw, dotted.strip(), value, f"override {item!r}", origins, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_errors(exc, raw, key_lines, origins, source), source) from None
+    problems = check_config(config)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse a YAML/JSON config; return it and the 1-based line of every dotted key."""
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such file"], None)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError([f"{path}:{exc.lineno}: invalid JSON: {exc.msg}"], None) from None
+        key_lines: dict[str, int] = {}
+    else:
+        try:
+            data = yaml.safe_load(text)
+            key_lines = _yaml_key_lines(yaml.compose(text))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError([f"{path}{line}: invalid YAML: {problem}"], None) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"])
+    return data, key_lines
+
+
+def _yaml_key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            lines[dotted] = key_node.start_mark.line + 1
+            lines.update(_yaml_key_lines(value_node, dotted + "."))
+    return lines
+
+
+def _apply_override(
+    raw: dict[str, Any], dotted: str, value: str, origin: str, origins: dict[str, str], problems: list[str]
+) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        problems.append(f"{origin}: {dotted!r} is not a dotted key such as train.lr")
+        return
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            problems.append(f"{origin}: {'.'.join(keys[: i + 1])} is a value, not a section")
+            return
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        node[keys[-1]] = value
+    origins[dotted] = origin
+
+
+def _describe_errors(
+    exc: ValidationError,
+    raw: dict[str, Any],
+    key_lines: dict[str, int],
+    origins: dict[str, str],
+    source: str | None,
+) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        dotted = ".".join(loc)
+        where = _where(dotted, key_lines, origins, source)
+        if error["type"] == "extra_forbidden":
+            hint = _suggest(loc)
+            problems.append(f"{where}{dotted}: unknown key{hint}")
+        elif error["type"] == "missing":
+            problems.append(f"{where}{dotted}: required, add it to the config or pass {dotted}=...")
+        else:
+            value = error.get("input")
+            shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+            problems.append(f"{where}{dotted}: {error['msg']}{shown}")
+    return problems
+
+
+def _where(dotted: str, key_lines: dict[str, int], origins: dict[str, str], source: str | None) -> str:
+    # Overrides win over the file, so name them first; union members add suffixes to loc paths.
+    for key in _prefixes(dotted):
+        if key in origins:
+            return f"{origins[key]}: "
+    for key in _prefixes(dotted):
+        if key in key_lines and source:
+            return f"{source}:{key_lines[key]}: "
+    return ""
+
+
+def _prefixes(dotted: str) -> list[str]:
+    parts = dotted.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def _suggest(loc: list[str]) -> str:
+    """Nearest known key at the same level as an unknown one, as ' (did you mean ...?)'."""
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        section = annotation
+    known = list(section.model_fields)
+    match = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
+    if match:
+        return f"; did you mean {'.'.join([*loc[:-1], match[0]])}?"
+    return f"; known keys here: {', '.join(known)}"
+
+
+# --------------------------------------------------------------------------- cross-field checks
+
+
+def check_config(config: Config) -> list[str]:
+    """Checks that involve several fields; each problem names the fields and the fix."""
+    from lmforge.models.presets import PRESETS
+
+    problems = []
+    m, tok, data, train = config.model, config.tokenizer, config.data, config.train
+    sizes = {
+        k: getattr(m, k)
+        for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+        if getattr(m, k) is not None
+    }
+    from_scratch = m.name_or_path is None
+    if m.name_or_path and (m.preset or sizes):
+        problems.append(
+            "model.name_or_path and model.preset/sizes are exclusive: load a pretrained model, "
+            "or build one from a preset, not both"
+        )
+    if from_scratch and m.preset is None and len(sizes) < 4:
+        problems.append(
+            "model: give model.name_or_path (a pretrained model), model.preset (one of "
+            f"{', '.join(PRESETS)}), or all of hidden_size, num_layers, num_heads, intermediate_size"
+        )
+    if m.preset is not None and m.preset not in PRESETS:
+        match = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
+        hint = f"; did you mean {match[0]}?" if match else ""
+        problems.append(f"model.preset: unknown preset {m.preset!r}{hint} (known: {', '.join(PRESETS)})")
+    elif from_scratch:
+        arch = resolved_architecture(config)
+        if arch["hidden_size"] % arch["num_heads"]:
+            problems.append(
+                f"model.hidden_size ({arch['hidden_size']}) must be divisible by model.num_heads "
+                f"({arch['num_heads']})"
+            )
+        if arch["num_heads"] % arch["num_kv_heads"]:
+            problems.append(
+                f"model.num_heads ({arch['num_heads']}) must be divisible by model.num_kv_heads "
+                f"({arch['num_kv_heads']})"
+            )
+        if data.max_length > arch["max_position_embeddings"]:
+            problems.append(
+                f"data.max_length ({data.max_length}) exceeds model.max_position_embeddings "
+                f"({arch['max_position_embeddings']}): lower data.max_length or raise "
+                "model.max_position_embeddings"
+            )
+    if from_scratch and not tok.train and tok.path is None:
+        problems.append(
+            "tokenizer: a model built from scratch needs a tokenizer: set tokenizer.train=true to "
+            "train one on the corpus, or tokenizer.path to an existing one"
+        )
+    if not from_scratch and (tok.train or tok.path):
+        problems.append(
+            "tokenizer.train/tokenizer.path apply only to models built from scratch; a pretrained "
+            "model (model.name_or_path) brings its own tokenizer"
+        )
+    if tok.train and tok.path:
+        problems.append("tokenizer.train and tokenizer.path are exclusive: train a tokenizer or load one")
+    if train.warmup_steps is not None and train.warmup_ratio is not None:
+        problems.append("train.warmup_steps and train.warmup_ratio are exclusive: set only one")
+    if data.validation is None and data.test is None and data.validation_fraction + data.test_fraction >= 1:
+        problems.append(
+            "data.validation_fraction + data.test_fraction must be below 1 so that training data remains"
+        )
+    if data.validation is None and data.validation_fraction == 0:
+        problems.append(
+            "data: no validation data: give data.validation or a data.validation_fraction above 0"
+        )
+    if "none" in config.tracking.backends and len(config.tracking.backends) > 1:
+        problems.append("tracking.backends: 'none' cannot be combined with other backends")
+    return problems
+
+
+def resolved_architecture(config: Config) -> dict[str, Any]:
+    """The from-scratch architecture: the preset's values overridden by explicit sizes."""
+    from lmforge.models.presets import PRESETS
+
+    m = config.model
+    arch: dict[str, Any] = dict(PRESETS[m.preset]()) if m.preset else {}
+    for key in (
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "tie_embeddings",
+    ):
+        value = getattr(m, key)
+        if value is not None:
+            arch[key] = value
+    arch.setdefault("num_kv_heads", arch.get("num_heads"))
+    arch.setdefault("max_position_embeddings", max(2048, config.data.max_length))
+    arch.setdefault("tie_embeddings", False)
+    return arch
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data, every default filled in."""
+    return config.model_dump(mode="json")
+
+
+def dump_yaml(config: Config) -> str:
+    """The resolved config as YAML, keys in schema order."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; lists are kept as values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,45 @@
+"""Loss steps: the one place where model families differ inside the training loop.
+
+A loss step returns the *sum* of token losses and the number of target tokens, never a mean:
+the loop divides by the target tokens of the whole optimizer step (all micro-batches, all
+processes), so every token weighs the same however the tokens are spread over micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.loader import IGNORE_INDEX
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies and the number of targets.
+
+    Args:
+        logits: (B, T, V) scores for the token after each position.
+        labels: (B, T) token ids, IGNORE_INDEX where there is nothing to predict.
+    """
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    scores = logits[:, :-1].float()  # (B, T-1, V), fp32 for a stable log-softmax
+    loss = F.cross_entropy(
+        scores.reshape(-1, scores.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Target tokens of a causal-LM batch, known before the forward pass."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def causal_lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+    return causal_lm_loss_sum(logits, batch["labels"])
+
+
+LossStep = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+LOSS_STEPS: dict[str, LossStep] = {"causal-lm": causal_lm_step}

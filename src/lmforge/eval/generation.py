@@ -1,0 +1,66 @@
+"""Sampling text from a model, without disturbing the training random state."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lmforge.config import GenerateConfig
+
+
+def prompts_and_references(
+    samples: list[str], tokenizer: PreTrainedTokenizerBase, cfg: GenerateConfig
+) -> list[tuple[str, str | None]]:
+    """Prompts to sample from: the configured ones, else the opening tokens of held-out documents,
+    each with the document's true continuation as reference."""
+    if cfg.prompts:
+        return [(p, None) for p in cfg.prompts[: cfg.num_examples]]
+    pairs = []
+    for text in samples[: cfg.num_examples]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = ids[: cfg.prompt_tokens]
+        reference_ids = ids[cfg.prompt_tokens : cfg.prompt_tokens + cfg.max_new_tokens]
+        pairs.append((tokenizer.decode(prompt_ids), tokenizer.decode(reference_ids)))
+    return pairs
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    cfg: GenerateConfig,
+    seed: int = 0,
+) -> list[str]:
+    """Continue each prompt; return only the new text.
+
+    Runs under a forked RNG seeded by `seed`, so sampling gives the same text every time and leaves
+    the random streams of training untouched.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            input_ids = encoded["input_ids"].to(device)
+            if input_ids.shape[1] == 0:  # an empty prompt starts from a document boundary
+                input_ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=cfg.temperature > 0,
+                temperature=cfg.temperature if cfg.temperature > 0 else None,
+                top_k=cfg.top_k if cfg.temperature > 0 else None,
+                top_p=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            outputs.append(tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True))
+    model.train(was_training)
+    return outputs

@@ -1,0 +1,59 @@
+"""Evaluating and sampling from what training produced: a run directory or a model directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from lmforge.config import Config, DataConfig
+from lmforge.data.prepare import prepare_data, tokenize_files
+from lmforge.data.sources import resolve_paths
+from lmforge.errors import UserError
+from lmforge.eval.evaluate import evaluate
+from lmforge.models.build import load_pretrained
+from lmforge.models.tokenizer import load_tokenizer
+
+
+def load_target(target: Path):
+    """(model, tokenizer, run config or None) from a run directory or an HF model directory."""
+    target = Path(target)
+    run_config = None
+    model_dir = target
+    if (target / "config.yaml").is_file() and (target / "final").is_dir():
+        model_dir = target / "final"
+        run_config = Config.model_validate(yaml.safe_load((target / "config.yaml").read_text()))
+    elif not (target / "config.json").is_file():
+        raise UserError(
+            f"{target}: neither a run directory (with final/) nor a model directory (with config.json)"
+        )
+    model = load_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    return model, tokenizer, run_config
+
+
+def evaluate_target(
+    target: Path,
+    data: list[str] | None,
+    split: str,
+    max_length: int | None,
+    batch_size: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Metrics of a trained model on files (`data`) or on its run's own split."""
+    model, tokenizer, run_config = load_target(target)
+    if data:
+        data_cfg = run_config.data if run_config else DataConfig(train=data)
+        length = max_length or data_cfg.max_length
+        dataset = tokenize_files(resolve_paths(data, "--data"), data_cfg, tokenizer, length)
+    else:
+        if run_config is None:
+            raise UserError(f"{target} is a model directory, not a run: pass --data FILE to evaluate on")
+        if max_length:
+            run_config.data.max_length = max_length
+        prepared = prepare_data(run_config, log=log)
+        if split not in prepared.splits:
+            raise UserError(f"the run has no {split!r} split; known: {', '.join(prepared.splits)}")
+        dataset = prepared.splits[split]
+    return evaluate(model, dataset, tokenizer.pad_token_id, batch_size)

@@ -312,23 +312,26 @@ def _describe_errors(
         loc = [str(part) for part in error["loc"]]
         dotted = ".".join(loc)
         where = _where(dotted, key_lines, origins, source)
+        line = next((key_lines[k] for k in _prefixes(dotted) if k in key_lines), 1 << 30)
         if error["type"] == "extra_forbidden":
             hint = _suggest(loc)
-            problems.append(f"{where}{dotted}: unknown key{hint}")
+            text = f"{where}{dotted}: unknown key{hint}"
         elif error["type"] == "missing":
-            problems.append(f"{where}{dotted}: required, add it to the config or pass {dotted}=...")
+            text = f"{where}{dotted}: required, add it to the config or pass {dotted}=..."
         else:
             value = error.get("input")
             shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-            problems.append(f"{where}{dotted}: {error['msg']}{shown}")
-    return problems
+            text = f"{where}{dotted}: {error['msg']}{shown}"
+        problems.append((line, text))
+    return [text for _, text in sorted(problems, key=lambda item: item[0])]
 
 
 def _where(dotted: str, key_lines: dict[str, int], origins: dict[str, str], source: str | None) -> str:
-    # Overrides win over the file, so name them first; union members add suffixes to loc paths.
-    for key in _prefixes(dotted):
-        if key in origins:
-            return f"{origins[key]}: "
+    # Overrides win over the file, so name them first. An override may sit below the failing key
+    # (LMFORGE_MODLE__PRESET sets modle.preset; the error is about modle) or above it.
+    for key, origin in origins.items():
+        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+            return f"{origin}: "
     for key in _prefixes(dotted):
         if key in key_lines and source:
             return f"{source}:{key_lines[key]}: "
@@ -361,48 +364,54 @@ def _suggest(loc: list[str]) -> str:
 
 def check_config(config: Config) -> list[str]:
     """Checks that involve several fields; each problem names the fields and the fix."""
+    return _check_model(config) + _check_tokenizer(config) + _check_rest(config)
+
+
+def _check_model(config: Config) -> list[str]:
     from lmforge.models.presets import PRESETS
 
-    problems = []
-    m, tok, data, train = config.model, config.tokenizer, config.data, config.train
-    sizes = {
-        k: getattr(m, k)
-        for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
-        if getattr(m, k) is not None
-    }
-    from_scratch = m.name_or_path is None
-    if m.name_or_path and (m.preset or sizes):
+    m, problems = config.model, []
+    sizes = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+    given = [k for k in sizes if getattr(m, k) is not None]
+    if m.name_or_path and (m.preset or given):
         problems.append(
             "model.name_or_path and model.preset/sizes are exclusive: load a pretrained model, "
             "or build one from a preset, not both"
         )
-    if from_scratch and m.preset is None and len(sizes) < 4:
+    if m.name_or_path is not None:
+        return problems
+    if m.preset is None and len(set(given) - {"num_kv_heads"}) < 4:
         problems.append(
             "model: give model.name_or_path (a pretrained model), model.preset (one of "
             f"{', '.join(PRESETS)}), or all of hidden_size, num_layers, num_heads, intermediate_size"
         )
+        return problems
     if m.preset is not None and m.preset not in PRESETS:
         match = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
         hint = f"; did you mean {match[0]}?" if match else ""
         problems.append(f"model.preset: unknown preset {m.preset!r}{hint} (known: {', '.join(PRESETS)})")
-    elif from_scratch:
-        arch = resolved_architecture(config)
-        if arch["hidden_size"] % arch["num_heads"]:
-            problems.append(
-                f"model.hidden_size ({arch['hidden_size']}) must be divisible by model.num_heads "
-                f"({arch['num_heads']})"
-            )
-        if arch["num_heads"] % arch["num_kv_heads"]:
-            problems.append(
-                f"model.num_heads ({arch['num_heads']}) must be divisible by model.num_kv_heads "
-                f"({arch['num_kv_heads']})"
-            )
-        if data.max_length > arch["max_position_embeddings"]:
-            problems.append(
-                f"data.max_length ({data.max_length}) exceeds model.max_position_embeddings "
-                f"({arch['max_position_embeddings']}): lower data.max_length or raise "
-                "model.max_position_embeddings"
-            )
+        return problems
+    arch = resolved_architecture(config)
+    if arch["hidden_size"] % arch["num_heads"]:
+        problems.append(
+            f"model.hidden_size ({arch['hidden_size']}) must be divisible by model.num_heads ({arch['num_heads']})"
+        )
+    if arch["num_heads"] % arch["num_kv_heads"]:
+        problems.append(
+            f"model.num_heads ({arch['num_heads']}) must be divisible by model.num_kv_heads "
+            f"({arch['num_kv_heads']})"
+        )
+    if config.data.max_length > arch["max_position_embeddings"]:
+        problems.append(
+            f"data.max_length ({config.data.max_length}) exceeds model.max_position_embeddings "
+            f"({arch['max_position_embeddings']}): lower data.max_length or raise model.max_position_embeddings"
+        )
+    return problems
+
+
+def _check_tokenizer(config: Config) -> list[str]:
+    tok, problems = config.tokenizer, []
+    from_scratch = config.model.name_or_path is None
     if from_scratch and not tok.train and tok.path is None:
         problems.append(
             "tokenizer: a model built from scratch needs a tokenizer: set tokenizer.train=true to "
@@ -415,6 +424,11 @@ def check_config(config: Config) -> list[str]:
         )
     if tok.train and tok.path:
         problems.append("tokenizer.train and tokenizer.path are exclusive: train a tokenizer or load one")
+    return problems
+
+
+def _check_rest(config: Config) -> list[str]:
+    data, train, problems = config.data, config.train, []
     if train.warmup_steps is not None and train.warmup_ratio is not None:
         problems.append("train.warmup_steps and train.warmup_ratio are exclusive: set only one")
     if data.validation is None and data.test is None and data.validation_fraction + data.test_fraction >= 1:
@@ -422,9 +436,7 @@ def check_config(config: Config) -> list[str]:
             "data.validation_fraction + data.test_fraction must be below 1 so that training data remains"
         )
     if data.validation is None and data.validation_fraction == 0:
-        problems.append(
-            "data: no validation data: give data.validation or a data.validation_fraction above 0"
-        )
+        problems.append("data: no validation data: give data.validation or a data.validation_fraction above 0")
     if "none" in config.tracking.backends and len(config.tracking.backends) > 1:
         problems.append("tracking.backends: 'none' cannot be combined with other backends")
     return problems

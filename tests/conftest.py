@@ -1,0 +1,100 @@
+"""Shared fixtures: a real text corpus (KJV chapters shipped in data/) and tiny-model configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "kjv-pentateuch.txt"
+
+
+def chapters(n: int, start: int = 0) -> list[str]:
+    """The first n chapters (paragraphs) of the shipped corpus."""
+    return CORPUS.read_text(encoding="utf-8").split("\n\n")[start : start + n]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One data/tokenizer cache for the session: identical inputs are prepared once."""
+    return tmp_path_factory.mktemp("lmforge-cache")
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(chapters(40)) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_config_dict(corpus: Path, cache_dir: Path, out: Path) -> dict:
+    return {
+        "name": "tiny",
+        "seed": 7,
+        "output_dir": str(out),
+        "model": {"preset": "llama-tiny"},
+        "tokenizer": {"train": True, "vocab_size": 512},
+        "data": {
+            "train": str(corpus),
+            "max_length": 32,
+            "cache_dir": str(cache_dir),
+            "validation_fraction": 0.1,
+            "test_fraction": 0.1,
+        },
+        "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1, "eval_every": None},
+        "eval": {"max_batches": 2, "at_start": False, "generate": {"num_examples": 1, "max_new_tokens": 4}},
+        "tracking": {"backends": ["none"]},
+    }
+
+
+@pytest.fixture
+def tiny_config(corpus, cache_dir, tmp_path):
+    """Build a validated tiny config; keyword arguments are dotted overrides."""
+
+    def make(*overrides: str) -> Config:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(tiny_config_dict(corpus, cache_dir, tmp_path / "runs")))
+        return load_config(path, overrides, env={})
+
+    return make
+
+
+def lmforge_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge", *args]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_")}
+    env.update(extra)
+    return env
+
+
+class RecordingTracker:
+    """A Tracker that keeps what it is given, to read logged values back in tests."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, dict]] = []
+        self.status: str | None = None
+
+    def log_params(self, params) -> None:
+        pass
+
+    def log_metrics(self, metrics, step) -> None:
+        self.points.append((step, dict(metrics)))
+
+    def log_artifact(self, path) -> None:
+        pass
+
+    def finish(self, status) -> None:
+        self.status = status
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(step, m[key]) for step, m in self.points if key in m]

@@ -41,12 +41,8 @@ def _quiet_libraries() -> None:
 def train_command(
     config: Path = typer.Argument(..., help="YAML or JSON config file."),
     overrides: list[str] = OVERRIDES,
-    quick_test: bool = typer.Option(
-        False, "--quick-test", help="A few steps and a tiny eval, to check a config."
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Validate config and data, report sizes, train nothing."
-    ),
+    quick_test: bool = typer.Option(False, "--quick-test", help="A few steps and a tiny eval, to check a config."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate config and data, report sizes, train nothing."),
 ) -> None:
     """Train a model as the config says."""
     from lmforge.config import load_config

@@ -398,8 +398,7 @@ def _check_model(config: Config) -> list[str]:
         )
     if arch["num_heads"] % arch["num_kv_heads"]:
         problems.append(
-            f"model.num_heads ({arch['num_heads']}) must be divisible by model.num_kv_heads "
-            f"({arch['num_kv_heads']})"
+            f"model.num_heads ({arch['num_heads']}) must be divisible by model.num_kv_heads ({arch['num_kv_heads']})"
         )
     if config.data.max_length > arch["max_position_embeddings"]:
         problems.append(
@@ -432,9 +431,7 @@ def _check_rest(config: Config) -> list[str]:
     if train.warmup_steps is not None and train.warmup_ratio is not None:
         problems.append("train.warmup_steps and train.warmup_ratio are exclusive: set only one")
     if data.validation is None and data.test is None and data.validation_fraction + data.test_fraction >= 1:
-        problems.append(
-            "data.validation_fraction + data.test_fraction must be below 1 so that training data remains"
-        )
+        problems.append("data.validation_fraction + data.test_fraction must be below 1 so that training data remains")
     if data.validation is None and data.validation_fraction == 0:
         problems.append("data: no validation data: give data.validation or a data.validation_fraction above 0")
     if "none" in config.tracking.backends and len(config.tracking.backends) > 1:

@@ -144,8 +144,7 @@ def _write_examples(path: Path, pairs, before: list[str], after: list[str], step
 def _print_plan(console, config, data, trainable, total, plan, steps, precision) -> None:
     splits = data.report["splits"]
     rows = ", ".join(
-        f"{name} {s['documents']:,} docs / {s['tokens']:,} tokens / {s['blocks']:,} rows"
-        for name, s in splits.items()
+        f"{name} {s['documents']:,} docs / {s['tokens']:,} tokens / {s['blocks']:,} rows" for name, s in splits.items()
     )
     per_step = config.train.micro_batch_size * config.train.grad_accum * config.data.max_length
     cached = " (from cache)" if data.cache_hit else ""

@@ -93,7 +93,5 @@ def test_per_step_losses_match_trainer(tiny_config, tmp_path):
     assert our_losses == pytest.approx(hf_losses, rel=1e-5)
     assert our_lrs == pytest.approx(hf_lrs, rel=1e-6)
     assert our_losses[-1] < our_losses[0]  # it learned, so the comparison covers real updates
-    for (name, ours_p), (_, theirs) in zip(
-        ours.model.state_dict().items(), hf_model.state_dict().items(), strict=True
-    ):
+    for (name, ours_p), (_, theirs) in zip(ours.model.state_dict().items(), hf_model.state_dict().items(), strict=True):
         torch.testing.assert_close(ours_p, theirs, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -74,7 +74,9 @@ def test_unknown_key_from_override_and_env_names_origin(config_file):
         load_config(config_file, ["train.lrr=1"], env={"LMFORGE_MODLE__PRESET": "x"})
     problems = problems_of(info)
     assert any(p.startswith("override 'train.lrr=1': train.lrr: unknown key; did you mean train.lr?") for p in problems)
-    assert any("environment variable LMFORGE_MODLE__PRESET: modle: unknown key; did you mean model?" in p for p in problems)
+    assert any(
+        "environment variable LMFORGE_MODLE__PRESET: modle: unknown key; did you mean model?" in p for p in problems
+    )
 
 
 def test_all_problems_reported_at_once(tmp_path):
@@ -103,14 +105,20 @@ def test_problems_are_listed_in_file_order(tmp_path):
     ("overrides", "expected"),
     [
         (["model.name_or_path=./base"], "model.name_or_path and model.preset/sizes are exclusive"),
-        (["model.hidden_size=100", "model.num_heads=3"], "model.hidden_size (100) must be divisible by model.num_heads (3)"),
+        (
+            ["model.hidden_size=100", "model.num_heads=3"],
+            "model.hidden_size (100) must be divisible by model.num_heads (3)",
+        ),
         (["model.num_kv_heads=3"], "model.num_heads (4) must be divisible by model.num_kv_heads (3)"),
         (
             ["data.max_length=2048", "model.max_position_embeddings=1024"],
             "data.max_length (2048) exceeds model.max_position_embeddings (1024)",
         ),
         (["tokenizer.train=false"], "tokenizer.train=true"),
-        (["train.warmup_steps=10", "train.warmup_ratio=0.1"], "train.warmup_steps and train.warmup_ratio are exclusive"),
+        (
+            ["train.warmup_steps=10", "train.warmup_ratio=0.1"],
+            "train.warmup_steps and train.warmup_ratio are exclusive",
+        ),
         (["data.validation_fraction=0.6", "data.test_fraction=0.5"], "must be below 1"),
         (["model.preset=llama-tny"], "did you mean llama-tiny?"),
         (["tracking.backends=[mlflow, none]"], "'none' cannot be combined"),
@@ -138,7 +146,9 @@ def test_invalid_yaml_names_line(tmp_path):
 
 def test_json_config(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"model": {"preset": "llama-tiny"}, "tokenizer": {"train": True}, "data": {"train": "x"}}))
+    path.write_text(
+        json.dumps({"model": {"preset": "llama-tiny"}, "tokenizer": {"train": True}, "data": {"train": "x"}})
+    )
     assert load_config(path, env={}).model.preset == "llama-tiny"
 
 

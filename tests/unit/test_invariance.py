@@ -47,7 +47,7 @@ def one_step(config, data, model, micro_batch_size, grad_accum):
     result = train(copy.deepcopy(model), data, config, Trackers([recorder], print), console=quiet)
     assert result.state.step == 1
     assert result.state.target_tokens_seen == sum(len(r) - 1 for r in data.splits["train"]["input_ids"])
-    (_, loss), = recorder.series("train/loss")
+    ((_, loss),) = recorder.series("train/loss")
     return loss, {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
 

@@ -7,9 +7,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 
-def pack_documents(
-    token_lists: Iterable[Sequence[int]], eos_id: int, block_size: int
-) -> tuple[list[np.ndarray], int]:
+def pack_documents(token_lists: Iterable[Sequence[int]], eos_id: int, block_size: int) -> tuple[list[np.ndarray], int]:
     """Join documents, each followed by EOS, into one stream and cut it into blocks.
 
     Every token of the stream lands in a block: the last block is shorter unless the stream

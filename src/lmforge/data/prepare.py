@@ -82,9 +82,7 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
         return documents
 
     tokenizer = _get_tokenizer(config, source_fp, get_documents, log)
-    packed_dir = (
-        cache_root(config) / "data" / _digest([source_fp, tokenizer_digest(tokenizer), data.max_length])
-    )
+    packed_dir = cache_root(config) / "data" / _digest([source_fp, tokenizer_digest(tokenizer), data.max_length])
     if not (packed_dir / "report.json").is_file():
         log("tokenizing and packing the corpus")
         _build_packed(packed_dir, get_documents(), tokenizer, data.max_length)
@@ -97,9 +95,7 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
     return PreparedData(tokenizer, splits, report, samples, cache_hit=hit)
 
 
-def tokenize_files(
-    paths: list[Path], data: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> Dataset:
+def tokenize_files(paths: list[Path], data: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
     """Tokenize and pack whole files (no splitting, no cache): for `lmforge eval --data`."""
     docs = [d for p in paths for d in read_documents(p, data.text_field, data.txt_documents)]
     if not docs:

@@ -47,9 +47,7 @@ def resolve_paths(spec: str | list[str], field: str, base_dir: Path | None = Non
         elif path.is_dir():
             matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
             if not matches:
-                raise DataError(
-                    f"{field}: the directory {entry!r} holds no {', '.join(SUPPORTED_SUFFIXES)} files"
-                )
+                raise DataError(f"{field}: the directory {entry!r} holds no {', '.join(SUPPORTED_SUFFIXES)} files")
             files.extend(matches)
         elif path.is_file():
             files.append(path)
@@ -58,8 +56,7 @@ def resolve_paths(spec: str | list[str], field: str, base_dir: Path | None = Non
     for path in files:
         if path.suffix not in SUPPORTED_SUFFIXES:
             raise DataError(
-                f"{path}: unsupported file type {path.suffix!r} for {field}; "
-                f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+                f"{path}: unsupported file type {path.suffix!r} for {field}; use one of {', '.join(SUPPORTED_SUFFIXES)}"
             )
     return list(dict.fromkeys(files))
 
@@ -138,8 +135,6 @@ def _jsonl_documents(path: Path, text: str, text_field: str) -> Iterator[Documen
             )
         value = record[text_field]
         if not isinstance(value, str):
-            raise DataError(
-                f"{path}:{number}: field {text_field!r} must be a string, got {type(value).__name__}"
-            )
+            raise DataError(f"{path}:{number}: field {text_field!r} must be a string, got {type(value).__name__}")
         if value.strip():
             yield Document(value, f"{path}:{number}")

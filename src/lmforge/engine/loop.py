@@ -85,9 +85,7 @@ def train(
     progress = progress_factory(steps, console, enabled=accelerator.is_main_process)
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(
-            model, data.splits["validation"], pad_id, eval_batch, config.eval.max_batches, accelerator
-        )
+        metrics = evaluate(model, data.splits["validation"], pad_id, eval_batch, config.eval.max_batches, accelerator)
         history.append({"step": state.step, **metrics})
         trackers.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, state.step)
         progress.message(
@@ -108,9 +106,7 @@ def train(
         if state.step_in_epoch == plan.steps_per_epoch:  # next epoch, next permutation
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             order = epoch_order(len(train_set), config.seed, state.epoch)
-        batches = [
-            fetch(train_set, rows, pad_id) for rows in plan.step_rows(order, state.step_in_epoch, rank)
-        ]
+        batches = [fetch(train_set, rows, pad_id) for rows in plan.step_rows(order, state.step_in_epoch, rank)]
         step_targets = sum(int(count_targets(b)) for b in batches)
         step_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         if world > 1:  # every process needs the step's total before its first backward

@@ -39,9 +39,7 @@ def evaluate(
         logits = model(input_ids=input_ids).logits[:, :-1].float()  # (B, T-1, V)
         targets = labels[:, 1:]  # (B, T-1)
         mask = targets != IGNORE_INDEX
-        loss = nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         correct = ((logits.argmax(-1) == targets) & mask).sum()
         totals += torch.stack([loss.double(), correct.double(), mask.sum().double()])
     if accelerator is not None and world > 1:

@@ -25,9 +25,7 @@ def load_target(target: Path):
         model_dir = target / "final"
         run_config = Config.model_validate(yaml.safe_load((target / "config.yaml").read_text()))
     elif not (target / "config.json").is_file():
-        raise UserError(
-            f"{target}: neither a run directory (with final/) nor a model directory (with config.json)"
-        )
+        raise UserError(f"{target}: neither a run directory (with final/) nor a model directory (with config.json)")
     model = load_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
     return model, tokenizer, run_config

@@ -14,9 +14,7 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, min_frequency: int = 2
-) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train a GPT-2-style byte-level BPE tokenizer.
 
     Every byte is in the base alphabet, so any text round-trips without unknown tokens.
@@ -46,9 +44,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a tokenizer from {path}: {exc}") from None
     if tokenizer.eos_token_id is None:
-        raise UserError(
-            f"the tokenizer in {path} has no EOS token, which lmforge needs to separate documents"
-        )
+        raise UserError(f"the tokenizer in {path} has no EOS token, which lmforge needs to separate documents")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -33,9 +33,7 @@ class MlflowTracker:
             artifact_location = None
             if config.tracking.mlflow.tracking_uri is None:  # keep artifacts beside the embedded store
                 artifact_location = (Path(config.output_dir).resolve() / "mlartifacts").as_uri()
-            experiment_id = self.client.create_experiment(
-                experiment_name, artifact_location=artifact_location
-            )
+            experiment_id = self.client.create_experiment(experiment_name, artifact_location=artifact_location)
         else:
             experiment_id = experiment.experiment_id
         tags = {

@@ -43,6 +43,9 @@ def train_command(
     overrides: list[str] = OVERRIDES,
     quick_test: bool = typer.Option(False, "--quick-test", help="A few steps and a tiny eval, to check a config."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate config and data, report sizes, train nothing."),
+    resume: str = typer.Option(
+        None, "--resume", help="auto (newest valid checkpoint of this run name) or a checkpoint/run directory."
+    ),
 ) -> None:
     """Train a model as the config says."""
     from lmforge.config import load_config
@@ -52,7 +55,9 @@ def train_command(
     if quick_test:
         cfg = quick_test_config(cfg)
     _quiet_libraries()
-    run_train(cfg, console, dry_run=dry_run)
+    outcome = run_train(cfg, console, dry_run=dry_run, resume=resume, config_path=str(config))
+    if outcome.paused in ("SIGTERM", "SIGINT"):
+        raise typer.Exit(143 if outcome.paused == "SIGTERM" else 130)
 
 
 @app.command("eval")

@@ -95,6 +95,23 @@ class DataConfig(Section):
     """Where tokenizers and tokenized data are cached. Default: ~/.cache/lmforge."""
 
 
+class EarlyStoppingConfig(Section):
+    metric: Literal["eval/loss", "eval/perplexity", "eval/token_accuracy"] = "eval/loss"
+    """Validation metric to watch."""
+    mode: Literal["min", "max"] | None = None
+    """Whether lower or higher is better. Default: max for accuracy, min otherwise."""
+    patience: int = Field(default=3, ge=1)
+    """Evaluations without improvement before training stops."""
+    min_delta: float = Field(default=0.0, ge=0.0)
+    """Smallest change that counts as an improvement."""
+    restore_best: bool = True
+    """Write the best evaluation's weights (not the last) to final/."""
+
+    @property
+    def direction(self) -> str:
+        return self.mode or ("max" if self.metric.endswith("accuracy") else "min")
+
+
 class TrainConfig(Section):
     epochs: int = Field(default=1, ge=1)
     """Passes over the training data (ignored when max_steps is set)."""
@@ -131,6 +148,16 @@ class TrainConfig(Section):
     """Evaluate on validation every this many steps (and always at the end); null: only at the end."""
     log_every: int = Field(default=10, ge=1)
     """Log training metrics every this many steps. Each log costs one device sync."""
+    save_every: int | None = Field(default=200, ge=1)
+    """Save a checkpoint every this many steps; null: only at the end, on a stop and at a new best."""
+    keep_last: int = Field(default=3, ge=1)
+    """Checkpoints kept, besides the best one, which is always kept."""
+    max_time: float | None = Field(default=None, gt=0)
+    """Seconds of training in this invocation; when reached, save a checkpoint and stop (resume later)."""
+    max_bad_steps: int = Field(default=5, ge=1)
+    """Consecutive steps with a non-finite loss or gradient norm (each skipped) before the run fails."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop when the validation metric stops improving; absent: train for the full length."""
 
 
 class GenerateConfig(Section):
@@ -434,6 +461,8 @@ def _check_rest(config: Config) -> list[str]:
         problems.append("data.validation_fraction + data.test_fraction must be below 1 so that training data remains")
     if data.validation is None and data.validation_fraction == 0:
         problems.append("data: no validation data: give data.validation or a data.validation_fraction above 0")
+    if train.early_stopping is not None and train.eval_every is None:
+        problems.append("train.early_stopping needs train.eval_every: evaluations are what it watches")
     if "none" in config.tracking.backends and len(config.tracking.backends) > 1:
         problems.append("tracking.backends: 'none' cannot be combined with other backends")
     return problems
@@ -461,6 +490,48 @@ def resolved_architecture(config: Config) -> dict[str, Any]:
     arch.setdefault("max_position_embeddings", max(2048, config.data.max_length))
     arch.setdefault("tie_embeddings", False)
     return arch
+
+
+# Settings that may change when a run is resumed: they decide how long, how often and where to
+# report, not what the model and data are. Any other difference refuses the resume.
+RESUME_SAFE = (
+    "name",
+    "output_dir",
+    "data.cache_dir",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.max_time",
+    "train.max_bad_steps",
+    "eval.",
+    "tracking.",
+)
+
+
+def _resume_safe(key: str) -> bool:
+    return any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in RESUME_SAFE)
+
+
+def config_hash(config: Config) -> str:
+    """Hash of every setting that defines the model, the data and the optimisation."""
+    import hashlib
+
+    identity = {k: v for k, v in flatten(config_to_dict(config)).items() if not _resume_safe(k)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_differences(saved: Config, new: Config) -> tuple[list[str], list[str]]:
+    """(allowed, refused) differences between a checkpoint's config and the one resuming it."""
+    old, now = flatten(config_to_dict(saved)), flatten(config_to_dict(new))
+    allowed, refused = [], []
+    for key in sorted(set(old) | set(now)):
+        if old.get(key) != now.get(key):
+            line = f"{key}: {old.get(key)!r} -> {now.get(key)!r}"
+            (allowed if _resume_safe(key) else refused).append(line)
+    return allowed, refused
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

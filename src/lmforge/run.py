@@ -13,20 +13,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import yaml
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
+from safetensors.torch import load_model
 
-from lmforge.config import Config, dump_yaml
+from lmforge.config import Config, dump_yaml, resume_differences
 from lmforge.data.loader import StepPlan
 from lmforge.data.prepare import PreparedData, prepare_data
-from lmforge.engine.loop import resolve_precision, total_steps, train
+from lmforge.engine.checkpoint import Checkpoint, checkpoint_name, latest_valid, load_trainer_state, verify
+from lmforge.engine.loop import PAUSES, TrainResult, resolve_precision, total_steps, train
 from lmforge.engine.progress import format_duration
+from lmforge.errors import UserError
 from lmforge.eval.evaluate import evaluate
 from lmforge.eval.generation import generate, prompts_and_references
 from lmforge.models.build import build_model, count_parameters
@@ -38,6 +44,8 @@ class RunOutcome:
     run_dir: Path | None
     """None for a dry run."""
     eval: dict
+    paused: str | None = None
+    """Why a run stopped early to be resumed (SIGTERM, SIGINT, max_time); None if it finished."""
 
 
 def quick_test_config(config: Config) -> Config:
@@ -65,10 +73,26 @@ def new_run_dir(config: Config) -> Path:
     return run_dir
 
 
-def run_train(config: Config, console: Console, dry_run: bool = False) -> RunOutcome:
-    """Prepare data, build the model, train, evaluate, and write the run directory."""
+def run_train(
+    config: Config,
+    console: Console,
+    dry_run: bool = False,
+    resume: str | None = None,
+    config_path: str | None = None,
+) -> RunOutcome:
+    """Prepare data, build the model, train (or resume), evaluate, and write the run directory.
+
+    Args:
+        resume: "auto" (the newest valid checkpoint of the newest run with this name, if any) or
+            the path of a checkpoint or run directory.
+        config_path: the config file, only to print the command that resumes a paused run.
+    """
     started = time.perf_counter()
+    warn = lambda message: console.print(f"[yellow]warning: {message}[/yellow]")  # noqa: E731
     precision = resolve_precision(config.train.precision)  # fails early on an impossible choice
+    checkpoint = find_resume_checkpoint(config, resume, warn) if resume else None
+    if checkpoint is not None:
+        check_resume_config(checkpoint, config, warn)
     data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
     model = build_model(config, data.tokenizer)
@@ -80,39 +104,126 @@ def run_train(config: Config, console: Console, dry_run: bool = False) -> RunOut
         console.print("dry run: config and data are valid; nothing was trained")
         return RunOutcome(None, {})
 
-    run_dir = new_run_dir(config)
+    if checkpoint is None:
+        run_dir = new_run_dir(config)
+        saved = None
+    else:
+        run_dir = checkpoint.path.parent.parent
+        saved = load_trainer_state(checkpoint.path)
+        console.print(f"resuming from {checkpoint.path} (step {checkpoint.step})")
     (run_dir / "config.yaml").write_text(dump_yaml(config))
     (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
-    trackers = open_trackers(config, run_dir, warn=lambda m: console.print(f"[yellow]{m}[/yellow]"))
-    trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
+    trackers = open_trackers(
+        config,
+        run_dir,
+        warn,
+        resume_ids=saved.tracker_ids if saved else None,
+        keep_lines=saved.metrics_lines if saved else None,
+    )
+    if saved is None:
+        trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
     status = "FAILED"
     try:
         pairs = prompts_and_references(data.samples, data.tokenizer, config.eval.generate)
         prompts = [p for p, _ in pairs]
-        before = generate(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
-        result = train(model, data, config, trackers, console=console)
-        model = result.model
-        after = generate(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
-        final_eval = {"step": result.state.step, "validation": result.eval_history[-1]}
-        if "test" in data.splits:
-            batch = config.eval.batch_size or config.train.micro_batch_size
-            final_eval["test"] = evaluate(
-                model, data.splits["test"], data.tokenizer.pad_token_id, batch, config.eval.max_batches
-            )
-            trackers.log_metrics({f"test/{k}": v for k, v in final_eval["test"].items()}, result.state.step)
-        save_final_model(model, data, run_dir / "final")
-        (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
-        _write_examples(run_dir / "examples.jsonl", pairs, before, after, result.state.step)
-        for name in ("config.yaml", "data_report.json", "eval.json", "examples.jsonl", "metrics.jsonl"):
-            trackers.log_artifact(run_dir / name)
+        if saved is None:
+            before = generate(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
+            _write_examples(run_dir / "examples.jsonl", pairs, before, "before", 0, append=False)
+        result = train(
+            model,
+            data,
+            config,
+            trackers,
+            console=console,
+            checkpoint_dir=run_dir / "checkpoints",
+            resume_from=checkpoint.path if checkpoint else None,
+        )
+        state = result.state
+        if state.stop_reason in PAUSES:
+            status = "KILLED"
+            _print_pause(console, run_dir, state, config_path)
+            return RunOutcome(run_dir, {}, paused=state.stop_reason)
+        final_eval = finish_outputs(result, data, config, trackers, run_dir, pairs, console)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         trackers.finish(status)
-    _print_summary(console, run_dir, result.eval_history, final_eval, pairs, after, trackers, started)
+    _print_summary(console, run_dir, state.eval_history, final_eval, trackers, started)
     return RunOutcome(run_dir, final_eval)
+
+
+def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir: Path, pairs, console) -> dict:
+    """Best-weight restore, test evaluation, final/ model, eval.json, samples, artifacts."""
+    model, state = result.model, result.state
+    stopping = config.train.early_stopping
+    validation = state.eval_history[-1]
+    final_eval: dict = {"step": state.step, "stop_reason": state.stop_reason}
+    if stopping and stopping.restore_best and state.best_step is not None and state.best_step != state.step:
+        load_model(model, str(run_dir / "checkpoints" / checkpoint_name(state.best_step) / "model.safetensors"))
+        validation = next(e for e in state.eval_history if e["step"] == state.best_step)
+        final_eval["restored_best_step"] = state.best_step
+        console.print(f"restored the best weights, from step {state.best_step}, into final/")
+    final_eval["validation"] = validation
+    if "test" in data.splits:
+        batch = config.eval.batch_size or config.train.micro_batch_size
+        pad = data.tokenizer.pad_token_id
+        final_eval["test"] = evaluate(model, data.splits["test"], pad, batch, config.eval.max_batches)
+        trackers.log_metrics({f"test/{k}": v for k, v in final_eval["test"].items()}, state.step)
+    prompts = [p for p, _ in pairs]
+    after = generate(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
+    save_final_model(model, data, run_dir / "final")
+    (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
+    _write_examples(run_dir / "examples.jsonl", pairs, after, "after", state.step, append=True)
+    for name in ("config.yaml", "data_report.json", "eval.json", "examples.jsonl", "metrics.jsonl"):
+        trackers.log_artifact(run_dir / name)
+    final_eval["samples"] = [p + t for p, t in zip(prompts, after, strict=True)]
+    return final_eval
+
+
+_RUN_DIR = r"-\d{8}-\d{6}(-\d+)?$"
+
+
+def find_resume_checkpoint(config: Config, resume: str, warn) -> Checkpoint | None:
+    """The checkpoint to resume from; None when "auto" finds no earlier run."""
+    if resume == "auto":
+        pattern = re.compile(re.escape(config.name) + _RUN_DIR)
+        out = Path(config.output_dir)
+        runs = sorted((d for d in out.glob(f"{config.name}-*") if pattern.match(d.name)), reverse=True)
+        for run in runs:
+            checkpoint = latest_valid(run / "checkpoints", warn)
+            if checkpoint is not None:
+                return checkpoint
+        console_hint = f"no checkpoint of a run named {config.name!r} in {out}/: starting a new run"
+        warn(console_hint)
+        return None
+    path = Path(resume)
+    if (path / "manifest.json").exists() or path.name.startswith("step-"):
+        problem = verify(path)
+        if problem is not None:
+            raise UserError(f"--resume {resume}: not a usable checkpoint: {problem}")
+        return Checkpoint(path, load_trainer_state(path).step)
+    if (path / "checkpoints").is_dir():
+        checkpoint = latest_valid(path / "checkpoints", warn)
+        if checkpoint is None:
+            raise UserError(f"--resume {resume}: no valid checkpoint in {path / 'checkpoints'}")
+        return checkpoint
+    raise UserError(f"--resume {resume}: neither a checkpoint (with manifest.json) nor a run directory")
+
+
+def check_resume_config(checkpoint: Checkpoint, config: Config, warn) -> None:
+    """Refuse a resume whose config changes the model, the data or the optimisation."""
+    saved = Config.model_validate(yaml.safe_load((checkpoint.path / "config.yaml").read_text()))
+    allowed, refused = resume_differences(saved, config)
+    if refused:
+        raise UserError(
+            f"cannot resume {checkpoint.path}: these settings differ from the checkpoint's and would change "
+            f"the model or data: {'; '.join(refused)}. Restore them, or start a new run "
+            "(e.g. from the checkpoint's weights with model.name_or_path)"
+        )
+    for line in allowed:
+        warn(f"resuming with a changed setting: {line}")
 
 
 def save_final_model(model, data: PreparedData, final_dir: Path) -> None:
@@ -127,18 +238,15 @@ def save_final_model(model, data: PreparedData, final_dir: Path) -> None:
     os.replace(tmp, final_dir)
 
 
-def _write_examples(path: Path, pairs, before: list[str], after: list[str], step: int) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for stage, at, texts in (("before", 0, before), ("after", step, after)):
-            for (prompt, reference), text in zip(pairs, texts, strict=True):
-                row = {
-                    "stage": stage,
-                    "step": at,
-                    "prompt": prompt,
-                    "generated": text,
-                    "reference": reference,
-                }
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _write_examples(path: Path, pairs, texts: list[str], stage: str, step: int, append: bool) -> None:
+    kept = []
+    if append and path.is_file():  # a resumed run may have written "after" rows already
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["stage"] != stage]
+    rows = [
+        json.dumps({"stage": stage, "step": step, "prompt": p, "generated": t, "reference": r}, ensure_ascii=False)
+        for (p, r), t in zip(pairs, texts, strict=True)
+    ]
+    path.write_text("".join(line + "\n" for line in kept + rows), encoding="utf-8")
 
 
 def _print_plan(console, config, data, trainable, total, plan, steps, precision) -> None:
@@ -160,7 +268,16 @@ def _print_plan(console, config, data, trainable, total, plan, steps, precision)
     )
 
 
-def _print_summary(console, run_dir, history, final_eval, pairs, after, trackers, started) -> None:
+def _print_pause(console, run_dir: Path, state, config_path: str | None) -> None:
+    config_arg = config_path or "CONFIG"
+    console.print(
+        f"\n[bold yellow]stopped[/bold yellow] ({state.stop_reason}) at step {state.step}; "
+        f"checkpoint saved in {run_dir / 'checkpoints' / checkpoint_name(state.step)}"
+    )
+    console.print(f"resume with: lmforge train {config_arg} --resume {run_dir}", highlight=False)
+
+
+def _print_summary(console, run_dir, history, final_eval, trackers, started) -> None:
     first, last = history[0], history[-1]
     console.print(f"\n[bold green]done[/bold green] in {format_duration(time.perf_counter() - started)}")
     if len(history) > 1:
@@ -171,8 +288,8 @@ def _print_summary(console, run_dir, history, final_eval, pairs, after, trackers
         )
     if "test" in final_eval:
         console.print(f"test perplexity {final_eval['test']['perplexity']:.1f}", highlight=False)
-    for (prompt, _), text in list(zip(pairs, after, strict=True))[:2]:
-        console.print(f"[dim]sample:[/dim] {prompt}[cyan]{text}[/cyan]", highlight=False)
+    for sample in final_eval["samples"][:2]:
+        console.print(f"[dim]sample:[/dim] {escape(sample)}", highlight=False)
     console.print(f"model:    {run_dir / 'final'}", highlight=False)
     console.print(f"metrics:  {run_dir / 'metrics.jsonl'}", highlight=False)
     console.print(f"eval:     {run_dir / 'eval.json'}", highlight=False)

@@ -120,6 +120,7 @@ def _read_splits(files: dict[str, list[Path]], data: DataConfig) -> dict[str, li
         "test": data.test_fraction if not files["test"] else 0.0,
         "validation": data.validation_fraction if not files["validation"] else 0.0,
     }
+    total = len(out["train"])
     if any(held_out.values()):
         kept = []
         for doc in out["train"]:
@@ -129,7 +130,7 @@ def _read_splits(files: dict[str, list[Path]], data: DataConfig) -> dict[str, li
     for split, fraction in held_out.items():
         if fraction and not out[split]:
             raise DataError(
-                f"data: the {split} split is empty: none of the {len(out['train'])} training documents "
+                f"data: the {split} split is empty: none of the {total} training documents "
                 f"fell in the {fraction:.0%} held out by hash; give data.{split} a file or raise "
                 f"data.{split}_fraction"
             )

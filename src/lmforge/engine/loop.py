@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 
-from lmforge.config import Config, TrainConfig
+from lmforge.config import Config, TrainConfig, config_hash, dump_yaml
 from lmforge.data.loader import IGNORE_INDEX, StepPlan, epoch_order, fetch
 from lmforge.data.prepare import PreparedData
+from lmforge.engine.checkpoint import load_checkpoint, prune, remove_stale_temporaries, save_checkpoint
+from lmforge.engine.early_stopping import record_eval
 from lmforge.engine.losses import LOSS_STEPS, count_targets
 from lmforge.engine.optim import build_optimizer, build_scheduler
 from lmforge.engine.progress import TrainProgress
+from lmforge.engine.signals import StopOnSignal
 from lmforge.engine.state import TrainState
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import evaluate
 from lmforge.tracking.base import Trackers
+
+PAUSES = ("SIGTERM", "SIGINT", "max_time")  # stops after which the run is meant to be resumed
+
+
+class NonFiniteLossError(UserError):
+    """Too many consecutive steps with a NaN/inf loss or gradient norm."""
 
 
 def resolve_precision(precision: str) -> str:
@@ -51,8 +61,25 @@ class TrainResult:
     model: nn.Module
     """The trained model, unwrapped from any distributed wrapper."""
     state: TrainState
-    eval_history: list[dict[str, float]] = field(default_factory=list)
-    """Validation metrics at every evaluation, each with its "step"."""
+    checkpoint_dir: Path | None
+
+
+@dataclass
+class Loop:
+    """The long-lived objects of one training run, handed to the helpers below."""
+
+    config: Config
+    data: PreparedData
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trackers: Trackers
+    progress: TrainProgress
+    state: TrainState
+    checkpoint_dir: Path | None
+    window_loss: torch.Tensor | None = None
+    """Loss summed on device since the last log point: no host sync per step."""
 
 
 def train(
@@ -60,106 +87,208 @@ def train(
     data: PreparedData,
     config: Config,
     trackers: Trackers,
-    progress_factory=TrainProgress,
     console=None,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    progress_factory=TrainProgress,
 ) -> TrainResult:
-    """Train `model` on `data.splits["train"]`, evaluating on validation as configured.
+    """Train `model` on `data.splits["train"]`, evaluating, checkpointing and stopping as configured.
 
     The loss of an optimizer step is the sum of token losses over all its micro-batches (and
     processes) divided by the number of target tokens in the whole step, so accumulation and
     uneven micro-batches change nothing: 1 x 8 equals 8 x 1.
+
+    Resuming from a checkpoint restores weights, optimizer, scheduler, scaler, RNG and this
+    state, and continues at the saved data position: the result equals an uninterrupted run.
     """
     cfg = config.train
     accelerator = make_accelerator(cfg.precision)
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    model = model.to(device)
-    optimizer = build_optimizer(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    train_set, pad_id = data.splits["train"], data.tokenizer.pad_token_id
-    plan = StepPlan(len(train_set), cfg.micro_batch_size, cfg.grad_accum, world)
+    model = model.to(accelerator.device)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg))
+    train_set, pad_id, rank = data.splits["train"], data.tokenizer.pad_token_id, accelerator.process_index
+    plan = StepPlan(len(train_set), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes)
     steps = total_steps(cfg, plan)
     scheduler = build_scheduler(optimizer, cfg, steps)
     loss_step = LOSS_STEPS[config.model.task]
-    eval_batch = config.eval.batch_size or cfg.micro_batch_size
-    state, history = TrainState(), []
     progress = progress_factory(steps, console, enabled=accelerator.is_main_process)
+    state = TrainState(config_hash=config_hash(config), tracker_ids=trackers.ids())
+    loop = Loop(config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir)
+    state = _start(loop, resume_from)
 
-    def run_eval() -> dict[str, float]:
-        metrics = evaluate(model, data.splits["validation"], pad_id, eval_batch, config.eval.max_batches, accelerator)
-        history.append({"step": state.step, **metrics})
-        trackers.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, state.step)
-        progress.message(
-            f"eval @ step {state.step}: loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.2f}  "
-            f"token accuracy {metrics['token_accuracy']:.3f}"
-        )
-        return metrics
-
-    if config.eval.at_start:
-        run_eval()
     model.train()
     order = epoch_order(len(train_set), config.seed, state.epoch)
-    window_loss = torch.zeros((), device=device)  # loss sum since the last log, on device: no sync
-    window_targets = window_tokens = 0
-    window_start = time.perf_counter()
+    loop.window_loss = torch.tensor(state.window_loss, device=accelerator.device)
+    deadline = cfg.max_time and time.monotonic() + cfg.max_time
     progress.begin(state.step)
-    while state.step < steps:
-        if state.step_in_epoch == plan.steps_per_epoch:  # next epoch, next permutation
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            order = epoch_order(len(train_set), config.seed, state.epoch)
-        batches = [fetch(train_set, rows, pad_id) for rows in plan.step_rows(order, state.step_in_epoch, rank)]
-        step_targets = sum(int(count_targets(b)) for b in batches)
-        step_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        if world > 1:  # every process needs the step's total before its first backward
-            counts = accelerator.reduce(torch.tensor([step_targets, step_tokens], device=device), "sum")
-            step_targets, step_tokens = (int(c) for c in counts.tolist())
+    with StopOnSignal() as signals:
+        while state.step < steps and state.stop_reason is None:
+            if state.step_in_epoch == plan.steps_per_epoch:  # next epoch, next permutation
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                order = epoch_order(len(train_set), config.seed, state.epoch)
+            rows = plan.step_rows(order, state.step_in_epoch, rank)
+            batches = [fetch(train_set, r, pad_id) for r in rows]
+            loss_sum, targets, tokens = _forward_backward(model, batches, loss_step, accelerator)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            finite = bool(torch.isfinite(torch.stack([loss_sum, grad_norm.float()])).all())  # one sync
+            if finite or accelerator.scaler is not None:  # fp16: the scaler skips inf steps itself
+                optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in place
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            _count_step(loop, finite, loss_sum, targets, tokens, rows, grad_norm)
 
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            # Gradients are synchronised across processes only after the last micro-batch.
-            with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
-                loss_sum, _ = loss_step(model, batch)
-                # DDP averages gradients over processes; * world turns that back into a sum.
-                accelerator.backward(loss_sum * world / step_targets)
-            window_loss += loss_sum.detach()
-
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in place
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
-        state.tokens_seen += step_tokens
-        state.target_tokens_seen += step_targets
-        window_targets += step_targets
-        window_tokens += step_tokens
-
-        if state.step % cfg.log_every == 0 or state.step == steps:
-            if world > 1:
-                window_loss = accelerator.reduce(window_loss, "sum")
-            elapsed = time.perf_counter() - window_start
-            metrics = {
-                "train/loss": window_loss.item() / window_targets,
-                "train/lr": lr,
-                "train/tokens_per_sec": window_tokens / elapsed,
-                "train/tokens_seen": state.tokens_seen,
-                "train/epoch": state.epoch + state.step_in_epoch / plan.steps_per_epoch,
-                "train/step_time": elapsed / (state.step % cfg.log_every or cfg.log_every),
-            }
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            trackers.log_metrics(metrics, state.step)
-            progress.update(state.step, metrics)
-            window_loss.zero_()
-            window_targets = window_tokens = 0
-            window_start = time.perf_counter()
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
-            run_eval()
-            window_start = time.perf_counter()  # evaluation time is not training throughput
-
-    state.stop_reason = "max_steps" if cfg.max_steps is not None else "epochs"
-    run_eval()
+            last = state.step == steps
+            if state.step % cfg.log_every == 0 or last:
+                _log_train(loop, lr, grad_norm, plan)
+            new_best = False
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
+                new_best = _evaluate(loop)
+            state.stop_reason = state.stop_reason or _pause_reason(signals, deadline)
+            if last and state.stop_reason is None:
+                state.stop_reason = "max_steps" if cfg.max_steps is not None else "epochs"
+            if _should_save(loop, new_best):
+                _save(loop)
     progress.close()
-    return TrainResult(accelerator.unwrap_model(model), state, history)
+    return TrainResult(accelerator.unwrap_model(model), state, checkpoint_dir)
+
+
+def _start(loop: Loop, resume_from: Path | None) -> TrainState:
+    """Restore a checkpoint, or evaluate the untrained model as a baseline; return the state."""
+    if loop.checkpoint_dir is not None:
+        remove_stale_temporaries(loop.checkpoint_dir)
+    if resume_from is None:
+        if loop.config.eval.at_start:
+            _evaluate(loop)
+        return loop.state
+    model, accelerator = loop.accelerator.unwrap_model(loop.model), loop.accelerator
+    loop.state = load_checkpoint(resume_from, model, loop.optimizer, loop.scheduler, accelerator.scaler)
+    if loop.state.stop_reason != "early_stopping":
+        loop.state.stop_reason = None  # a pause, or a finished run given more steps, goes on
+    return loop.state
+
+
+def _evaluate(loop: Loop) -> bool:
+    """Evaluate on validation, log, update best/early stopping; True if this is a new best."""
+    config, state = loop.config, loop.state
+    batch = config.eval.batch_size or config.train.micro_batch_size
+    validation, pad_id = loop.data.splits["validation"], loop.data.tokenizer.pad_token_id
+    metrics = evaluate(loop.model, validation, pad_id, batch, config.eval.max_batches, loop.accelerator)
+    state.eval_history.append({"step": state.step, **metrics})
+    loop.trackers.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, state.step)
+    loop.progress.message(
+        f"eval @ step {state.step}: loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.2f}  "
+        f"token accuracy {metrics['token_accuracy']:.3f}"
+    )
+    loop.progress.restart_clock()  # evaluation time is not training throughput
+    if state.step == 0:
+        return False  # the untrained baseline is not a candidate for the best model
+    stopping = config.train.early_stopping
+    watch = stopping.metric.removeprefix("eval/") if stopping else "loss"
+    direction, min_delta = (stopping.direction, stopping.min_delta) if stopping else ("min", 0.0)
+    new_best = record_eval(state, metrics[watch], direction, min_delta)
+    if stopping and state.evals_without_improvement >= stopping.patience:
+        state.stop_reason = "early_stopping"
+        loop.progress.message(
+            f"early stopping at step {state.step}: {stopping.metric} has not improved for "
+            f"{stopping.patience} evaluations; best {state.best_metric:.4f} at step {state.best_step}"
+        )
+        best = {"early_stopping/best_step": state.best_step, "early_stopping/best": state.best_metric}
+        loop.trackers.log_metrics(best, state.step)
+    return new_best
+
+
+def _should_save(loop: Loop, new_best: bool) -> bool:
+    cfg, state = loop.config.train, loop.state
+    if cfg.save_every and state.step % cfg.save_every == 0:
+        return True
+    if state.stop_reason is not None:  # the end, a pause, or early stopping
+        return True
+    # restoring the best weights at the end needs them on disk
+    return new_best and cfg.early_stopping is not None and cfg.early_stopping.restore_best
+
+
+def _save(loop: Loop) -> None:
+    """Checkpoint the run (main process only), then drop checkpoints beyond keep_last but the best."""
+    state, cfg = loop.state, loop.config.train
+    state.window_loss = float(loop.window_loss)
+    state.metrics_lines = loop.trackers.position()
+    if loop.checkpoint_dir is None or not loop.accelerator.is_main_process:
+        return
+    model = loop.accelerator.unwrap_model(loop.model)
+    scaler = loop.accelerator.scaler
+    save_checkpoint(loop.checkpoint_dir, state, model, loop.optimizer, loop.scheduler, scaler, dump_yaml(loop.config))
+    prune(loop.checkpoint_dir, cfg.keep_last, {state.best_step} if state.best_step is not None else set())
+
+
+def _count_step(loop: Loop, finite: bool, loss_sum, targets: int, tokens: int, rows, grad_norm) -> None:
+    state = loop.state
+    state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+    state.tokens_seen += tokens
+    state.target_tokens_seen += targets
+    state.window_tokens += tokens
+    if finite:
+        state.bad_steps_in_a_row = 0
+        state.window_targets += targets
+        loop.window_loss += loss_sum
+        return
+    # No update was made: weights and optimizer state stay as they were before this step.
+    state.skipped_steps += 1
+    state.bad_steps_in_a_row += 1
+    limit = loop.config.train.max_bad_steps
+    if state.bad_steps_in_a_row >= limit:
+        example_ids = sorted(int(i) for r in rows for i in r)
+        raise NonFiniteLossError(
+            f"step {state.step}: loss {float(loss_sum)} / gradient norm {float(grad_norm)} is not finite for "
+            f"{limit} steps in a row (train.max_bad_steps={limit}); no update was made on those steps. "
+            f"Training rows of this step: {example_ids}. Lower train.lr, keep train.max_grad_norm set, "
+            "use fp32 or bf16, or inspect those rows"
+        )
+
+
+def _log_train(loop: Loop, lr: float, grad_norm: torch.Tensor, plan: StepPlan) -> None:
+    state, accelerator = loop.state, loop.accelerator
+    loss = accelerator.reduce(loop.window_loss, "sum") if accelerator.num_processes > 1 else loop.window_loss
+    metrics = {
+        "train/loss": loss.item() / state.window_targets if state.window_targets else float("nan"),
+        "train/lr": lr,
+        "train/grad_norm": float(grad_norm),
+        "train/tokens_per_sec": state.window_tokens / loop.progress.clock(),
+        "train/tokens_seen": state.tokens_seen,
+        "train/epoch": state.epoch + state.step_in_epoch / plan.steps_per_epoch,
+    }
+    if state.skipped_steps:
+        metrics["train/skipped_steps"] = state.skipped_steps
+    loop.trackers.log_metrics(metrics, state.step)
+    loop.progress.update(state.step, metrics)
+    loop.window_loss.zero_()
+    state.window_targets = state.window_tokens = 0
+    loop.progress.restart_clock()
+
+
+def _pause_reason(signals: StopOnSignal, deadline: float | None) -> str | None:
+    if signals.requested:
+        return signals.requested
+    if deadline and time.monotonic() >= deadline:
+        return "max_time"
+    return None
+
+
+def _forward_backward(model, batches, loss_step, accelerator) -> tuple[torch.Tensor, int, int]:
+    """Accumulate gradients of one optimizer step; return (loss sum, target tokens, input tokens)."""
+    world, device = accelerator.num_processes, accelerator.device
+    targets = sum(int(count_targets(b)) for b in batches)
+    tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    if world > 1:  # every process needs the step's totals before its first backward
+        counts = accelerator.reduce(torch.tensor([targets, tokens], device=device), "sum")
+        targets, tokens = (int(c) for c in counts.tolist())
+    loss_total = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # Gradients are synchronised across processes only after the last micro-batch.
+        with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
+            loss_sum, _ = loss_step(model, batch)
+            # DDP averages gradients over processes; * world turns that back into a sum.
+            accelerator.backward(loss_sum * world / targets)
+        loss_total += loss_sum.detach()
+    return loss_total, targets, tokens

@@ -30,7 +30,7 @@ class TrainProgress:
         self.total = total_steps
         self.console = console
         self.live = enabled and console.is_terminal
-        self.start = time.perf_counter()
+        self.start = self.window_start = time.perf_counter()
         self.start_step = 0
         self.bar: Progress | None = None
         if self.live:
@@ -49,6 +49,7 @@ class TrainProgress:
 
     def begin(self, step: int) -> None:
         self.start, self.start_step = time.perf_counter(), step
+        self.window_start = self.start
         if self.bar is not None:
             self.bar.update(self.task, completed=step)
 
@@ -61,6 +62,13 @@ class TrainProgress:
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done else 0.0
         self.console.print(f"step {step}/{self.total}  {info}  eta {format_duration(eta)}", highlight=False)
+
+    def clock(self) -> float:
+        """Seconds since the last restart_clock(): the time of the current throughput window."""
+        return time.perf_counter() - self.window_start
+
+    def restart_clock(self) -> None:
+        self.window_start = time.perf_counter()
 
     def message(self, text: str) -> None:
         self.console.print(text, highlight=False)

@@ -22,7 +22,7 @@ def default_tracking_uri(output_dir: str) -> str:
 class MlflowTracker:
     name = "mlflow"
 
-    def __init__(self, config: Config, run_dir: Path) -> None:
+    def __init__(self, config: Config, run_dir: Path, run_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.uri = config.tracking.mlflow.tracking_uri or default_tracking_uri(config.output_dir)
@@ -36,6 +36,11 @@ class MlflowTracker:
             experiment_id = self.client.create_experiment(experiment_name, artifact_location=artifact_location)
         else:
             experiment_id = experiment.experiment_id
+        self.experiment_id = experiment_id
+        self.logged_through: dict[str, int] = {}
+        if run_id is not None:
+            self._resume(run_id)
+            return
         tags = {
             "lmforge.version": lmforge.__version__,
             "lmforge.run_dir": str(run_dir.resolve()),
@@ -43,8 +48,18 @@ class MlflowTracker:
         }
         run = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
         self.run_id = run.info.run_id
-        self.experiment_id = experiment_id
         self.log_params(flatten(config_to_dict(config)))
+
+    def _resume(self, run_id: str) -> None:
+        """Continue an existing run. A resumed lmforge run recomputes exactly the points that were
+        logged after its checkpoint, so points at or below a metric's last logged step are skipped
+        instead of duplicated."""
+        run = self.client.get_run(run_id)
+        self.run_id = run_id
+        for key in run.data.metrics:
+            history = self.client.get_metric_history(run_id, key)
+            self.logged_through[key] = max((m.step for m in history), default=-1)
+        self.client.update_run(run_id, status="RUNNING")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -57,8 +72,9 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=items, synchronous=True)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.logged_through.get(k, -1)]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items, synchronous=True)
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

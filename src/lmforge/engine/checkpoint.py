@@ -1,0 +1,254 @@
+"""Crash-safe checkpoints.
+
+A checkpoint is a directory `checkpoints/step-000040/` holding
+
+    model.safetensors     weights (shared/tied tensors stored once)
+    optimizer.pt          optimizer state       } torch.save of tensors and plain containers,
+    scheduler.pt          lr scheduler state    } loaded back with weights_only=True:
+    scaler.pt             fp16 grad scaler      } nothing is unpickled
+    rng.pt                python, numpy, torch CPU and CUDA generator states
+    trainer_state.json    the loop's TrainState
+    config.yaml           the resolved config
+    manifest.json         size and sha256 of every file above; written last
+
+It is written under a temporary name in the same directory, every file fsynced, the manifest
+last, then renamed into place. A directory whose manifest is missing or disagrees with its files
+is not a checkpoint: a kill at any moment leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from lmforge.engine.state import TrainState
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(
+    directory: Path,
+    state: TrainState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any | None,
+    config_yaml: str,
+) -> Checkpoint:
+    """Write a checkpoint of `state.step` atomically and return it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / checkpoint_name(state.step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=directory))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(capture_rng(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=2))
+        (tmp / "config.yaml").write_text(config_yaml)
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            _fsync(tmp / name)
+        manifest = {"format": FORMAT, "step": state.step, "files": {n: _describe(tmp / n) for n in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _fsync(tmp / MANIFEST)
+        _fsync_dir(tmp)
+        if target.exists():  # a checkpoint of this step already exists (e.g. re-saved after resume)
+            _remove(target)
+        os.replace(tmp, target)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Checkpoint(target, state.step)
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    # Rename first: a directory half-removed by a crash must not look like a checkpoint.
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- finding, verifying
+
+
+def verify(path: Path) -> str | None:
+    """None if `path` is a complete checkpoint, else what is wrong with it."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "manifest.json is unreadable"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, the manifest says {expected['size']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def list_checkpoints(directory: Path) -> list[Checkpoint]:
+    """Checkpoint-named directories (valid or not), oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append(Checkpoint(child, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_valid(directory: Path, warn: Callable[[str], None]) -> Checkpoint | None:
+    """The newest checkpoint that verifies; each newer broken one is skipped with a warning."""
+    for checkpoint in reversed(list_checkpoints(directory)):
+        problem = verify(checkpoint.path)
+        if problem is None:
+            return checkpoint
+        warn(f"skipping checkpoint {checkpoint.path}: {problem}")
+    return None
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Leftovers of writes or removals that a crash interrupted."""
+    if directory.is_dir():
+        for child in directory.iterdir():
+            if child.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def prune(directory: Path, keep_last: int, keep_steps: set[int]) -> None:
+    """Remove all but the newest `keep_last` checkpoints and those in `keep_steps` (the best)."""
+    checkpoints = list_checkpoints(directory)
+    newest = {c.step for c in checkpoints[-keep_last:]} if keep_last > 0 else set()
+    for checkpoint in checkpoints:
+        if checkpoint.step not in newest and checkpoint.step not in keep_steps:
+            _remove(checkpoint.path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_trainer_state(path: Path) -> TrainState:
+    return TrainState.from_dict(json.loads((path / "trainer_state.json").read_text()))
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+) -> TrainState:
+    """Restore weights, optimizer, scheduler, scaler and RNG states; return the loop state."""
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if unexpected or missing:
+        raise RuntimeError(f"{path}: the checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    if optimizer is not None:
+        optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    if scheduler is not None:
+        scheduler.load_state_dict(_load(path / "scheduler.pt"))
+    if scaler is not None and (path / "scaler.pt").is_file():
+        scaler.load_state_dict(_load(path / "scaler.pt"))
+    restore_rng(_load(path / "rng.pt"))
+    return load_trainer_state(path)
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random generator the loop may draw from, in forms weights_only loading accepts."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": np_state["state"]["pos"],
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = states["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

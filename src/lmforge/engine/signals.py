@@ -1,0 +1,32 @@
+"""Stopping at a step boundary on SIGTERM/SIGINT instead of dying mid-step.
+
+The first signal only sets `requested`; the loop saves a checkpoint after the current step and
+returns. A second SIGINT (or SIGTERM) exits at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class StopOnSignal:
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = signals
+        self.requested: str | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # handlers only work there
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

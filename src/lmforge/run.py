@@ -12,9 +12,7 @@ runs/<name>-<time>/
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from safetensors.torch import load_model
 
+from lmforge.atomic import atomic_dir
 from lmforge.config import Config, dump_yaml, resume_differences
 from lmforge.data.loader import StepPlan
 from lmforge.data.prepare import PreparedData, prepare_data
@@ -228,14 +227,12 @@ def check_resume_config(checkpoint: Checkpoint, config: Config, warn) -> None:
 
 def save_final_model(model, data: PreparedData, final_dir: Path) -> None:
     """An HF directory that plain `from_pretrained` loads: written aside, then renamed."""
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True  # trained without a KV cache; generation wants one
     model.generation_config.eos_token_id = data.tokenizer.eos_token_id
     model.generation_config.pad_token_id = data.tokenizer.pad_token_id
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    data.tokenizer.save_pretrained(str(tmp))
-    os.replace(tmp, final_dir)
+    with atomic_dir(final_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        data.tokenizer.save_pretrained(str(tmp))
 
 
 def _write_examples(path: Path, pairs, texts: list[str], stage: str, step: int, append: bool) -> None:

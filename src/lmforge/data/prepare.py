@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from lmforge.atomic import atomic_dir
 from lmforge.config import Config, DataConfig
 from lmforge.data.packing import pack_documents
 from lmforge.data.sources import Document, file_digest, read_documents, resolve_paths
@@ -166,7 +165,7 @@ def _get_tokenizer(
         log(f"training a byte-level BPE tokenizer (vocab {tok.vocab_size}) on the training split")
         texts = (d.text for d in get_documents()["train"])
         tokenizer = train_bpe_tokenizer(texts, tok.vocab_size, tok.min_frequency)
-        with _atomic_dir(directory) as tmp:
+        with atomic_dir(directory) as tmp:
             tokenizer.save_pretrained(str(tmp))
     return load_tokenizer(directory)
 
@@ -175,7 +174,7 @@ def _build_packed(
     directory: Path, documents: dict[str, list[Document]], tokenizer: PreTrainedTokenizerBase, block: int
 ) -> None:
     report: dict[str, Any] = {"max_length": block, "vocab_size": len(tokenizer), "splits": {}}
-    with _atomic_dir(directory) as tmp:
+    with atomic_dir(directory) as tmp:
         for split in SPLITS:
             docs = documents[split]
             if not docs:
@@ -206,26 +205,6 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], batch: int = 1
     for i in range(0, len(texts), batch):
         ids.extend(tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"])
     return ids
-
-
-class _atomic_dir:
-    """Build a directory under a temporary name next to `target`, then rename it into place."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.target.exists():  # an incomplete earlier attempt, or a concurrent writer
-            shutil.rmtree(self.target, ignore_errors=True)
-        os.replace(self.tmp, self.target)
 
 
 def _digest(value: Any) -> str:

@@ -11,8 +11,8 @@ A checkpoint is a directory `checkpoints/step-000040/` holding
     config.yaml           the resolved config
     manifest.json         size and sha256 of every file above; written last
 
-It is written under a temporary name in the same directory, every file fsynced, the manifest
-last, then renamed into place. A directory whose manifest is missing or disagrees with its files
+It is written under a temporary name in the same directory, the manifest last, every file and
+the directory fsynced, then renamed into place. A directory whose manifest is missing or disagrees with its files
 is not a checkpoint: a kill at any moment leaves the previous checkpoint usable.
 """
 
@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from lmforge.atomic import atomic_dir, remove_dir
 from lmforge.engine.state import TrainState
 
 FORMAT = 1
@@ -64,10 +63,8 @@ def save_checkpoint(
     config_yaml: str,
 ) -> Checkpoint:
     """Write a checkpoint of `state.step` atomically and return it."""
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / checkpoint_name(state.step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=directory))
-    try:
+    with atomic_dir(target, durable=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -76,20 +73,9 @@ def save_checkpoint(
         torch.save(capture_rng(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
-        files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            _fsync(tmp / name)
-        manifest = {"format": FORMAT, "step": state.step, "files": {n: _describe(tmp / n) for n in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _fsync(tmp / MANIFEST)
-        _fsync_dir(tmp)
-        if target.exists():  # a checkpoint of this step already exists (e.g. re-saved after resume)
-            _remove(target)
-        os.replace(tmp, target)
-        _fsync_dir(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        files = {p.name: _describe(p) for p in sorted(tmp.iterdir())}
+        manifest = {"format": FORMAT, "step": state.step, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: it vouches for the rest
     return Checkpoint(target, state.step)
 
 
@@ -103,26 +89,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    # Rename first: a directory half-removed by a crash must not look like a checkpoint.
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- finding, verifying
@@ -186,7 +152,7 @@ def prune(directory: Path, keep_last: int, keep_steps: set[int]) -> None:
     newest = {c.step for c in checkpoints[-keep_last:]} if keep_last > 0 else set()
     for checkpoint in checkpoints:
         if checkpoint.step not in newest and checkpoint.step not in keep_steps:
-            _remove(checkpoint.path)
+            remove_dir(checkpoint.path)
 
 
 # --------------------------------------------------------------------------- loading

@@ -55,7 +55,13 @@ def train_command(
     if quick_test:
         cfg = quick_test_config(cfg)
     _quiet_libraries()
-    outcome = run_train(cfg, console, dry_run=dry_run, resume=resume, config_path=str(config))
+    try:
+        outcome = run_train(cfg, console, dry_run=dry_run, resume=resume, config_path=str(config))
+    except KeyboardInterrupt:
+        err_console.print(
+            f"interrupted at once; the newest complete checkpoint is kept: lmforge train {config} --resume auto"
+        )
+        raise typer.Exit(130) from None
     if outcome.paused in ("SIGTERM", "SIGINT"):
         raise typer.Exit(143 if outcome.paused == "SIGTERM" else 130)
 
@@ -125,6 +131,3 @@ def main() -> None:
     except UserError as exc:
         err_console.print(f"error: {exc}", markup=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)

@@ -249,3 +249,27 @@ def test_early_stopping_resumed_mid_patience_stops_at_the_same_step(tmp_path_fac
     run_dir = run_dir_of(tmp, "es")
     assert json.loads((run_dir / "eval.json").read_text())["step"] == stop
     assert_same_run(run_dir, reference)
+
+
+def test_first_sigint_pauses_at_a_step_boundary_second_exits_at_once(tmp_path):
+    config = write_config(tmp_path, max_steps=400, eval_every=None, save_every=None)
+    runs = tmp_path / "runs"
+
+    proc = start(config)
+    wait_until(proc, lambda: logged_step(runs.glob("run-2*"), 3))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    run_dir = run_dir_of(tmp_path, "run")
+    log = sorted(tmp_path.glob("run.*.log"))[-1].read_text()
+    assert "stopped (SIGINT)" in log and "Traceback" not in log
+    (paused,) = list((run_dir / "checkpoints").glob("step-*"))
+
+    proc = start(config, "--resume", "auto")
+    wait_until(proc, lambda: logged_step([run_dir], int(paused.name.split("-")[1]) + 2))
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    log = sorted(tmp_path.glob("run.*.log"))[-1].read_text()
+    assert "interrupted" in log and "stopped (SIGINT)" not in log and "Traceback" not in log
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]

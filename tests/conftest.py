@@ -65,6 +65,19 @@ def tiny_config(corpus, cache_dir, tmp_path):
     return make
 
 
+def rows_dataset(token_lists):
+    """Training rows of one example each, as prepare_data writes them: every token but the first
+    a target."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {"input_ids": list(t), "labels": [-100, *t[1:]], "lengths": [len(t)], "num_tokens": len(t)}
+            for t in token_lists
+        ]
+    )
+
+
 def lmforge_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmforge", *args]
 

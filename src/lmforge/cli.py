@@ -20,6 +20,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(no_args_is_help=True, help="Show or check a config.")
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(no_args_is_help=True, help="Look at the data a config prepares.")
+app.add_typer(data_app, name="data")
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -101,6 +103,32 @@ def generate_command(
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     text = generate(model, tokenizer, [prompt], cfg, seed=seed)[0]
     console.print(prompt + text, markup=False)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: Path = typer.Argument(..., help="YAML or JSON config file."),
+    overrides: list[str] = OVERRIDES,
+    example: int = typer.Option(0, "--example", help="Which training row to show."),
+) -> None:
+    """Counts, drops, truncation, tokens, length histogram, and one example with its loss mask."""
+    from lmforge.config import load_config
+    from lmforge.data.prepare import prepare_data
+    from lmforge.data.report import data_report_lines, histogram_lines, render_masked
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    data = prepare_data(cfg, log=lambda m: err_console.print(m, style="dim"))
+    for line in data_report_lines(data.report):
+        console.print(line)
+    console.print("\nexample lengths (train, tokens):")
+    for line in histogram_lines(data.report):
+        console.print(line)
+    row = data.splits["train"][example % len(data.splits["train"])]
+    n = row["lengths"][0]
+    console.print(f"\ntraining row {example}, first of its {len(row['lengths'])} packed example(s), {n} tokens")
+    console.print("trained tokens in green, masked tokens dim inside « »:\n")
+    console.print(render_masked(row["input_ids"][:n], row["labels"][:n], data.tokenizer))
 
 
 @config_app.command("show")

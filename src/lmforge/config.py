@@ -71,28 +71,71 @@ class TokenizerConfig(Section):
     """A pair must occur this often in the corpus to be merged."""
 
 
+class SourceSpec(Section):
+    path: str
+    """A file, glob, directory, or a directory saved with datasets' save_to_disk."""
+    weight: float = Field(default=1.0, gt=0)
+    """Sampling weight: 2 repeats every record twice, 0.5 keeps half of them (chosen by hash)."""
+
+
+Sources = str | list[str | SourceSpec]
+
+
 class DataConfig(Section):
-    train: str | list[str]
-    """Training corpus: a file, a glob, a directory, or a list of these. .txt, .text and .jsonl."""
-    validation: str | list[str] | None = None
-    """Validation corpus. Default: `validation_fraction` of the training documents, chosen by a
-    hash of each document's text, so the split never changes between runs."""
-    test: str | list[str] | None = None
-    """Test corpus, evaluated once at the end. Default: `test_fraction` split off like validation."""
-    format: Literal["text"] = "text"
-    """How records are turned into training text. text: plain documents."""
+    train: Sources
+    """Training data: a file, glob, directory, or a list of these or of {path, weight} to mix
+    sources. .txt/.text, .jsonl, .json, .csv, .parquet, or a saved datasets directory."""
+    validation: Sources | None = None
+    """Validation data. Default: `validation_fraction` of the training records, chosen by a hash
+    of each record, so the split never changes between runs."""
+    test: Sources | None = None
+    """Test data, evaluated once at the end. Default: `test_fraction` split off like validation."""
+    format: Literal["text", "prompt-completion", "alpaca", "chat"] = "text"
+    """How a record becomes training text: text (plain documents), prompt-completion, alpaca
+    (instruction/input/output) or chat (a list of {role, content} messages)."""
+    columns: dict[str, str] = {}
+    """Record fields for the format's fields, e.g. {prompt: question, completion: answer};
+    unnamed ones are looked up under their own name (text, prompt, completion, instruction,
+    input, output, messages)."""
+    template: str | None = None
+    """Prompt template for prompt-completion/alpaca, with {prompt} (or any record field) in braces,
+    e.g. "<human>: {prompt}\n<assistant>: ". Default: the prompt as is / the Alpaca template."""
+    chat_template: Literal["auto", "chatml", "llama-3", "gemma", "plain"] = "auto"
+    """Chat rendering: auto uses the tokenizer's own template when it has one, else chatml."""
+    loss_on: Literal["completion", "all"] = "completion"
+    """Train on completion/assistant tokens only, or on every token."""
     text_field: str = "text"
-    """The field holding the text in .jsonl records."""
+    """The field holding the text of .jsonl/.csv/.parquet records for the text format."""
     txt_documents: Literal["paragraph", "line", "file"] = "paragraph"
     """How a .txt file is cut into documents: at blank lines, at every line, or not at all."""
     max_length: int = Field(default=512, ge=8)
-    """Tokens per training row. Documents are joined with EOS and cut into blocks of this length."""
+    """Longest training row, in tokens."""
+    on_too_long: Literal["split", "truncate", "drop", "error"] | None = None
+    """Records longer than max_length: split into pieces (text only), truncate (completion-aware:
+    a record left without trained tokens is dropped), drop, or error. Default: split for text,
+    truncate otherwise."""
+    on_invalid: Literal["error", "drop"] = "error"
+    """Malformed lines, missing columns, wrong types, empty prompts/answers: stop with an error
+    naming file and line, or drop and count them in the data report."""
+    packing: bool = True
+    """Pack several examples per row (best-fit decreasing) with per-example position ids; no example
+    attends to another. Off: one example per row, dynamic padding."""
+    group_by_length: bool = True
+    """Without packing, batch rows of similar length together (less padding)."""
+    order: Literal["shuffle", "length_ascending", "as_is"] = "shuffle"
+    """Row order each epoch: a seeded shuffle, shortest first (a simple curriculum), or file order."""
     validation_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
-    """Share of training documents held out for validation when `validation` is not given."""
+    """Share of training records held out for validation when `validation` is not given."""
     test_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
-    """Share of training documents held out for testing when `test` is not given."""
+    """Share of training records held out for testing when `test` is not given."""
     cache_dir: str | None = None
     """Where tokenizers and tokenized data are cached. Default: ~/.cache/lmforge."""
+    num_proc: int = Field(default=1, ge=1)
+    """Worker processes for formatting and tokenization; worth raising for large corpora."""
+
+    @property
+    def too_long(self) -> str:
+        return self.on_too_long or ("split" if self.format == "text" else "truncate")
 
 
 class EarlyStoppingConfig(Section):
@@ -461,6 +504,10 @@ def _check_rest(config: Config) -> list[str]:
         problems.append("data.validation_fraction + data.test_fraction must be below 1 so that training data remains")
     if data.validation is None and data.validation_fraction == 0:
         problems.append("data: no validation data: give data.validation or a data.validation_fraction above 0")
+    if data.on_too_long == "split" and data.format != "text":
+        problems.append(
+            f"data.on_too_long=split applies to the text format only; for {data.format} use truncate, drop or error"
+        )
     if train.early_stopping is not None and train.eval_every is None:
         problems.append("train.early_stopping needs train.eval_every: evaluations are what it watches")
     if "none" in config.tracking.backends and len(config.tracking.backends) > 1:
@@ -498,6 +545,7 @@ RESUME_SAFE = (
     "name",
     "output_dir",
     "data.cache_dir",
+    "data.num_proc",
     "train.max_steps",
     "train.epochs",
     "train.eval_every",

@@ -28,6 +28,7 @@ from lmforge.atomic import atomic_dir
 from lmforge.config import Config, dump_yaml, resume_differences
 from lmforge.data.loader import StepPlan
 from lmforge.data.prepare import PreparedData, prepare_data
+from lmforge.data.report import data_report_lines
 from lmforge.engine.checkpoint import Checkpoint, checkpoint_name, latest_valid, load_trainer_state, verify
 from lmforge.engine.loop import PAUSES, TrainResult, resolve_precision, total_steps, train
 from lmforge.engine.progress import format_duration
@@ -112,6 +113,8 @@ def run_train(
         console.print(f"resuming from {checkpoint.path} (step {checkpoint.step})")
     (run_dir / "config.yaml").write_text(dump_yaml(config))
     (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
+    for line in data_report_lines(data.report):
+        console.print(f"[dim]{line}[/dim]", highlight=False)
     trackers = open_trackers(
         config,
         run_dir,
@@ -249,7 +252,7 @@ def _write_examples(path: Path, pairs, texts: list[str], stage: str, step: int, 
 def _print_plan(console, config, data, trainable, total, plan, steps, precision) -> None:
     splits = data.report["splits"]
     rows = ", ".join(
-        f"{name} {s['documents']:,} docs / {s['tokens']:,} tokens / {s['blocks']:,} rows" for name, s in splits.items()
+        f"{name} {s['records']:,} records / {s['tokens']:,} tokens / {s['rows']:,} rows" for name, s in splits.items()
     )
     per_step = config.train.micro_batch_size * config.train.grad_accum * config.data.max_length
     cached = " (from cache)" if data.cache_hit else ""

@@ -7,11 +7,10 @@ import io
 
 import pytest
 import torch
-from datasets import Dataset
 from rich.console import Console
 from transformers import Trainer, TrainingArguments
 
-from conftest import RecordingTracker
+from conftest import RecordingTracker, rows_dataset
 from lmforge.data.loader import collate, epoch_order
 from lmforge.data.prepare import PreparedData, prepare_data
 from lmforge.engine.loop import train
@@ -38,7 +37,7 @@ def test_per_step_losses_match_trainer(tiny_config, tmp_path):
     rows = [r[: 8 + (7 * i) % 25] for i, r in enumerate(prepared.splits["train"]["input_ids"][:64])]
     data = PreparedData(
         prepared.tokenizer,
-        {"train": Dataset.from_dict({"input_ids": rows}), "validation": prepared.splits["validation"]},
+        {"train": rows_dataset(rows), "validation": prepared.splits["validation"]},
         prepared.report,
     )
     torch.manual_seed(1)
@@ -52,7 +51,7 @@ def test_per_step_losses_match_trainer(tiny_config, tmp_path):
 
     # transformers.Trainer over the same rows in lmforge's epoch-0 order, read sequentially
     order = epoch_order(len(rows), config.seed, 0)
-    ordered = Dataset.from_dict({"input_ids": [rows[i] for i in order]})
+    ordered = data.splits["train"].select(order)
     pad_id = prepared.tokenizer.pad_token_id
     args = TrainingArguments(
         output_dir=str(tmp_path / "hf"),
@@ -75,6 +74,7 @@ def test_per_step_losses_match_trainer(tiny_config, tmp_path):
         train_sampling_strategy="sequential",
         dataloader_num_workers=0,
         disable_tqdm=True,
+        remove_unused_columns=False,  # the collator needs the rows' lengths
         seed=config.seed,
     )
     hf_model = copy.deepcopy(model)
@@ -82,7 +82,7 @@ def test_per_step_losses_match_trainer(tiny_config, tmp_path):
         model=hf_model,
         args=args,
         train_dataset=ordered,
-        data_collator=lambda features: collate([f["input_ids"] for f in features], pad_id),
+        data_collator=lambda features: {k: v for k, v in collate(features, pad_id).items() if k != "num_tokens"},
     )
     trainer.train()
     hf_logs = [entry for entry in trainer.state.log_history if "loss" in entry]

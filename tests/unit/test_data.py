@@ -3,40 +3,50 @@ import json
 import numpy as np
 import pytest
 
-from lmforge.data.loader import IGNORE_INDEX, StepPlan, collate, epoch_order
-from lmforge.data.packing import pack_documents
+from lmforge.data.loader import IGNORE_INDEX, StepPlan, collate, epoch_order, padding_fraction, row_order
+from lmforge.data.packing import best_fit_decreasing, position_ids
 from lmforge.data.prepare import _hash_split, prepare_data
-from lmforge.data.sources import read_documents, resolve_paths
+from lmforge.data.sources import read_records, resolve_paths
 from lmforge.errors import DataError
 
 
 def test_paragraph_documents_with_start_lines(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("first para\nline two\n\n\nsecond para\n  \nthird\n")
-    docs = list(read_documents(path, "text", "paragraph"))
-    assert [d.text for d in docs] == ["first para\nline two", "second para", "third"]
-    assert [d.where for d in docs] == [f"{path}:1", f"{path}:5", f"{path}:7"]
+    records = list(read_records(path, "paragraph"))
+    assert [r.fields["text"] for r in records] == ["first para\nline two", "second para", "third"]
+    assert [r.where for r in records] == [f"{path}:1", f"{path}:5", f"{path}:7"]
 
 
 def test_line_and_file_documents(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("a\n\nb\nc\n")
-    assert [d.text for d in read_documents(path, "text", "line")] == ["a", "b", "c"]
-    assert [d.text for d in read_documents(path, "text", "file")] == ["a\n\nb\nc"]
+    assert [r.fields["text"] for r in read_records(path, "line")] == ["a", "b", "c"]
+    assert [r.fields["text"] for r in read_records(path, "file")] == ["a\n\nb\nc"]
 
 
-def test_jsonl_documents_skip_empty_text(tmp_path):
+def test_every_source_type_reads_the_same_records(tmp_path):
+    import pandas as pd
+    from datasets import Dataset
+
+    rows = [{"q": "one?", "a": "1"}, {"q": "two?", "a": "2"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for name in ["d.jsonl", "d.json", "d.csv", "d.parquet", "saved"]:
+        (path,) = resolve_paths(str(tmp_path / name), "data.train")
+        assert [r.fields for r in read_records(path)] == rows, name
+    assert [r.where for r in read_records(tmp_path / "d.csv")] == [f"{tmp_path / 'd.csv'}:2", f"{tmp_path / 'd.csv'}:3"]
+
+
+def test_malformed_lines_become_problem_records(tmp_path):
     path = tmp_path / "a.jsonl"
-    path.write_text('{"body": "x"}\n{"body": "  "}\n\n{"body": "y"}\n')
-    docs = list(read_documents(path, "body", "paragraph"))
-    assert [(d.text, d.where) for d in docs] == [("x", f"{path}:1"), ("y", f"{path}:4")]
-
-
-def test_jsonl_wrong_type_names_line(tmp_path):
-    path = tmp_path / "a.jsonl"
-    path.write_text('{"text": "x"}\n{"text": 3}\n')
-    with pytest.raises(DataError, match=r"a.jsonl:2: field 'text' must be a string, got int"):
-        list(read_documents(path, "text", "paragraph"))
+    path.write_text('{"text": "x"}\n{"text": \n[1, 2]\n')
+    records = list(read_records(path))
+    assert [r.reason for r in records] == ["", "malformed_json", "not_an_object"]
+    assert records[1].where == f"{path}:2"
 
 
 def test_resolve_paths_glob_dir_and_list(tmp_path):
@@ -60,12 +70,28 @@ def test_hash_split_is_stable_and_proportional():
     assert abs(counts["validation"] / 4000 - 0.10) < 0.02
 
 
-def test_pack_documents_keeps_every_token():
-    blocks, dropped = pack_documents([[1, 2, 3], [4, 5], [6, 7, 8, 9]], eos_id=0, block_size=4)
-    assert [b.tolist() for b in blocks] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
-    assert dropped == 0
-    blocks, dropped = pack_documents([[1, 2, 3]], eos_id=0, block_size=3)  # tail [0] predicts nothing
-    assert [b.tolist() for b in blocks] == [[1, 2, 3]] and dropped == 1
+def test_best_fit_decreasing():
+    lengths = [5, 3, 8, 2, 6, 4, 1]
+    bins = best_fit_decreasing(lengths, capacity=10)
+    assert sorted(i for b in bins for i in b) == list(range(7))  # every example exactly once
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 3  # 29 tokens need at least 3 rows of 10
+    assert bins == best_fit_decreasing(lengths, capacity=10)  # deterministic
+    with pytest.raises(ValueError):
+        best_fit_decreasing([11], capacity=10)
+
+
+def test_collate_positions_restart_per_example_and_padding_is_ignored():
+    rows = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, -100, 8, 9], "lengths": [2, 3]},
+        {"input_ids": [4, 3], "labels": [-100, 3], "lengths": [2]},
+    ]
+    batch = collate(rows, pad_id=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9], [-100, 3, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 0, 1, 2]]
+    assert int(batch["num_tokens"]) == 7
+    assert position_ids([2, 3]) == [0, 1, 0, 1, 2]
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
@@ -74,6 +100,19 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert sorted(a.tolist()) == list(range(100))
     assert not np.array_equal(a, epoch_order(100, seed=3, epoch=1))
     assert not np.array_equal(a, epoch_order(100, seed=4, epoch=2))
+
+
+def test_row_orders_and_length_grouping_cut_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 500, size=400).tolist()
+    assert row_order(lengths, 1, 0, "as_is").tolist() == list(range(400))
+    ascending = row_order(lengths, 1, 0, "length_ascending")
+    assert [lengths[i] for i in ascending] == sorted(lengths)
+    grouped = row_order(lengths, 1, 0, "shuffle", group_by=64)
+    assert sorted(grouped.tolist()) == list(range(400))
+    assert np.array_equal(grouped, row_order(lengths, 1, 0, "shuffle", group_by=64))
+    plain = row_order(lengths, 1, 0, "shuffle")
+    assert padding_fraction(lengths, grouped, 8) < padding_fraction(lengths, plain, 8) / 3
 
 
 def test_step_plan_covers_each_row_once_per_epoch():
@@ -92,12 +131,6 @@ def test_step_plan_shards_across_processes():
     assert sorted(rank0 + rank1) == list(range(40)) and not set(rank0) & set(rank1)
 
 
-def test_collate_pads_and_masks():
-    batch = collate([[5, 6, 7], [8]], pad_id=1)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
-    assert batch["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
-
-
 def test_cache_reused_and_invalidated(tiny_config, tmp_path):
     config = tiny_config(f"data.cache_dir={tmp_path / 'own-cache'}")
     messages = []
@@ -108,11 +141,11 @@ def test_cache_reused_and_invalidated(tiny_config, tmp_path):
     second = prepare_data(config, log=messages.append)
     assert second.cache_hit and messages == []  # neither tokenizer training nor tokenization again
     assert second.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
-    # a different block length re-packs (same tokenizer); different text re-trains the tokenizer
+    # a different row length re-packs (same tokenizer); different text re-trains the tokenizer
     messages.clear()
     config.data.max_length = 48
     assert not prepare_data(config, log=messages.append).cache_hit
-    assert messages == ["tokenizing and packing the corpus"]
+    assert messages == ["tokenizing and packing the data"]
     with open(config.data.train, "a") as f:
         f.write("\n\nAnd a new chapter.\n")
     messages.clear()
@@ -120,14 +153,15 @@ def test_cache_reused_and_invalidated(tiny_config, tmp_path):
     assert any("training a byte-level BPE tokenizer" in m for m in messages)
 
 
-def test_splits_and_report_are_consistent(tiny_config):
+def test_text_splits_and_report_are_consistent(tiny_config):
     data = prepare_data(tiny_config(), log=lambda _: None)
     report = data.report["splits"]
     for name, split in data.splits.items():
-        tokens = sum(len(r) for r in split["input_ids"])
-        assert tokens == report[name]["tokens"] - report[name]["tokens_dropped"]
-        assert len(split) == report[name]["blocks"]
-    assert sum(s["documents"] for s in report.values()) == 40  # every chapter of the corpus, once
+        assert sum(split["num_tokens"]) == report[name]["tokens"]
+        assert len(split) == report[name]["rows"]
+        assert all(sum(n) == len(ids) <= 32 for n, ids in zip(split["lengths"], split["input_ids"], strict=True))
+    assert sum(s["records"] for s in report.values()) == 40  # every chapter of the corpus, once
+    assert report["train"]["split_into_pieces"] > 0 and report["train"]["dropped"] == {}
     json.dumps(data.report)
 
 
@@ -135,6 +169,6 @@ def test_explicit_validation_file_is_used(tiny_config, tmp_path):
     val = tmp_path / "val.txt"
     val.write_text("A short validation document.\n")
     data = prepare_data(tiny_config(f"data.validation={val}", "data.test_fraction=0"), log=lambda _: None)
-    assert data.report["splits"]["validation"]["documents"] == 1
+    assert data.report["splits"]["validation"]["records"] == 1
     assert "test" not in data.splits
-    assert data.report["splits"]["train"]["documents"] == 40
+    assert data.report["splits"]["train"]["records"] == 40

@@ -6,10 +6,9 @@ import io
 
 import pytest
 import torch
-from datasets import Dataset
 from rich.console import Console
 
-from conftest import RecordingTracker
+from conftest import RecordingTracker, rows_dataset
 from lmforge.data.prepare import PreparedData, prepare_data
 from lmforge.engine.loop import train
 from lmforge.models.build import build_model
@@ -31,7 +30,7 @@ def ragged(tiny_config):
     train_rows = [rows[i][:n] for i, n in enumerate(lengths)]
     data = PreparedData(
         prepared.tokenizer,
-        {"train": Dataset.from_dict({"input_ids": train_rows}), "validation": prepared.splits["validation"]},
+        {"train": rows_dataset(train_rows), "validation": prepared.splits["validation"]},
         prepared.report,
     )
     torch.manual_seed(0)
@@ -46,7 +45,7 @@ def one_step(config, data, model, micro_batch_size, grad_accum):
     quiet = Console(file=io.StringIO())
     result = train(copy.deepcopy(model), data, config, Trackers([recorder], print), console=quiet)
     assert result.state.step == 1
-    assert result.state.target_tokens_seen == sum(len(r) - 1 for r in data.splits["train"]["input_ids"])
+    assert result.state.target_tokens_seen == sum(n - 1 for n in data.splits["train"]["num_tokens"])
     ((_, loss),) = recorder.series("train/loss")
     return loss, {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
@@ -75,10 +74,9 @@ def test_loss_is_mean_over_step_tokens_not_mean_of_micro_batch_means(ragged):
 
     config, data, model = ragged
     loss, _ = one_step(config, data, model, micro_batch_size=1, grad_accum=8)
-    rows = data.splits["train"]["input_ids"]
     total, count, means = 0.0, 0, []
     with torch.no_grad():
-        for row in rows:
+        for row in data.splits["train"]:
             batch = collate([row], data.tokenizer.pad_token_id)
             s, n = causal_lm_loss_sum(model(input_ids=batch["input_ids"]).logits, batch["labels"])
             total, count = total + s.item(), count + int(n)

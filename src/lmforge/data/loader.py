@@ -23,6 +23,43 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
+def row_order(
+    lengths: Sequence[int], seed: int, epoch: int, order: str = "shuffle", group_by: int | None = None
+) -> np.ndarray:
+    """The rows of an epoch in training order, a function of (seed, epoch) and the settings only.
+
+    Args:
+        lengths: tokens per row.
+        order: shuffle, length_ascending (shortest first, every epoch) or as_is (stored order).
+        group_by: for shuffle, sort each run of `group_by` shuffled rows by length, so that the
+            micro-batches cut from it need little padding while their order stays random.
+    """
+    if order == "as_is":
+        return np.arange(len(lengths))
+    if order == "length_ascending":
+        return np.argsort(np.asarray(lengths), kind="stable")
+    permutation = epoch_order(len(lengths), seed, epoch)
+    if not group_by:
+        return permutation
+    sizes = np.asarray(lengths)[permutation]
+    groups = [
+        permutation[i : i + group_by][np.argsort(-sizes[i : i + group_by], kind="stable")]
+        for i in range(0, len(permutation), group_by)
+    ]
+    return np.concatenate(groups) if groups else permutation
+
+
+def padding_fraction(num_tokens: Sequence[int], order: np.ndarray, micro_batch_size: int) -> float:
+    """Share of padding when rows in `order` are cut into micro-batches padded to their longest row."""
+    sizes = np.asarray(num_tokens)[order]
+    padded = sum(
+        len(chunk) * chunk.max()
+        for chunk in np.array_split(sizes, range(micro_batch_size, len(sizes), micro_batch_size))
+        if len(chunk)
+    )
+    return float(1 - sizes.sum() / padded) if padded else 0.0
+
+
 @dataclass
 class StepPlan:
     """How an epoch is cut into micro-batches and optimizer steps, for one process of `world`."""
@@ -55,25 +92,36 @@ class StepPlan:
         return [order[m * self.micro_batch_size : (m + 1) * self.micro_batch_size] for m in mine]
 
 
-def collate(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows into (B, T) input_ids and labels; padding is IGNORE_INDEX in labels.
+def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into (B, T) input_ids, labels and position_ids.
 
-    No attention mask is needed: with causal attention a real token never attends to the padding
-    that follows it, and padded positions carry no loss.
+    position_ids restart at 0 for each packed example: with no attention mask and no KV cache,
+    transformers turns that into block-diagonal causal attention, so examples sharing a row never
+    see each other. No attention mask is needed for the padding either: with causal attention a
+    real token never attends to the padding after it, and padded positions carry no loss.
     """
-    width = max(len(r) for r in rows)
+    width = max(sum(r["lengths"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids = torch.as_tensor(np.asarray(row), dtype=torch.long)
-        input_ids[i, : len(ids)] = ids
-        labels[i, : len(ids)] = ids
-    return {"input_ids": input_ids, "labels": labels}
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(np.asarray(row["input_ids"]), dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(np.asarray(row["labels"]), dtype=torch.long)
+        positions[i, :n] = torch.cat([torch.arange(k) for k in row["lengths"]])
+        positions[i, n:] = torch.arange(width - n)  # padding: a sequence of its own
+    num_tokens = torch.tensor(sum(len(r["input_ids"]) for r in rows))  # real tokens, padding excluded
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "num_tokens": num_tokens}
 
 
 def fetch(dataset: Dataset, indices: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-    """Collate the rows at `indices` of a packed dataset."""
-    return collate(dataset[indices.tolist()]["input_ids"], pad_id)
+    """Collate the rows at `indices` of a prepared dataset."""
+    columns = dataset[indices.tolist()]
+    rows = [
+        {"input_ids": i, "labels": lab, "lengths": n}
+        for i, lab, n in zip(columns["input_ids"], columns["labels"], columns["lengths"], strict=True)
+    ]
+    return collate(rows, pad_id)
 
 
 def eval_batches(dataset: Dataset, batch_size: int, max_batches: int | None, rank: int = 0, world: int = 1):

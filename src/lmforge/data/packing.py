@@ -1,36 +1,44 @@
-"""Packing tokenized documents into fixed-length blocks for language-model pretraining."""
+"""Packing examples into rows: best-fit decreasing, with per-example position ids.
+
+Each row lists the lengths of its examples. Position ids restart at 0 for every example, which is
+what makes transformers isolate them: with no attention mask and no KV cache, the attention of a
+packed row is block-diagonal (causal within each example, nothing across examples).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import bisect
+from collections.abc import Sequence
 
-import numpy as np
 
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group example indices into bins of total length <= capacity.
 
-def pack_documents(token_lists: Iterable[Sequence[int]], eos_id: int, block_size: int) -> tuple[list[np.ndarray], int]:
-    """Join documents, each followed by EOS, into one stream and cut it into blocks.
-
-    Every token of the stream lands in a block: the last block is shorter unless the stream
-    divides evenly, and it is only dropped when it holds fewer than 2 tokens (nothing to predict).
-
-    Args:
-        token_lists: token ids of each document, in corpus order.
-        eos_id: id appended after every document, so the model learns where documents end.
-        block_size: tokens per block (data.max_length).
+    Longest first, each into the fullest bin it still fits (fewest bins in practice, ~within 11/9
+    of optimal). Deterministic: ties go to the lower index.
 
     Returns:
-        The blocks (int32 arrays) and the number of tokens dropped (0 or 1).
+        Bins of example indices; each bin becomes one row.
     """
-    eos = np.array([eos_id], dtype=np.int32)
-    pieces = []
-    for ids in token_lists:
-        pieces.append(np.asarray(ids, dtype=np.int32))
-        pieces.append(eos)
-    if not pieces:
-        return [], 0
-    stream = np.concatenate(pieces)
-    blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
-    dropped = 0
-    if len(blocks[-1]) < 2:
-        dropped = len(blocks.pop())
-    return blocks, dropped
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining capacity, bin index), kept sorted
+    for i in order:
+        size = lengths[i]
+        if size > capacity:
+            raise ValueError(f"example {i} has {size} tokens, more than the row capacity {capacity}")
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot < len(free):
+            remaining, b = free.pop(slot)
+        else:
+            remaining, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if remaining - size > 0:
+            bisect.insort(free, (remaining - size, b))
+    return bins
+
+
+def position_ids(lengths: Sequence[int]) -> list[int]:
+    """0..n-1 for each example of a row, concatenated."""
+    return [p for n in lengths for p in range(n)]

@@ -1,13 +1,13 @@
-"""From config to tokenized, packed, cached splits.
+"""From config to tokenized, packed, cached splits, and a report of everything that was done.
 
-The cache is keyed by fingerprints, so a second run with the same inputs reads Arrow files
-(memory-mapped) instead of tokenizing again:
+The cache is keyed by fingerprints, so a second run with the same inputs memory-maps Arrow files
+instead of tokenizing again:
 
     <cache>/tokenizers/<fp>/   a tokenizer trained on the training split
-    <cache>/data/<fp>/         train/ validation/ test/ (datasets), report.json, samples.json
+    <cache>/data/<fp>/         train.arrow validation.arrow test.arrow, report.json, samples.json
 
-Each entry is written to a temporary directory and renamed into place, with report.json written
-last: an entry without it is incomplete and is rebuilt.
+Rows are written to Arrow as they are made (nothing holds a whole split in memory), in a
+temporary directory that is renamed into place with report.json written last.
 """
 
 from __future__ import annotations
@@ -15,146 +15,169 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, Features, List, Value
+from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedTokenizerBase
 
 from lmforge.atomic import atomic_dir
 from lmforge.config import Config, DataConfig
-from lmforge.data.packing import pack_documents
-from lmforge.data.sources import Document, file_digest, read_documents, resolve_paths
+from lmforge.data.loader import epoch_order, padding_fraction
+from lmforge.data.packing import best_fit_decreasing
+from lmforge.data.sources import Record, Source, read_records, resolve_sources, source_digest
+from lmforge.data.tokenize import Counts, Example, adds_bos, prompt_and_reference, record_examples, rendered_text
 from lmforge.errors import DataError
 from lmforge.models.tokenizer import load_tokenizer, tokenizer_digest, train_bpe_tokenizer
 
-DATA_VERSION = 1  # bump when the meaning of cached data changes
+DATA_VERSION = 2  # bump when the meaning of cached data changes
 SPLITS = ("train", "validation", "test")
-MAX_SAMPLES = 32  # held-out documents kept for generation prompts
+MAX_SAMPLES = 32  # held-out records kept for generation prompts
+CHUNK = 256  # records per worker task
+ROW_FEATURES = Features(
+    {
+        "input_ids": List(Value("int32")),
+        "labels": List(Value("int32")),
+        "lengths": List(Value("int32")),
+        "num_tokens": Value("int32"),
+    }
+)
 
 
 @dataclass
 class PreparedData:
     tokenizer: PreTrainedTokenizerBase
     splits: dict[str, Dataset]
-    """Packed blocks per split, column input_ids; test may be absent."""
+    """Rows per split (input_ids, labels, lengths of the packed examples, num_tokens); test may be absent."""
     report: dict[str, Any]
-    """Documents, tokens and blocks per split."""
-    samples: list[str] = field(default_factory=list)
-    """Held-out documents to take generation prompts and references from."""
+    """What was read, dropped, truncated, trained on, per split."""
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """Held-out records to sample from: {"text"} or {"prompt", "reference"}."""
     cache_hit: bool = False
 
 
 def cache_root(config: Config) -> Path:
-    root = config.data.cache_dir or os.path.join("~", ".cache", "lmforge")
-    return Path(root).expanduser()
+    return Path(config.data.cache_dir or os.path.join("~", ".cache", "lmforge")).expanduser()
 
 
 def prepare_data(config: Config, log: Callable[[str], None] = print) -> PreparedData:
     """Tokenizer and packed splits for a config, from the cache when the inputs are unchanged."""
     data = config.data
-    files = {
-        "train": resolve_paths(data.train, "data.train"),
-        "validation": resolve_paths(data.validation, "data.validation") if data.validation else [],
-        "test": resolve_paths(data.test, "data.test") if data.test else [],
+    sources = {
+        "train": resolve_sources(data.train, "data.train"),
+        "validation": resolve_sources(data.validation, "data.validation") if data.validation else [],
+        "test": resolve_sources(data.test, "data.test") if data.test else [],
     }
+    settings = data.model_dump(
+        include={"format", "columns", "template", "chat_template", "loss_on", "text_field", "txt_documents"}
+    )
     source_fp = _digest(
         {
             "version": DATA_VERSION,
-            "format": data.format,
-            "text_field": data.text_field,
-            "txt_documents": data.txt_documents,
-            "validation_fraction": data.validation_fraction if not data.validation else None,
-            "test_fraction": data.test_fraction if not data.test else None,
-            "files": {split: [file_digest(p) for p in paths] for split, paths in files.items()},
+            "settings": settings,
+            "validation_fraction": None if data.validation else data.validation_fraction,
+            "test_fraction": None if data.test else data.test_fraction,
+            "files": {s: [(source_digest(x.path), x.weight) for x in v] for s, v in sources.items()},
         }
     )
-    documents: dict[str, list[Document]] | None = None
-
-    def get_documents() -> dict[str, list[Document]]:
-        nonlocal documents
-        if documents is None:
-            documents = _read_splits(files, data)
-        return documents
-
-    tokenizer = _get_tokenizer(config, source_fp, get_documents, log)
-    packed_dir = cache_root(config) / "data" / _digest([source_fp, tokenizer_digest(tokenizer), data.max_length])
-    if not (packed_dir / "report.json").is_file():
-        log("tokenizing and packing the corpus")
-        _build_packed(packed_dir, get_documents(), tokenizer, data.max_length)
-        hit = False
-    else:
-        hit = True
-    report = json.loads((packed_dir / "report.json").read_text())
-    splits = {s: load_from_disk(str(packed_dir / s)) for s in SPLITS if (packed_dir / s).is_dir()}
-    samples = json.loads((packed_dir / "samples.json").read_text())
-    return PreparedData(tokenizer, splits, report, samples, cache_hit=hit)
+    splits = SplitReader(sources, data)
+    tokenizer = _get_tokenizer(config, source_fp, splits, log)
+    rows_fp = [source_fp, tokenizer_digest(tokenizer), data.max_length, data.too_long, data.on_invalid, data.packing]
+    directory = cache_root(config) / "data" / _digest(rows_fp)
+    hit = (directory / "report.json").is_file()
+    if not hit:
+        log("tokenizing and packing the data")
+        _build(directory, splits, data, tokenizer)
+    report = json.loads((directory / "report.json").read_text())
+    datasets = {s: Dataset.from_file(str(directory / f"{s}.arrow")) for s in SPLITS if s in report["splits"]}
+    train = datasets["train"]
+    order = epoch_order(len(train), config.seed, 0)
+    report["splits"]["train"]["padding_fraction"] = padding_fraction(
+        train["num_tokens"], order, config.train.micro_batch_size
+    )
+    samples = json.loads((directory / "samples.json").read_text())
+    return PreparedData(tokenizer, datasets, report, samples, cache_hit=hit)
 
 
-def tokenize_files(paths: list[Path], data: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
-    """Tokenize and pack whole files (no splitting, no cache): for `lmforge eval --data`."""
-    docs = [d for p in paths for d in read_documents(p, data.text_field, data.txt_documents)]
-    if not docs:
-        raise DataError(f"{', '.join(map(str, paths))}: no text to evaluate on")
-    blocks, _ = pack_documents(_encode(tokenizer, [d.text for d in docs]), tokenizer.eos_token_id, max_length)
-    return Dataset.from_dict({"input_ids": [b.tolist() for b in blocks]})
+def tokenize_files(paths: list[Path], data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Rows of whole files (no split, no cache, no packing): for `lmforge eval --data`."""
+    add_bos, counts, rows = adds_bos(tokenizer), Counts(), []
+    for path in paths:
+        for record in read_records(path, data.txt_documents):
+            rows += [_row([e]) for e in record_examples(record, data, tokenizer, add_bos, counts)]
+    if not rows:
+        raise DataError(f"{', '.join(map(str, paths))}: no examples to evaluate on")
+    return Dataset.from_list(rows, features=ROW_FEATURES)
 
 
-# --------------------------------------------------------------------------- steps
+# --------------------------------------------------------------------------- splitting
 
 
-def _read_splits(files: dict[str, list[Path]], data: DataConfig) -> dict[str, list[Document]]:
-    """Read every file; hold out validation/test documents by hash where no file is given."""
-    out: dict[str, list[Document]] = {s: [] for s in SPLITS}
-    for split, paths in files.items():
-        for path in paths:
-            out[split].extend(read_documents(path, data.text_field, data.txt_documents))
-    if not out["train"]:
-        names = ", ".join(str(p) for p in files["train"])
-        raise DataError(f"data.train: the corpus is empty: no text in {names}")
-    held_out = {
-        "test": data.test_fraction if not files["test"] else 0.0,
-        "validation": data.validation_fraction if not files["validation"] else 0.0,
-    }
-    total = len(out["train"])
-    if any(held_out.values()):
-        kept = []
-        for doc in out["train"]:
-            split = _hash_split(doc.text, held_out["test"], held_out["validation"])
-            (kept if split == "train" else out[split]).append(doc)
-        out["train"] = kept
-    for split, fraction in held_out.items():
-        if fraction and not out[split]:
-            raise DataError(
-                f"data: the {split} split is empty: none of the {total} training documents "
-                f"fell in the {fraction:.0%} held out by hash; give data.{split} a file or raise "
-                f"data.{split}_fraction"
-            )
-    if not out["train"]:
-        raise DataError("data: no training documents remain after holding out validation/test")
-    return out
+class SplitReader:
+    """Streams the records of each split; held-out splits are chosen by a hash of each record."""
+
+    def __init__(self, sources: dict[str, list[Source]], data: DataConfig) -> None:
+        self.sources, self.data = sources, data
+        self.held_out = {
+            "test": data.test_fraction if not sources["test"] else 0.0,
+            "validation": data.validation_fraction if not sources["validation"] else 0.0,
+        }
+
+    def records(self, split: str) -> Iterator[Record]:
+        if split != "train" and self.sources[split]:
+            for source in self.sources[split]:
+                yield from read_records(source.path, self.data.txt_documents)
+            return
+        if split != "train" and not self.held_out[split]:
+            return
+        for source in self.sources["train"]:
+            for record in read_records(source.path, self.data.txt_documents):
+                if self._split_of(record) != split:
+                    continue
+                yield from [record] * _copies(record, source.weight) if split == "train" else [record]
+
+    def _split_of(self, record: Record) -> str:
+        # A record's split depends only on its content: stable across runs, file order and
+        # machines, and duplicates always land together, so they cannot leak across splits.
+        if record.problem is not None:
+            return "train"  # unreadable records are reported once, with the training data
+        u = _unit_hash(record.fields)
+        if u < self.held_out["test"]:
+            return "test"
+        if u < self.held_out["test"] + self.held_out["validation"]:
+            return "validation"
+        return "train"
+
+
+def _unit_hash(fields: dict[str, Any], salt: str = "") -> float:
+    blob = salt + json.dumps(fields, sort_keys=True, default=str, ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big") / 2**64
+
+
+def _copies(record: Record, weight: float) -> int:
+    """How many times a training record is used: floor(weight), plus one more with probability
+    equal to the fraction, decided by hash so that it is the same on every run."""
+    whole, fraction = divmod(weight, 1.0)
+    return int(whole) + (1 if _unit_hash(record.fields, "weight") < fraction else 0)
 
 
 def _hash_split(text: str, test_fraction: float, validation_fraction: float) -> str:
-    # A document's split depends only on its text: stable across runs, file order and machines,
-    # and duplicates always land together, so they cannot leak across splits.
-    u = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+    """The split of a plain-text document (used by tests and tools outside the pipeline)."""
+    u = _unit_hash({"text": text})
     if u < test_fraction:
         return "test"
-    if u < test_fraction + validation_fraction:
-        return "validation"
-    return "train"
+    return "validation" if u < test_fraction + validation_fraction else "train"
 
 
-def _get_tokenizer(
-    config: Config,
-    source_fp: str,
-    get_documents: Callable[[], dict[str, list[Document]]],
-    log: Callable[[str], None],
-) -> PreTrainedTokenizerBase:
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _get_tokenizer(config: Config, source_fp: str, splits: SplitReader, log) -> PreTrainedTokenizerBase:
     if config.model.name_or_path:
         return load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     if config.tokenizer.path:
@@ -163,48 +186,156 @@ def _get_tokenizer(
     directory = cache_root(config) / "tokenizers" / _digest([source_fp, tok.vocab_size, tok.min_frequency])
     if not (directory / "tokenizer.json").is_file():
         log(f"training a byte-level BPE tokenizer (vocab {tok.vocab_size}) on the training split")
-        texts = (d.text for d in get_documents()["train"])
-        tokenizer = train_bpe_tokenizer(texts, tok.vocab_size, tok.min_frequency)
+        texts = (t for r in splits.records("train") if (t := rendered_text(r, config.data, None)) is not None)
+        tokenizer = train_bpe_tokenizer(_nonempty(texts, config.data), tok.vocab_size, tok.min_frequency)
         with atomic_dir(directory) as tmp:
             tokenizer.save_pretrained(str(tmp))
     return load_tokenizer(directory)
 
 
-def _build_packed(
-    directory: Path, documents: dict[str, list[Document]], tokenizer: PreTrainedTokenizerBase, block: int
-) -> None:
-    report: dict[str, Any] = {"max_length": block, "vocab_size": len(tokenizer), "splits": {}}
+def _nonempty(texts: Iterator[str], data: DataConfig) -> Iterator[str]:
+    seen = False
+    for text in texts:
+        seen = True
+        yield text
+    if not seen:
+        raise DataError(f"data.train: the corpus is empty: no usable {data.format} records in {data.train}")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) -> None:
+    report: dict[str, Any] = {"max_length": data.max_length, "packing": data.packing, "splits": {}}
     with atomic_dir(directory) as tmp:
         for split in SPLITS:
-            docs = documents[split]
-            if not docs:
+            counts = Counts()
+            examples_path = tmp / f"{split}.examples.arrow"
+            _write_examples(splits.records(split), examples_path, data, tokenizer, counts)
+            if counts.examples == 0:
+                _check_empty(split, counts, splits)
+                examples_path.unlink()
                 continue
-            token_lists = _encode(tokenizer, [d.text for d in docs])
-            blocks, dropped = pack_documents(token_lists, tokenizer.eos_token_id, block)
-            Dataset.from_dict({"input_ids": [b.tolist() for b in blocks]}).save_to_disk(str(tmp / split))
-            lengths = np.array([len(t) for t in token_lists])
-            report["splits"][split] = {
-                "documents": len(docs),
-                "tokens": int(lengths.sum()) + len(docs),  # + one EOS per document
-                "blocks": len(blocks),
-                "tokens_dropped": dropped,
-                "document_tokens": {
-                    "min": int(lengths.min()),
-                    "median": int(np.median(lengths)),
-                    "max": int(lengths.max()),
-                },
-            }
-        held_out = documents["validation"] or documents["test"]
-        samples = [d.text[:4000] for d in held_out[:MAX_SAMPLES]]
-        (tmp / "samples.json").write_text(json.dumps(samples))
+            examples = Dataset.from_file(str(examples_path))
+            rows = _write_rows(examples, tmp / f"{split}.arrow", data)
+            del examples
+            examples_path.unlink()
+            report["splits"][split] = _split_report(counts, rows, data.max_length)
+        samples = []
+        for record in splits.records("validation" if report["splits"].get("validation") else "test"):
+            if len(samples) == MAX_SAMPLES:
+                break
+            if record.problem is None and (sample := prompt_and_reference(record, data, tokenizer)):
+                samples.append(sample)
+        (tmp / "samples.json").write_text(json.dumps(samples, ensure_ascii=False))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], batch: int = 1000) -> list[list[int]]:
-    ids: list[list[int]] = []
-    for i in range(0, len(texts), batch):
-        ids.extend(tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"])
-    return ids
+def _check_empty(split: str, counts: Counts, splits: SplitReader) -> None:
+    dropped = f" ({_describe_drops(counts)})" if counts.dropped else ""
+    if split == "train":
+        if counts.records == 0:
+            names = ", ".join(str(s.path) for s in splits.sources["train"])
+            raise DataError(f"data.train: the corpus is empty: no text in {names}")
+        raise DataError(f"data.train: none of the {counts.records} records gave a training example{dropped}")
+    fraction = splits.held_out.get(split)
+    if fraction:
+        raise DataError(
+            f"data: the {split} split is empty{dropped}: no record fell in the {fraction:.0%} held out by hash; "
+            f"give data.{split} a file or raise data.{split}_fraction"
+        )
+    if split == "validation":
+        raise DataError(f"data.validation: no usable examples{dropped}")
+
+
+def _describe_drops(counts: Counts) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.dropped.items())) + " dropped"
+
+
+_worker_state: dict[str, Any] = {}
+
+
+def _init_worker(data: DataConfig, tokenizer, add_bos: bool) -> None:
+    _worker_state.update(data=data, tokenizer=tokenizer, add_bos=add_bos)
+
+
+def _examples_of_chunk(records: list[Record]) -> tuple[list[Example], Counts]:
+    counts = Counts()
+    s = _worker_state
+    examples = [e for r in records for e in record_examples(r, s["data"], s["tokenizer"], s["add_bos"], counts)]
+    return examples, counts
+
+
+def _chunks(records: Iterator[Record]) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_examples(records: Iterator[Record], path: Path, data: DataConfig, tokenizer, counts: Counts) -> None:
+    add_bos = adds_bos(tokenizer)
+    features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32"))})
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        if data.num_proc > 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+            with get_context("fork").Pool(data.num_proc, _init_worker, (data, tokenizer, add_bos)) as pool:
+                results = pool.imap(_examples_of_chunk, _chunks(records))
+                _drain(results, writer, counts)
+        else:
+            _init_worker(data, tokenizer, add_bos)
+            _drain(map(_examples_of_chunk, _chunks(records)), writer, counts)
+        writer.finalize()
+
+
+def _drain(results, writer: ArrowWriter, counts: Counts) -> None:
+    for examples, chunk_counts in results:
+        counts.merge(chunk_counts)
+        for example in examples:
+            writer.write({"input_ids": example.input_ids, "labels": example.labels})
+
+
+def _row(examples: list[Example]) -> dict[str, Any]:
+    return {
+        "input_ids": [t for e in examples for t in e.input_ids],
+        "labels": [t for e in examples for t in e.labels],
+        "lengths": [len(e.input_ids) for e in examples],
+        "num_tokens": sum(len(e.input_ids) for e in examples),
+    }
+
+
+def _write_rows(examples: Dataset, path: Path, data: DataConfig) -> Dataset:
+    lengths = [len(ids) for ids in examples["input_ids"]]
+    groups = best_fit_decreasing(lengths, data.max_length) if data.packing else [[i] for i in range(len(lengths))]
+    with ArrowWriter(features=ROW_FEATURES, path=str(path)) as writer:
+        for group in groups:
+            chosen = examples[group]
+            writer.write(_row([Example(i, lab) for i, lab in zip(chosen["input_ids"], chosen["labels"], strict=True)]))
+        writer.finalize()
+    return Dataset.from_file(str(path))
+
+
+def _split_report(counts: Counts, rows: Dataset, max_length: int) -> dict[str, Any]:
+    lengths = np.asarray(counts.lengths)
+    edges = np.unique(np.linspace(0, max_length, 9).astype(int))
+    histogram, _ = np.histogram(lengths, bins=edges)
+    return {
+        "records": counts.records,
+        "examples": counts.examples,
+        "dropped": dict(sorted(counts.dropped.items())),
+        "truncated": counts.truncated,
+        "split_into_pieces": counts.split_into_pieces,
+        "tokens": counts.tokens,
+        "trained_tokens": counts.trained_tokens,
+        "rows": len(rows),
+        "packing_efficiency": counts.tokens / (len(rows) * max_length),
+        "example_tokens": {"min": int(lengths.min()), "median": int(np.median(lengths)), "max": int(lengths.max())},
+        "length_histogram": {f"{lo}-{hi}": int(n) for lo, hi, n in zip(edges[:-1], edges[1:], histogram, strict=True)},
+    }
 
 
 def _digest(value: Any) -> str:

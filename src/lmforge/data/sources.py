@@ -1,38 +1,69 @@
-"""Finding corpus files and reading them as documents, with errors that name file and line."""
+"""Finding data files and reading them as records, with errors that name file and line.
+
+Every reader yields `Record`s: a dict of fields plus where it came from ("file:line", or
+"file row N" for formats without lines). A record that cannot be read at all (malformed JSON, not
+an object) is yielded as a `Record` with `problem` set, so the caller decides, per
+`data.on_invalid`, whether that is an error or a counted drop.
+"""
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".text")
-JSONL_SUFFIXES = (".jsonl",)
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+SUPPORTED_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".csv", ".parquet")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 @dataclass(frozen=True)
-class Document:
-    text: str
+class Record:
+    fields: dict[str, Any]
     where: str
-    """file:line of the document's start."""
+    """file:line (or file row N) of the record."""
+    problem: str | None = None
+    """Why the record could not be read; fields is empty then."""
+    reason: str = field(default="", compare=False)
+    """Short drop reason for the report, e.g. malformed_json."""
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    weight: float = 1.0
+    """Sampling weight: 2 repeats every record twice, 0.5 keeps half of them (chosen by hash)."""
+
+
+def resolve_sources(spec: Any, field_name: str) -> list[Source]:
+    """Expand the config's data.train/validation/test into files with weights.
+
+    Accepts a path, glob or directory; a list of these; or a list of {path, weight} mappings.
+    A directory saved by `datasets.Dataset.save_to_disk` is one source.
+    """
+    entries = spec if isinstance(spec, list) else [spec]
+    sources: list[Source] = []
+    for entry in entries:
+        weight = 1.0
+        if isinstance(entry, dict):
+            entry, weight = entry["path"], float(entry.get("weight", 1.0))
+        elif hasattr(entry, "path"):  # a SourceSpec from the config
+            entry, weight = entry.path, entry.weight
+        sources.extend(Source(p, weight) for p in resolve_paths(entry, field_name))
+    return list(dict.fromkeys(sources))
 
 
 def resolve_paths(spec: str | list[str], field: str, base_dir: Path | None = None) -> list[Path]:
-    """Expand a file, glob, directory or list of these into a sorted, de-duplicated file list.
-
-    Args:
-        spec: what the config gave.
-        field: the config field, for error messages (e.g. "data.train").
-        base_dir: relative paths are taken from here (default: the working directory).
-    """
+    """Expand a file, glob, directory or list of these into a sorted, de-duplicated file list."""
     entries = [spec] if isinstance(spec, str) else list(spec)
     files: list[Path] = []
     for entry in entries:
@@ -44,6 +75,8 @@ def resolve_paths(spec: str | list[str], field: str, base_dir: Path | None = Non
             if not matches:
                 raise DataError(f"{field}: the pattern {entry!r} matches no files")
             files.extend(matches)
+        elif is_saved_dataset(path):
+            files.append(path)
         elif path.is_dir():
             matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
             if not matches:
@@ -54,33 +87,45 @@ def resolve_paths(spec: str | list[str], field: str, base_dir: Path | None = Non
         else:
             raise DataError(f"{field}: no such file or directory: {entry!r}")
     for path in files:
-        if path.suffix not in SUPPORTED_SUFFIXES:
+        if not is_saved_dataset(path) and path.suffix not in SUPPORTED_SUFFIXES:
             raise DataError(
-                f"{path}: unsupported file type {path.suffix!r} for {field}; use one of {', '.join(SUPPORTED_SUFFIXES)}"
+                f"{path}: unsupported file type {path.suffix!r} for {field}; use one of "
+                f"{', '.join(SUPPORTED_SUFFIXES)} or a directory saved with datasets' save_to_disk"
             )
     return list(dict.fromkeys(files))
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes."""
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+
+
+def source_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of every file of a saved dataset directory."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
-def read_documents(path: Path, text_field: str, txt_documents: str) -> Iterator[Document]:
-    """Yield the non-empty documents of one file.
+def file_digest(path: Path) -> str:
+    return source_digest(path)
 
-    Raises:
-        DataError: for bytes that are not UTF-8, malformed JSON, or a record without a text field.
-    """
-    text = _decode(path)
-    if path.suffix in JSONL_SUFFIXES:
-        yield from _jsonl_documents(path, text, text_field)
+
+def read_records(path: Path, txt_documents: str = "paragraph") -> Iterator[Record]:
+    """Yield every record of one source. Text files give {"text": document} records."""
+    if is_saved_dataset(path):
+        yield from _saved_dataset_records(path)
+    elif path.suffix == ".parquet":
+        yield from _parquet_records(path)
     else:
-        yield from _text_documents(path, text, txt_documents)
+        text = _decode(path)
+        readers = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records}
+        reader = readers.get(path.suffix)
+        yield from reader(path, text) if reader else _text_records(path, text, txt_documents)
 
 
 def _decode(path: Path) -> str:
@@ -96,45 +141,88 @@ def _decode(path: Path) -> str:
         ) from None
 
 
-def _text_documents(path: Path, text: str, unit: str) -> Iterator[Document]:
+def _text_records(path: Path, text: str, unit: str) -> Iterator[Record]:
     text = text.replace("\r\n", "\n")
     if unit == "file":
         if text.strip():
-            yield Document(text.strip(), f"{path}:1")
+            yield Record({"text": text.strip()}, f"{path}:1")
         return
     pattern = _PARAGRAPH_BREAK if unit == "paragraph" else re.compile(r"\n")
-    start = 0
-    line = 1
+    start, line = 0, 1
     for match in [*pattern.finditer(text), None]:
         end = match.start() if match else len(text)
         chunk = text[start:end]
         if chunk.strip():
             leading = len(chunk) - len(chunk.lstrip("\n \t"))
-            yield Document(chunk.strip(), f"{path}:{line + chunk.count(chr(10), 0, leading)}")
+            yield Record({"text": chunk.strip()}, f"{path}:{line + chunk.count(chr(10), 0, leading)}")
         if match is None:
             break
         line += text.count("\n", start, match.end())
         start = match.end()
 
 
-def _jsonl_documents(path: Path, text: str, text_field: str) -> Iterator[Document]:
+def _jsonl_records(path: Path, text: str) -> Iterator[Record]:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            yield Record({}, where, f"malformed JSON: {exc.msg} (column {exc.colno})", "malformed_json")
+            continue
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        if text_field not in record:
-            fields = ", ".join(record) or "none"
-            raise DataError(
-                f"{path}:{number}: no field {text_field!r} (fields: {fields}); "
-                "set data.text_field to the field that holds the text"
-            )
-        value = record[text_field]
-        if not isinstance(value, str):
-            raise DataError(f"{path}:{number}: field {text_field!r} must be a string, got {type(value).__name__}")
-        if value.strip():
-            yield Document(value, f"{path}:{number}")
+            yield Record({}, where, f"expected a JSON object, got {type(record).__name__}", "not_an_object")
+            continue
+        yield Record(record, where)
+
+
+def _json_records(path: Path, text: str) -> Iterator[Record]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f'{path}: expected a JSON array of records (or {{"data": [...]}})')
+    for number, record in enumerate(data):
+        where = f"{path} record {number}"
+        if isinstance(record, dict):
+            yield Record(record, where)
+        else:
+            yield Record({}, where, f"expected a JSON object, got {type(record).__name__}", "not_an_object")
+
+
+def _csv_records(path: Path, text: str) -> Iterator[Record]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    last_line = reader.line_num  # rows may span lines (quoted newlines): a row starts after the last
+    for row in reader:
+        where, last_line = f"{path}:{last_line + 1}", reader.line_num
+        if None in row:  # more cells than header columns
+            yield Record({}, where, f"{len(header) + len(row[None])} cells, the header has {len(header)}", "bad_row")
+            continue
+        yield Record(dict(row), where)
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield Record(row, f"{path} row {number}")
+            number += 1
+
+
+def _saved_dataset_records(path: Path) -> Iterator[Record]:
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if hasattr(dataset, "keys"):  # a DatasetDict: take its train split
+        if "train" not in dataset:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split; point to one split's directory")
+        dataset = dataset["train"]
+    for number, row in enumerate(dataset):
+        yield Record(row, f"{path} row {number}")

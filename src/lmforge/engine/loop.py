@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from lmforge.config import Config, TrainConfig, config_hash, dump_yaml
-from lmforge.data.loader import IGNORE_INDEX, StepPlan, epoch_order, fetch
+from lmforge.data.loader import StepPlan, fetch, row_order
 from lmforge.data.prepare import PreparedData
 from lmforge.engine.checkpoint import load_checkpoint, prune, remove_stale_temporaries, save_checkpoint
 from lmforge.engine.early_stopping import record_eval
@@ -116,7 +116,9 @@ def train(
     state = _start(loop, resume_from)
 
     model.train()
-    order = epoch_order(len(train_set), config.seed, state.epoch)
+    lengths = train_set["num_tokens"]
+    group = cfg.micro_batch_size * 32 if config.data.group_by_length and not config.data.packing else None
+    order = row_order(lengths, config.seed, state.epoch, config.data.order, group)
     loop.window_loss = torch.tensor(state.window_loss, device=accelerator.device)
     deadline = cfg.max_time and time.monotonic() + cfg.max_time
     progress.begin(state.step)
@@ -124,7 +126,7 @@ def train(
         while state.step < steps and state.stop_reason is None:
             if state.step_in_epoch == plan.steps_per_epoch:  # next epoch, next permutation
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                order = epoch_order(len(train_set), config.seed, state.epoch)
+                order = row_order(lengths, config.seed, state.epoch, config.data.order, group)
             rows = plan.step_rows(order, state.step_in_epoch, rank)
             batches = [fetch(train_set, r, pad_id) for r in rows]
             loss_sum, targets, tokens = _forward_backward(model, batches, loss_step, accelerator)
@@ -278,7 +280,7 @@ def _forward_backward(model, batches, loss_step, accelerator) -> tuple[torch.Ten
     """Accumulate gradients of one optimizer step; return (loss sum, target tokens, input tokens)."""
     world, device = accelerator.num_processes, accelerator.device
     targets = sum(int(count_targets(b)) for b in batches)
-    tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    tokens = sum(int(b["num_tokens"]) for b in batches)
     if world > 1:  # every process needs the step's totals before its first backward
         counts = accelerator.reduce(torch.tensor([targets, tokens], device=device), "sum")
         targets, tokens = (int(c) for c in counts.tolist())

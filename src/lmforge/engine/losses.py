@@ -37,7 +37,8 @@ def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def causal_lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+    # No attention mask and no KV cache: that is what keeps packed examples apart (see collate).
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     return causal_lm_loss_sum(logits, batch["labels"])
 
 

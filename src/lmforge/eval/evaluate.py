@@ -36,7 +36,9 @@ def evaluate(
     for indices in eval_batches(dataset, batch_size, max_batches, rank, world):
         batch = fetch(dataset, indices, pad_id)
         input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        logits = model(input_ids=input_ids).logits[:, :-1].float()  # (B, T-1, V)
+        # as in training: no attention mask and no KV cache, so packed examples stay isolated
+        out = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), use_cache=False)
+        logits = out.logits[:, :-1].float()  # (B, T-1, V)
         targets = labels[:, 1:]  # (B, T-1)
         mask = targets != IGNORE_INDEX
         loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -10,15 +10,18 @@ from lmforge.config import GenerateConfig
 
 
 def prompts_and_references(
-    samples: list[str], tokenizer: PreTrainedTokenizerBase, cfg: GenerateConfig
+    samples: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, cfg: GenerateConfig
 ) -> list[tuple[str, str | None]]:
-    """Prompts to sample from: the configured ones, else the opening tokens of held-out documents,
-    each with the document's true continuation as reference."""
+    """Prompts to sample from: the configured ones, else held-out records: their prompt and true
+    completion, or for plain text the opening tokens of the document and its continuation."""
     if cfg.prompts:
         return [(p, None) for p in cfg.prompts[: cfg.num_examples]]
     pairs = []
-    for text in samples[: cfg.num_examples]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for sample in samples[: cfg.num_examples]:
+        if "prompt" in sample:
+            pairs.append((sample["prompt"], sample["reference"]))
+            continue
+        ids = tokenizer(sample["text"], add_special_tokens=False)["input_ids"]
         prompt_ids = ids[: cfg.prompt_tokens]
         reference_ids = ids[cfg.prompt_tokens : cfg.prompt_tokens + cfg.max_new_tokens]
         pairs.append((tokenizer.decode(prompt_ids), tokenizer.decode(reference_ids)))

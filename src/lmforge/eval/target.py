@@ -43,8 +43,9 @@ def evaluate_target(
     model, tokenizer, run_config = load_target(target)
     if data:
         data_cfg = run_config.data if run_config else DataConfig(train=data)
-        length = max_length or data_cfg.max_length
-        dataset = tokenize_files(resolve_paths(data, "--data"), data_cfg, tokenizer, length)
+        if max_length:
+            data_cfg = data_cfg.model_copy(update={"max_length": max_length})
+        dataset = tokenize_files(resolve_paths(data, "--data"), data_cfg, tokenizer)
     else:
         if run_config is None:
             raise UserError(f"{target} is a model directory, not a run: pass --data FILE to evaluate on")

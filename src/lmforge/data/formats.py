@@ -1,0 +1,191 @@
+"""Record formats: each turns one record into text segments, each segment trained on or not.
+
+A format is a plain function registered in FORMATS. Tokenization (tokenize.py) joins the
+segments, tokenizes the whole text once and marks every token that overlaps a trained segment,
+using the tokenizer's character offsets, so masks are exact for any tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.config import DataConfig
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trained: bool
+
+
+class FormatProblem(Exception):
+    """A record that does not fit its format; `reason` is its drop category in the report."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def column(data: DataConfig, name: str) -> str:
+    """The record field that holds the format's `name` field (data.columns maps them)."""
+    return data.columns.get(name, data.text_field if name == "text" else name)
+
+
+def field_text(record: dict[str, Any], data: DataConfig, name: str, allow_empty: bool = False) -> str:
+    key = column(data, name)
+    if key not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        hint = f"set data.columns.{name}" if name != "text" else "set data.text_field"
+        raise FormatProblem("missing_column", f"no field {key!r} (fields: {fields}); {hint} to the field to use")
+    value = record[key]
+    if value is None and allow_empty:
+        return ""
+    if not isinstance(value, str):
+        raise FormatProblem("wrong_type", f"field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip() and not allow_empty:
+        raise FormatProblem(f"empty_{name}", f"field {key!r} is empty")
+    return value
+
+
+def text_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:
+    return [Segment(field_text(record, data, "text"), True)]
+
+
+def prompt_completion_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:
+    prompt = field_text(record, data, "prompt")
+    completion = field_text(record, data, "completion")
+    template = data.template or "{prompt}"
+    try:
+        rendered = template.format_map({**record, "prompt": prompt})
+    except KeyError as exc:
+        raise FormatProblem("missing_column", f"data.template uses {{{exc.args[0]}}}, which the record lacks") from None
+    return [Segment(rendered, data.loss_on == "all"), Segment(completion, True)]
+
+
+def alpaca_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:
+    instruction = field_text(record, data, "instruction")
+    extra = field_text(record, data, "input", allow_empty=True) if column(data, "input") in record else ""
+    output = field_text(record, data, "output")
+    template = data.template or (ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT)
+    prompt = template.format_map({**record, "instruction": instruction, "input": extra})
+    return [Segment(prompt, data.loss_on == "all"), Segment(output, True)]
+
+
+# --------------------------------------------------------------------------- chat
+
+ROLES = ("system", "user", "assistant")
+
+
+def _chatml(role: str, first: bool) -> tuple[str, str]:
+    return f"<|im_start|>{role}\n", "<|im_end|>\n"
+
+
+def _llama3(role: str, first: bool) -> tuple[str, str]:
+    start = "<|begin_of_text|>" if first else ""
+    return f"{start}<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>"
+
+
+def _gemma(role: str, first: bool) -> tuple[str, str]:
+    return f"<start_of_turn>{'model' if role == 'assistant' else 'user'}\n", "<end_of_turn>\n"
+
+
+def _plain(role: str, first: bool) -> tuple[str, str]:
+    return {"system": "<system>: ", "user": "<human>: ", "assistant": "<assistant>: "}[role], "\n"
+
+
+CHAT_TEMPLATES: dict[str, Callable[[str, bool], tuple[str, str]]] = {
+    "chatml": _chatml,
+    "llama-3": _llama3,
+    "gemma": _gemma,
+    "plain": _plain,
+}
+
+
+def chat_messages(record: dict[str, Any], data: DataConfig) -> list[dict[str, str]]:
+    key = column(data, "messages")
+    messages = record.get(key)
+    if messages is None:
+        fields = ", ".join(map(str, record)) or "none"
+        raise FormatProblem("missing_column", f"no field {key!r} (fields: {fields}); set data.columns.messages")
+    if not isinstance(messages, list) or not messages:
+        raise FormatProblem("bad_messages", f"field {key!r} must be a non-empty list of {{role, content}} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise FormatProblem("bad_messages", f"message {i} must be an object with role and content")
+        if message["role"] not in ROLES:
+            raise FormatProblem("bad_messages", f"message {i} has role {message['role']!r}; use one of {ROLES}")
+        if not isinstance(message["content"], str):
+            raise FormatProblem("wrong_type", f"message {i} content must be a string")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise FormatProblem("no_assistant_turn", "no non-empty assistant message: nothing to train on")
+    return messages
+
+
+def chat_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:
+    messages = chat_messages(record, data)
+    name = data.chat_template
+    if name == "auto":
+        if getattr(tokenizer, "chat_template", None):
+            return _tokenizer_template_segments(messages, tokenizer, data.loss_on == "all")
+        name = "chatml"
+    if name == "gemma" and messages[0]["role"] == "system":  # gemma has no system turn
+        merged = (
+            f"{messages[0]['content']}\n\n{messages[1]['content']}" if len(messages) > 1 else messages[0]["content"]
+        )
+        messages = [{"role": "user", "content": merged}, *messages[2:]]
+    segments = []
+    for i, message in enumerate(messages):
+        header, footer = CHAT_TEMPLATES[name](message["role"], i == 0)
+        trained = data.loss_on == "all" or message["role"] == "assistant"
+        segments += [Segment(header, data.loss_on == "all"), Segment(message["content"] + footer, trained)]
+    return segments
+
+
+def _tokenizer_template_segments(messages, tokenizer, train_all: bool) -> list[Segment]:
+    """Segments from the tokenizer's own Jinja chat template.
+
+    Renders growing prefixes of the conversation: an assistant message spans from the end of the
+    render that ends with the generation prompt to the end of the render that includes it. This
+    is exact for any template whose renders of prefixes are prefixes of each other.
+    """
+
+    def render(msgs, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            before = render(messages[:i], True) if i else ""
+            if not before.startswith(done):
+                raise FormatProblem("template", "the tokenizer's chat template does not render prefixes consistently")
+            segments.append(Segment(before[len(done) :], train_all))
+            done = before
+        full = render(messages[: i + 1], False)
+        if not full.startswith(done):
+            raise FormatProblem(
+                "template", "the tokenizer's chat template is not incremental; set data.chat_template to a built-in"
+            )
+        segments.append(Segment(full[len(done) :], train_all or message["role"] == "assistant"))
+        done = full
+    return segments
+
+
+Format = Callable[[dict[str, Any], DataConfig, Any], list[Segment]]
+FORMATS: dict[str, Format] = {
+    "text": text_format,
+    "prompt-completion": prompt_completion_format,
+    "alpaca": alpaca_format,
+    "chat": chat_format,
+}

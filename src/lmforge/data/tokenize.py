@@ -1,0 +1,173 @@
+"""From records to tokenized examples: labels from character offsets, length handling, counting.
+
+An example is (input_ids, labels) where labels[i] is input_ids[i] on trained tokens and
+IGNORE_INDEX elsewhere. labels[0] is always IGNORE_INDEX: nothing precedes the first token, and in
+a packed row the token before it belongs to another example.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.config import DataConfig
+from lmforge.data.formats import FORMATS, FormatProblem, Segment
+from lmforge.data.sources import Record
+from lmforge.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Counts:
+    """What happened to the records of one split; the data report is made of these."""
+
+    records: int = 0
+    examples: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    split_into_pieces: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def merge(self, other: Counts) -> None:
+        self.records += other.records
+        self.examples += other.examples
+        self.dropped.update(other.dropped)
+        self.truncated += other.truncated
+        self.split_into_pieces += other.split_into_pieces
+        self.tokens += other.tokens
+        self.trained_tokens += other.trained_tokens
+        self.lengths.extend(other.lengths)
+
+
+def encode_segments(segments: list[Segment], tokenizer, add_bos: bool) -> tuple[list[int], list[bool]]:
+    """Token ids of the joined segments and, per token, whether it overlaps a trained segment."""
+    text = "".join(s.text for s in segments)
+    spans, start = [], 0
+    for segment in segments:
+        end = start + len(segment.text)
+        if segment.trained and end > start:
+            spans.append((start, end))
+        start = end
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    # A token is trained if any of its characters are: a token that straddles the prompt/answer
+    # boundary cannot be predicted without predicting part of the answer.
+    trained = [
+        any(s < span_end and e > span_start for span_start, span_end in spans) for s, e in encoded["offset_mapping"]
+    ]
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids, trained = [tokenizer.bos_token_id, *ids], [False, *trained]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)  # teaches the model to stop; trained like the end of the text
+        trained.append(bool(segments) and segments[-1].trained)
+    return ids, trained
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of text by default (Llama-style tokenizers do)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def labels_of(ids: list[int], trained: list[bool]) -> list[int]:
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return labels
+
+
+def segments_of(record: Record, data: DataConfig, tokenizer, counts: Counts | None = None) -> list[Segment] | None:
+    """The record's segments, or None if it is invalid and data.on_invalid is drop (then counted).
+
+    Raises:
+        DataError: naming file, line and problem, when data.on_invalid is error.
+    """
+    try:
+        if record.problem is not None:
+            raise FormatProblem(record.reason, record.problem)
+        return FORMATS[data.format](record.fields, data, tokenizer)
+    except FormatProblem as problem:
+        if data.on_invalid == "error":
+            raise DataError(f"{record.where}: {problem}; or set data.on_invalid=drop to skip such records") from None
+        if counts is not None:
+            counts.dropped[problem.reason] += 1
+        return None
+
+
+def record_examples(record: Record, data: DataConfig, tokenizer, add_bos: bool, counts: Counts) -> list[Example]:
+    """The examples of one record (one, several pieces, or none if dropped), counted in `counts`."""
+    counts.records += 1
+    segments = segments_of(record, data, tokenizer, counts)
+    if segments is None:
+        return []
+    ids, trained = encode_segments(segments, tokenizer, add_bos)
+    if not any(trained[1:]):  # e.g. an empty answer after the template: nothing to learn
+        counts.dropped["fully_masked"] += 1
+        return []
+    examples = []
+    for piece_ids, piece_trained in _fit_length(ids, trained, data, record.where, counts):
+        labels = labels_of(piece_ids, piece_trained)
+        targets = sum(label != IGNORE_INDEX for label in labels)
+        if targets == 0:  # truncation cut the whole answer: never keep a prompt without it
+            counts.dropped["no_trained_tokens_left"] += 1
+            continue
+        examples.append(Example(piece_ids, labels))
+        counts.examples += 1
+        counts.tokens += len(piece_ids)
+        counts.trained_tokens += targets
+        counts.lengths.append(len(piece_ids))
+    return examples
+
+
+def _fit_length(ids, trained, data: DataConfig, where: str, counts: Counts) -> list[tuple[list[int], list[bool]]]:
+    limit = data.max_length
+    if len(ids) <= limit:
+        return [(ids, trained)]
+    policy = data.too_long
+    if policy == "error":
+        raise DataError(
+            f"{where}: {len(ids)} tokens, more than data.max_length={limit}; raise data.max_length or set "
+            "data.on_too_long to truncate or drop"
+        )
+    if policy == "drop":
+        counts.dropped["too_long"] += 1
+        return []
+    if policy == "split":
+        counts.split_into_pieces += 1
+        return [
+            (ids[i : i + limit], trained[i : i + limit])
+            for i in range(0, len(ids), limit)
+            if len(ids[i : i + limit]) > 1
+        ]
+    counts.truncated += 1  # truncate: keep the start; a record whose answer was cut entirely is dropped
+    return [(ids[:limit], trained[:limit])]
+
+
+def rendered_text(record: Record, data: DataConfig, tokenizer) -> str | None:
+    """The whole text of a record as the format renders it (for tokenizer training), or None."""
+    segments = segments_of(record, data, tokenizer)
+    return None if segments is None else "".join(s.text for s in segments)
+
+
+def prompt_and_reference(record: Record, data: DataConfig, tokenizer) -> dict[str, Any] | None:
+    """For sampling: the untrained prefix as prompt and the last trained segment as reference."""
+    try:
+        segments = FORMATS[data.format](record.fields, data, tokenizer)
+    except FormatProblem:
+        return None
+    if data.format == "text":
+        return {"text": segments[0].text}
+    last = max(i for i, s in enumerate(segments) if s.trained)
+    return {"prompt": "".join(s.text for s in segments[:last]), "reference": segments[last].text}

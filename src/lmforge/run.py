@@ -124,6 +124,7 @@ def run_train(
     )
     if saved is None:
         trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
+        trackers.log_metrics(data_metrics(data.report), 0)
     status = "FAILED"
     try:
         pairs = prompts_and_references(data.samples, data.tokenizer, config.eval.generate)
@@ -226,6 +227,18 @@ def check_resume_config(checkpoint: Checkpoint, config: Config, warn) -> None:
         )
     for line in allowed:
         warn(f"resuming with a changed setting: {line}")
+
+
+def data_metrics(report: dict) -> dict[str, float]:
+    """The data report's numbers as metrics: data/<split>/<name>, drops as data/<split>/dropped/<reason>."""
+    metrics = {}
+    for split, values in report["splits"].items():
+        for name, value in values.items():
+            if isinstance(value, int | float):
+                metrics[f"data/{split}/{name}"] = value
+        for reason, count in values["dropped"].items():
+            metrics[f"data/{split}/dropped/{reason}"] = count
+    return metrics
 
 
 def save_final_model(model, data: PreparedData, final_dir: Path) -> None:

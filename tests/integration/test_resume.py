@@ -71,6 +71,15 @@ def logged_step(run_dir_glob, step):
     return False
 
 
+def logged_eval(run_dirs, step):
+    for path in run_dirs:
+        metrics = path / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        if any(f'"step": {step},' in line and "eval/loss" in line for line in lines):
+            return True
+    return False
+
+
 def wait_until(proc, condition, timeout=120.0, interval=0.01):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

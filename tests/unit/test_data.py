@@ -108,9 +108,9 @@ def test_row_orders_and_length_grouping_cut_padding():
     assert row_order(lengths, 1, 0, "as_is").tolist() == list(range(400))
     ascending = row_order(lengths, 1, 0, "length_ascending")
     assert [lengths[i] for i in ascending] == sorted(lengths)
-    grouped = row_order(lengths, 1, 0, "shuffle", group_by=64)
+    grouped = row_order(lengths, 1, 0, "shuffle", group_by=64, batch=8)
     assert sorted(grouped.tolist()) == list(range(400))
-    assert np.array_equal(grouped, row_order(lengths, 1, 0, "shuffle", group_by=64))
+    assert np.array_equal(grouped, row_order(lengths, 1, 0, "shuffle", group_by=64, batch=8))
     plain = row_order(lengths, 1, 0, "shuffle")
     assert padding_fraction(lengths, grouped, 8) < padding_fraction(lengths, plain, 8) / 3
 
@@ -172,3 +172,14 @@ def test_explicit_validation_file_is_used(tiny_config, tmp_path):
     assert data.report["splits"]["validation"]["records"] == 1
     assert "test" not in data.splits
     assert data.report["splits"]["train"]["records"] == 40
+
+
+def test_grouped_micro_batches_are_shuffled_not_swept_long_to_short():
+    lengths = list(range(1, 257))
+    order = row_order(lengths, 5, 0, "shuffle", group_by=256, batch=8)
+    batch_max = [max(lengths[i] for i in order[k : k + 8]) for k in range(0, 256, 8)]
+    assert batch_max != sorted(batch_max, reverse=True) and batch_max != sorted(batch_max)
+    spans = [
+        max(lengths[i] for i in order[k : k + 8]) - min(lengths[i] for i in order[k : k + 8]) for k in range(0, 256, 8)
+    ]
+    assert max(spans) == 7  # each micro-batch holds 8 neighbouring lengths

@@ -24,15 +24,21 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def row_order(
-    lengths: Sequence[int], seed: int, epoch: int, order: str = "shuffle", group_by: int | None = None
+    lengths: Sequence[int],
+    seed: int,
+    epoch: int,
+    order: str = "shuffle",
+    group_by: int | None = None,
+    batch: int = 1,
 ) -> np.ndarray:
     """The rows of an epoch in training order, a function of (seed, epoch) and the settings only.
 
     Args:
         lengths: tokens per row.
         order: shuffle, length_ascending (shortest first, every epoch) or as_is (stored order).
-        group_by: for shuffle, sort each run of `group_by` shuffled rows by length, so that the
-            micro-batches cut from it need little padding while their order stays random.
+        group_by: for shuffle, sort each run of `group_by` shuffled rows by length and cut it into
+            micro-batches of `batch` rows, which are then shuffled: little padding inside a
+            micro-batch, and no long-to-short sweep across them.
     """
     if order == "as_is":
         return np.arange(len(lengths))
@@ -42,11 +48,19 @@ def row_order(
     if not group_by:
         return permutation
     sizes = np.asarray(lengths)[permutation]
-    groups = [
-        permutation[i : i + group_by][np.argsort(-sizes[i : i + group_by], kind="stable")]
-        for i in range(0, len(permutation), group_by)
-    ]
-    return np.concatenate(groups) if groups else permutation
+    batches = []
+    for start in range(0, len(permutation), group_by):
+        group = permutation[start : start + group_by][np.argsort(-sizes[start : start + group_by], kind="stable")]
+        batches += [group[i : i + batch] for i in range(0, len(group), batch)]
+    shuffled = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return np.concatenate([batches[i] for i in shuffled]) if batches else permutation
+
+
+def training_order(lengths: Sequence[int], config, epoch: int) -> np.ndarray:
+    """The row order of an epoch as the config asks for it (data.order, length grouping)."""
+    data, batch = config.data, config.train.micro_batch_size
+    group = batch * 32 if data.group_by_length and not data.packing else None
+    return row_order(lengths, config.seed, epoch, data.order, group, batch)
 
 
 def padding_fraction(num_tokens: Sequence[int], order: np.ndarray, micro_batch_size: int) -> float:

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmforge.atomic import atomic_dir
 from lmforge.config import Config, DataConfig
-from lmforge.data.loader import epoch_order, padding_fraction
+from lmforge.data.loader import padding_fraction, training_order
 from lmforge.data.packing import best_fit_decreasing
 from lmforge.data.sources import Record, Source, read_records, resolve_sources, source_digest
 from lmforge.data.tokenize import Counts, Example, adds_bos, prompt_and_reference, record_examples, rendered_text
@@ -95,11 +95,9 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
         _build(directory, splits, data, tokenizer)
     report = json.loads((directory / "report.json").read_text())
     datasets = {s: Dataset.from_file(str(directory / f"{s}.arrow")) for s in SPLITS if s in report["splits"]}
-    train = datasets["train"]
-    order = epoch_order(len(train), config.seed, 0)
-    report["splits"]["train"]["padding_fraction"] = padding_fraction(
-        train["num_tokens"], order, config.train.micro_batch_size
-    )
+    lengths = datasets["train"]["num_tokens"]
+    order = training_order(lengths, config, 0)
+    report["splits"]["train"]["padding_fraction"] = padding_fraction(lengths, order, config.train.micro_batch_size)
     samples = json.loads((directory / "samples.json").read_text())
     return PreparedData(tokenizer, datasets, report, samples, cache_hit=hit)
 

@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from lmforge.config import Config, TrainConfig, config_hash, dump_yaml
-from lmforge.data.loader import StepPlan, fetch, row_order
+from lmforge.data.loader import StepPlan, fetch, training_order
 from lmforge.data.prepare import PreparedData
 from lmforge.engine.checkpoint import load_checkpoint, prune, remove_stale_temporaries, save_checkpoint
 from lmforge.engine.early_stopping import record_eval
@@ -117,8 +117,7 @@ def train(
 
     model.train()
     lengths = train_set["num_tokens"]
-    group = cfg.micro_batch_size * 32 if config.data.group_by_length and not config.data.packing else None
-    order = row_order(lengths, config.seed, state.epoch, config.data.order, group)
+    order = training_order(lengths, config, state.epoch)
     loop.window_loss = torch.tensor(state.window_loss, device=accelerator.device)
     deadline = cfg.max_time and time.monotonic() + cfg.max_time
     progress.begin(state.step)
@@ -126,7 +125,7 @@ def train(
         while state.step < steps and state.stop_reason is None:
             if state.step_in_epoch == plan.steps_per_epoch:  # next epoch, next permutation
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                order = row_order(lengths, config.seed, state.epoch, config.data.order, group)
+                order = training_order(lengths, config, state.epoch)
             rows = plan.step_rows(order, state.step_in_epoch, rank)
             batches = [fetch(train_set, r, pad_id) for r in rows]
             loss_sum, targets, tokens = _forward_backward(model, batches, loss_step, accelerator)

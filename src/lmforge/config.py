@@ -49,8 +49,9 @@ class ModelConfig(Section):
     """Longest sequence the model supports; must be at least data.max_length."""
     tie_embeddings: bool | None = None
     """Share the input embedding and output projection weights."""
-    task: Literal["causal-lm"] = "causal-lm"
-    """What the model is trained to do."""
+    task: Literal["causal-lm", "seq2seq", "classification"] = "causal-lm"
+    """What the model is trained to do: next-token prediction (decoder LMs), source-to-target
+    generation (T5/BART-style encoder-decoders) or sequence classification (BERT-style encoders)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype. auto keeps float32 master weights and lets train.precision pick the compute
     dtype; bfloat16/float16 store (and train) the weights in that dtype."""
@@ -90,9 +91,14 @@ class DataConfig(Section):
     of each record, so the split never changes between runs."""
     test: Sources | None = None
     """Test data, evaluated once at the end. Default: `test_fraction` split off like validation."""
-    format: Literal["text", "prompt-completion", "alpaca", "chat"] = "text"
+    format: Literal["text", "prompt-completion", "alpaca", "chat", "seq2seq", "classification"] = "text"
     """How a record becomes training text: text (plain documents), prompt-completion, alpaca
-    (instruction/input/output) or chat (a list of {role, content} messages)."""
+    (instruction/input/output) or chat (a list of {role, content} messages) for causal LMs;
+    seq2seq (source/target) for model.task=seq2seq; classification (text/label)."""
+    labels: list[str] | None = None
+    """Classification labels in class-id order. Default: the sorted labels of the training data."""
+    max_target_length: int | None = Field(default=None, ge=2)
+    """seq2seq: longest target in tokens (truncated beyond). Default: max_length."""
     columns: dict[str, str] = {}
     """Record fields for the format's fields, e.g. {prompt: question, completion: answer};
     unnamed ones are looked up under their own name (text, prompt, completion, instruction,
@@ -117,9 +123,10 @@ class DataConfig(Section):
     on_invalid: Literal["error", "drop"] = "error"
     """Malformed lines, missing columns, wrong types, empty prompts/answers: stop with an error
     naming file and line, or drop and count them in the data report."""
-    packing: bool = True
+    packing: bool | None = None
     """Pack several examples per row (best-fit decreasing) with per-example position ids; no example
-    attends to another. Off: one example per row, dynamic padding."""
+    attends to another. Off: one example per row, dynamic padding. Default: on for causal LMs
+    (the only models it applies to)."""
     group_by_length: bool = True
     """Without packing, batch rows of similar length together (less padding)."""
     order: Literal["shuffle", "length_ascending", "as_is"] = "shuffle"
@@ -137,9 +144,15 @@ class DataConfig(Section):
     def too_long(self) -> str:
         return self.on_too_long or ("split" if self.format == "text" else "truncate")
 
+    @property
+    def packs(self) -> bool:
+        return self.packing is not False and self.format not in ("seq2seq", "classification")
+
 
 class EarlyStoppingConfig(Section):
-    metric: Literal["eval/loss", "eval/perplexity", "eval/token_accuracy"] = "eval/loss"
+    metric: Literal["eval/loss", "eval/perplexity", "eval/token_accuracy", "eval/accuracy", "eval/macro_f1"] = (
+        "eval/loss"
+    )
     """Validation metric to watch."""
     mode: Literal["min", "max"] | None = None
     """Whether lower or higher is better. Default: max for accuracy, min otherwise."""
@@ -152,7 +165,7 @@ class EarlyStoppingConfig(Section):
 
     @property
     def direction(self) -> str:
-        return self.mode or ("max" if self.metric.endswith("accuracy") else "min")
+        return self.mode or ("max" if self.metric.endswith(("accuracy", "f1")) else "min")
 
 
 class TrainConfig(Section):
@@ -496,8 +509,26 @@ def _check_tokenizer(config: Config) -> list[str]:
     return problems
 
 
+TASK_OF_FORMAT = {"seq2seq": "seq2seq", "classification": "classification"}
+
+
 def _check_rest(config: Config) -> list[str]:
     data, train, problems = config.data, config.train, []
+    task = TASK_OF_FORMAT.get(data.format, "causal-lm")
+    if task != config.model.task:
+        problems.append(
+            f"data.format={data.format} trains a {task} model, but model.task is {config.model.task}: "
+            f"set model.task={task} or pick a {config.model.task} format"
+        )
+    if data.packing and task != "causal-lm":
+        problems.append(f"data.packing applies to causal LMs only; remove it for data.format={data.format}")
+    if config.model.task != "causal-lm" and config.model.name_or_path is None:
+        problems.append(
+            f"model.task={config.model.task} needs model.name_or_path (a pretrained Hugging Face directory); "
+            "presets build causal LMs"
+        )
+    if data.labels is not None and data.format != "classification":
+        problems.append("data.labels applies to data.format=classification only")
     if train.warmup_steps is not None and train.warmup_ratio is not None:
         problems.append("train.warmup_steps and train.warmup_ratio are exclusive: set only one")
     if data.validation is None and data.test is None and data.validation_fraction + data.test_fraction >= 1:

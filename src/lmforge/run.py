@@ -33,8 +33,8 @@ from lmforge.engine.checkpoint import Checkpoint, checkpoint_name, latest_valid,
 from lmforge.engine.loop import PAUSES, TrainResult, resolve_precision, total_steps, train
 from lmforge.engine.progress import format_duration
 from lmforge.errors import UserError
-from lmforge.eval.evaluate import evaluate
-from lmforge.eval.generation import generate, prompts_and_references
+from lmforge.eval.evaluate import describe, evaluate
+from lmforge.eval.generation import prompts_and_references, respond
 from lmforge.models.build import build_model, count_parameters
 from lmforge.tracking.base import open_trackers
 
@@ -95,7 +95,7 @@ def run_train(
         check_resume_config(checkpoint, config, warn)
     data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
-    model = build_model(config, data.tokenizer)
+    model = build_model(config, data.tokenizer, labels=data.labels)
     trainable, total = count_parameters(model)
     plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
     steps = total_steps(config.train, plan)
@@ -130,7 +130,7 @@ def run_train(
         pairs = prompts_and_references(data.samples, data.tokenizer, config.eval.generate)
         prompts = [p for p, _ in pairs]
         if saved is None:
-            before = generate(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
+            before = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
             _write_examples(run_dir / "examples.jsonl", pairs, before, "before", 0, append=False)
         result = train(
             model,
@@ -171,11 +171,22 @@ def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir:
     final_eval["validation"] = validation
     if "test" in data.splits:
         batch = config.eval.batch_size or config.train.micro_batch_size
-        pad = data.tokenizer.pad_token_id
-        final_eval["test"] = evaluate(model, data.splits["test"], pad, batch, config.eval.max_batches)
+        pad, labels, details = data.tokenizer.pad_token_id, data.labels, {}
+        final_eval["test"] = evaluate(
+            model,
+            data.splits["test"],
+            pad,
+            batch,
+            config.eval.max_batches,
+            task=config.model.task,
+            num_labels=len(labels) if labels else None,
+            details=details,
+        )
         trackers.log_metrics({f"test/{k}": v for k, v in final_eval["test"].items()}, state.step)
+        if details:
+            final_eval["test_confusion_matrix"] = {"labels": labels, "matrix": details["confusion_matrix"]}
     prompts = [p for p, _ in pairs]
-    after = generate(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
+    after = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
     save_final_model(model, data, run_dir / "final")
     (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
     _write_examples(run_dir / "examples.jsonl", pairs, after, "after", state.step, append=True)
@@ -244,8 +255,9 @@ def data_metrics(report: dict) -> dict[str, float]:
 def save_final_model(model, data: PreparedData, final_dir: Path) -> None:
     """An HF directory that plain `from_pretrained` loads: written aside, then renamed."""
     model.config.use_cache = True  # trained without a KV cache; generation wants one
-    model.generation_config.eos_token_id = data.tokenizer.eos_token_id
-    model.generation_config.pad_token_id = data.tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.eos_token_id = data.tokenizer.eos_token_id
+        model.generation_config.pad_token_id = data.tokenizer.pad_token_id
     with atomic_dir(final_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         data.tokenizer.save_pretrained(str(tmp))
@@ -293,14 +305,14 @@ def _print_pause(console, run_dir: Path, state, config_path: str | None) -> None
 def _print_summary(console, run_dir, history, final_eval, trackers, started) -> None:
     first, last = history[0], history[-1]
     console.print(f"\n[bold green]done[/bold green] in {format_duration(time.perf_counter() - started)}")
+    key = "perplexity" if "perplexity" in last else "accuracy"
     if len(history) > 1:
         console.print(
-            f"validation perplexity {first['perplexity']:.1f} (step {first['step']}) -> "
-            f"{last['perplexity']:.1f} (step {last['step']})",
+            f"validation {key} {first[key]:.3f} (step {first['step']}) -> {last[key]:.3f} (step {last['step']})",
             highlight=False,
         )
     if "test" in final_eval:
-        console.print(f"test perplexity {final_eval['test']['perplexity']:.1f}", highlight=False)
+        console.print(f"test: {describe(final_eval['test'])}", highlight=False)
     for sample in final_eval["samples"][:2]:
         console.print(f"[dim]sample:[/dim] {escape(sample)}", highlight=False)
     console.print(f"model:    {run_dir / 'final'}", highlight=False)

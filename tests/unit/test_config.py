@@ -122,6 +122,13 @@ def test_problems_are_listed_in_file_order(tmp_path):
         (["data.validation_fraction=0.6", "data.test_fraction=0.5"], "must be below 1"),
         (["model.preset=llama-tny"], "did you mean llama-tiny?"),
         (["tracking.backends=[mlflow, none]"], "'none' cannot be combined"),
+        (["data.format=seq2seq"], "data.format=seq2seq trains a seq2seq model, but model.task is causal-lm"),
+        (
+            ["model.task=classification", "data.format=classification"],
+            "model.task=classification needs model.name_or_path",
+        ),
+        (["data.format=classification", "data.packing=true"], "data.packing applies to causal LMs only"),
+        (["data.on_too_long=split", "data.format=alpaca"], "data.on_too_long=split applies to the text format only"),
     ],
 )
 def test_cross_field_errors_name_fields_and_fix(config_file, overrides, expected):

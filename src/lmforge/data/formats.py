@@ -43,6 +43,12 @@ def column(data: DataConfig, name: str) -> str:
     return data.columns.get(name, data.text_field if name == "text" else name)
 
 
+def label_of(record: dict[str, Any], data: DataConfig) -> str | None:
+    """The class name of a classification record, or None if it has none."""
+    value = record.get(column(data, "label"))
+    return None if value is None or str(value).strip() == "" else str(value)
+
+
 def field_text(record: dict[str, Any], data: DataConfig, name: str, allow_empty: bool = False) -> str:
     key = column(data, name)
     if key not in record:
@@ -182,10 +188,33 @@ def _tokenizer_template_segments(messages, tokenizer, train_all: bool) -> list[S
     return segments
 
 
+def seq2seq_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:
+    """[source (the encoder's input, rendered with data.template), target (what is generated)]."""
+    source = field_text(record, data, "source")
+    target = field_text(record, data, "target")
+    rendered = (data.template or "{source}").format_map({**record, "source": source})
+    return [Segment(rendered, False), Segment(target, True)]
+
+
+def classification_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:
+    """[text, label]: the label segment's text is the class name."""
+    text = field_text(record, data, "text")
+    key = column(data, "label")
+    if key not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        raise FormatProblem("missing_column", f"no field {key!r} (fields: {fields}); set data.columns.label")
+    label = record[key]
+    if label is None or isinstance(label, (list, dict)) or str(label).strip() == "":
+        raise FormatProblem("empty_label", f"field {key!r} holds no label")
+    return [Segment(text, False), Segment(str(label), True)]
+
+
 Format = Callable[[dict[str, Any], DataConfig, Any], list[Segment]]
 FORMATS: dict[str, Format] = {
     "text": text_format,
     "prompt-completion": prompt_completion_format,
     "alpaca": alpaca_format,
     "chat": chat_format,
+    "seq2seq": seq2seq_format,
+    "classification": classification_format,
 }

@@ -59,7 +59,7 @@ def row_order(
 def training_order(lengths: Sequence[int], config, epoch: int) -> np.ndarray:
     """The row order of an epoch as the config asks for it (data.order, length grouping)."""
     data, batch = config.data, config.train.micro_batch_size
-    group = batch * 32 if data.group_by_length and not data.packing else None
+    group = batch * 32 if data.group_by_length and not data.packs else None
     return row_order(lengths, config.seed, epoch, data.order, group, batch)
 
 
@@ -128,9 +128,33 @@ def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "num_tokens": num_tokens}
 
 
-def fetch(dataset: Dataset, indices: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+def collate_encoder(rows: Sequence[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    """seq2seq and classification batches: right-padded inputs with an attention mask (encoders
+    attend both ways, so padding must be masked), and labels: padded targets, or one class id per row."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(np.asarray(row["input_ids"]), dtype=torch.long)
+        attention_mask[i, :n] = 1
+    if task == "classification":
+        labels = torch.tensor([row["labels"][0] for row in rows], dtype=torch.long)
+    else:
+        target_width = max(len(r["labels"]) for r in rows)
+        labels = torch.full((len(rows), target_width), IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(rows):
+            labels[i, : len(row["labels"])] = torch.as_tensor(np.asarray(row["labels"]), dtype=torch.long)
+    num_tokens = torch.tensor(sum(int(r["num_tokens"]) for r in rows))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_tokens": num_tokens}
+
+
+def fetch(dataset: Dataset, indices: np.ndarray, pad_id: int, task: str = "causal-lm") -> dict[str, torch.Tensor]:
     """Collate the rows at `indices` of a prepared dataset."""
     columns = dataset[indices.tolist()]
+    if task != "causal-lm":
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        return collate_encoder(rows, pad_id, task)
     rows = [
         {"input_ids": i, "labels": lab, "lengths": n}
         for i, lab, n in zip(columns["input_ids"], columns["labels"], columns["lengths"], strict=True)

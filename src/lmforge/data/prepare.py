@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmforge.atomic import atomic_dir
 from lmforge.config import Config, DataConfig
+from lmforge.data.formats import label_of
 from lmforge.data.loader import padding_fraction, training_order
 from lmforge.data.packing import best_fit_decreasing
 from lmforge.data.sources import Record, Source, read_records, resolve_sources, source_digest
@@ -60,6 +61,11 @@ class PreparedData:
     """Held-out records to sample from: {"text"} or {"prompt", "reference"}."""
     cache_hit: bool = False
 
+    @property
+    def labels(self) -> list[str] | None:
+        """Classification: class names in id order."""
+        return self.report.get("labels")
+
 
 def cache_root(config: Config) -> Path:
     return Path(config.data.cache_dir or os.path.join("~", ".cache", "lmforge")).expanduser()
@@ -87,7 +93,16 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
     )
     splits = SplitReader(sources, data)
     tokenizer = _get_tokenizer(config, source_fp, splits, log)
-    rows_fp = [source_fp, tokenizer_digest(tokenizer), data.max_length, data.too_long, data.on_invalid, data.packing]
+    rows_fp = [
+        source_fp,
+        tokenizer_digest(tokenizer),
+        data.max_length,
+        data.too_long,
+        data.on_invalid,
+        data.packs,
+        data.labels,
+        data.max_target_length,
+    ]
     directory = cache_root(config) / "data" / _digest(rows_fp)
     hit = (directory / "report.json").is_file()
     if not hit:
@@ -204,12 +219,17 @@ def _nonempty(texts: Iterator[str], data: DataConfig) -> Iterator[str]:
 
 
 def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) -> None:
-    report: dict[str, Any] = {"max_length": data.max_length, "packing": data.packing, "splits": {}}
+    report: dict[str, Any] = {"max_length": data.max_length, "packing": data.packs, "splits": {}}
+    label_ids = None
+    if data.format == "classification":
+        labels = data.labels or sorted({x for r in splits.records("train") if (x := label_of(r.fields, data))})
+        report["labels"] = labels
+        label_ids = {name: i for i, name in enumerate(labels)}
     with atomic_dir(directory) as tmp:
         for split in SPLITS:
             counts = Counts()
             examples_path = tmp / f"{split}.examples.arrow"
-            _write_examples(splits.records(split), examples_path, data, tokenizer, counts)
+            _write_examples(splits.records(split), examples_path, data, tokenizer, counts, label_ids)
             if counts.examples == 0:
                 _check_empty(split, counts, splits)
                 examples_path.unlink()
@@ -253,14 +273,16 @@ def _describe_drops(counts: Counts) -> str:
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(data: DataConfig, tokenizer, add_bos: bool) -> None:
-    _worker_state.update(data=data, tokenizer=tokenizer, add_bos=add_bos)
+def _init_worker(data: DataConfig, tokenizer, add_bos: bool, label_ids: dict[str, int] | None) -> None:
+    _worker_state.update(data=data, tokenizer=tokenizer, add_bos=add_bos, label_ids=label_ids)
 
 
 def _examples_of_chunk(records: list[Record]) -> tuple[list[Example], Counts]:
     counts = Counts()
     s = _worker_state
-    examples = [e for r in records for e in record_examples(r, s["data"], s["tokenizer"], s["add_bos"], counts)]
+    examples = [
+        e for r in records for e in record_examples(r, s["data"], s["tokenizer"], s["add_bos"], counts, s["label_ids"])
+    ]
     return examples, counts
 
 
@@ -275,17 +297,19 @@ def _chunks(records: Iterator[Record]) -> Iterator[list[Record]]:
         yield chunk
 
 
-def _write_examples(records: Iterator[Record], path: Path, data: DataConfig, tokenizer, counts: Counts) -> None:
-    add_bos = adds_bos(tokenizer)
+def _write_examples(
+    records: Iterator[Record], path: Path, data: DataConfig, tokenizer, counts: Counts, label_ids=None
+) -> None:
+    add_bos = adds_bos(tokenizer) and data.format not in ("seq2seq", "classification")
     features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32"))})
     with ArrowWriter(features=features, path=str(path)) as writer:
         if data.num_proc > 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
-            with get_context("fork").Pool(data.num_proc, _init_worker, (data, tokenizer, add_bos)) as pool:
+            with get_context("fork").Pool(data.num_proc, _init_worker, (data, tokenizer, add_bos, label_ids)) as pool:
                 results = pool.imap(_examples_of_chunk, _chunks(records))
                 _drain(results, writer, counts)
         else:
-            _init_worker(data, tokenizer, add_bos)
+            _init_worker(data, tokenizer, add_bos, label_ids)
             _drain(map(_examples_of_chunk, _chunks(records)), writer, counts)
         writer.finalize()
 
@@ -297,22 +321,24 @@ def _drain(results, writer: ArrowWriter, counts: Counts) -> None:
             writer.write({"input_ids": example.input_ids, "labels": example.labels})
 
 
-def _row(examples: list[Example]) -> dict[str, Any]:
+def _row(examples: list[Example], seq2seq: bool = False) -> dict[str, Any]:
     return {
         "input_ids": [t for e in examples for t in e.input_ids],
         "labels": [t for e in examples for t in e.labels],
         "lengths": [len(e.input_ids) for e in examples],
-        "num_tokens": sum(len(e.input_ids) for e in examples),
+        # tokens the model reads: for seq2seq the decoder reads the (shifted) target too
+        "num_tokens": sum(len(e.input_ids) + (len(e.labels) if seq2seq else 0) for e in examples),
     }
 
 
 def _write_rows(examples: Dataset, path: Path, data: DataConfig) -> Dataset:
     lengths = [len(ids) for ids in examples["input_ids"]]
-    groups = best_fit_decreasing(lengths, data.max_length) if data.packing else [[i] for i in range(len(lengths))]
+    groups = best_fit_decreasing(lengths, data.max_length) if data.packs else [[i] for i in range(len(lengths))]
     with ArrowWriter(features=ROW_FEATURES, path=str(path)) as writer:
         for group in groups:
             chosen = examples[group]
-            writer.write(_row([Example(i, lab) for i, lab in zip(chosen["input_ids"], chosen["labels"], strict=True)]))
+            pairs = zip(chosen["input_ids"], chosen["labels"], strict=True)
+            writer.write(_row([Example(i, lab) for i, lab in pairs], seq2seq=data.format == "seq2seq"))
         writer.finalize()
     return Dataset.from_file(str(path))
 
@@ -333,6 +359,7 @@ def _split_report(counts: Counts, rows: Dataset, max_length: int) -> dict[str, A
         "packing_efficiency": counts.tokens / (len(rows) * max_length),
         "example_tokens": {"min": int(lengths.min()), "median": int(np.median(lengths)), "max": int(lengths.max())},
         "length_histogram": {f"{lo}-{hi}": int(n) for lo, hi, n in zip(edges[:-1], edges[1:], histogram, strict=True)},
+        **({"labels": dict(sorted(counts.labels.items()))} if counts.labels else {}),
     }
 
 

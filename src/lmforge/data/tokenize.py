@@ -37,6 +37,8 @@ class Counts:
     tokens: int = 0
     trained_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
+    labels: Counter = field(default_factory=Counter)
+    """Examples per class (classification)."""
 
     def merge(self, other: Counts) -> None:
         self.records += other.records
@@ -47,6 +49,7 @@ class Counts:
         self.tokens += other.tokens
         self.trained_tokens += other.trained_tokens
         self.lengths.extend(other.lengths)
+        self.labels.update(other.labels)
 
 
 def encode_segments(segments: list[Segment], tokenizer, add_bos: bool) -> tuple[list[int], list[bool]]:
@@ -106,12 +109,18 @@ def segments_of(record: Record, data: DataConfig, tokenizer, counts: Counts | No
         return None
 
 
-def record_examples(record: Record, data: DataConfig, tokenizer, add_bos: bool, counts: Counts) -> list[Example]:
+def record_examples(
+    record: Record, data: DataConfig, tokenizer, add_bos: bool, counts: Counts, label_ids: dict[str, int] | None = None
+) -> list[Example]:
     """The examples of one record (one, several pieces, or none if dropped), counted in `counts`."""
     counts.records += 1
     segments = segments_of(record, data, tokenizer, counts)
     if segments is None:
         return []
+    if data.format == "seq2seq":
+        return _seq2seq_example(segments, data, tokenizer, record.where, counts)
+    if data.format == "classification":
+        return _classification_example(segments, data, tokenizer, record.where, counts, label_ids or {})
     ids, trained = encode_segments(segments, tokenizer, add_bos)
     if not any(trained[1:]):  # e.g. an empty answer after the template: nothing to learn
         counts.dropped["fully_masked"] += 1
@@ -129,6 +138,66 @@ def record_examples(record: Record, data: DataConfig, tokenizer, add_bos: bool, 
         counts.trained_tokens += targets
         counts.lengths.append(len(piece_ids))
     return examples
+
+
+def _encode_with_eos(text: str, tokenizer) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _seq2seq_example(segments, data: DataConfig, tokenizer, where: str, counts: Counts) -> list[Example]:
+    """input_ids: the source for the encoder; labels: the target the decoder learns to produce.
+    The decoder's inputs are the labels shifted right, made by the model itself."""
+    source = _encode_with_eos(segments[0].text, tokenizer)
+    target = _encode_with_eos(segments[1].text, tokenizer)
+    target_limit = data.max_target_length or data.max_length
+    if len(source) > data.max_length or len(target) > target_limit:
+        if data.too_long == "error":
+            raise DataError(
+                f"{where}: source {len(source)} / target {len(target)} tokens, more than data.max_length="
+                f"{data.max_length} / data.max_target_length={target_limit}; raise them or set data.on_too_long"
+            )
+        if data.too_long == "drop":
+            counts.dropped["too_long"] += 1
+            return []
+        counts.truncated += 1
+        source, target = source[: data.max_length], target[:target_limit]
+    counts.examples += 1
+    counts.tokens += len(source) + len(target)
+    counts.trained_tokens += len(target)
+    counts.lengths.append(len(source))
+    return [Example(source, target)]
+
+
+def _classification_example(
+    segments, data: DataConfig, tokenizer, where: str, counts: Counts, label_ids: dict[str, int]
+) -> list[Example]:
+    label = segments[1].text
+    if label not in label_ids:
+        problem = f"label {label!r} is not one of the training labels {sorted(label_ids)}; list them in data.labels"
+        if data.on_invalid == "error":
+            raise DataError(f"{where}: {problem}")
+        counts.dropped["unknown_label"] += 1
+        return []
+    ids = list(tokenizer(segments[0].text, add_special_tokens=True)["input_ids"])
+    if len(ids) > data.max_length:
+        if data.too_long == "error":
+            raise DataError(f"{where}: {len(ids)} tokens, more than data.max_length={data.max_length}")
+        if data.too_long == "drop":
+            counts.dropped["too_long"] += 1
+            return []
+        counts.truncated += 1
+        ids = tokenizer(segments[0].text, add_special_tokens=True, truncation=True, max_length=data.max_length)[
+            "input_ids"
+        ]
+    counts.examples += 1
+    counts.tokens += len(ids)
+    counts.trained_tokens += 1
+    counts.lengths.append(len(ids))
+    counts.labels[label] += 1
+    return [Example(list(ids), [label_ids[label]])]
 
 
 def _fit_length(ids, trained, data: DataConfig, where: str, counts: Counts) -> list[tuple[list[int], list[bool]]]:
@@ -169,5 +238,7 @@ def prompt_and_reference(record: Record, data: DataConfig, tokenizer) -> dict[st
         return None
     if data.format == "text":
         return {"text": segments[0].text}
+    if data.format == "classification":
+        return {"prompt": segments[0].text, "reference": segments[1].text}
     last = max(i for i, s in enumerate(segments) if s.trained)
     return {"prompt": "".join(s.text for s in segments[:last]), "reference": segments[last].text}

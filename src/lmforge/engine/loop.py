@@ -23,7 +23,7 @@ from lmforge.engine.progress import TrainProgress
 from lmforge.engine.signals import StopOnSignal
 from lmforge.engine.state import TrainState
 from lmforge.errors import UserError
-from lmforge.eval.evaluate import evaluate
+from lmforge.eval.evaluate import describe, evaluate
 from lmforge.tracking.base import Trackers
 
 PAUSES = ("SIGTERM", "SIGINT", "max_time")  # stops after which the run is meant to be resumed
@@ -127,8 +127,8 @@ def train(
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 order = training_order(lengths, config, state.epoch)
             rows = plan.step_rows(order, state.step_in_epoch, rank)
-            batches = [fetch(train_set, r, pad_id) for r in rows]
-            loss_sum, targets, tokens = _forward_backward(model, batches, loss_step, accelerator)
+            batches = [fetch(train_set, r, pad_id, config.model.task) for r in rows]
+            loss_sum, targets, tokens = _forward_backward(model, batches, loss_step, accelerator, config.model.task)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]
             finite = bool(torch.isfinite(torch.stack([loss_sum, grad_norm.float()])).all())  # one sync
@@ -174,13 +174,20 @@ def _evaluate(loop: Loop) -> bool:
     config, state = loop.config, loop.state
     batch = config.eval.batch_size or config.train.micro_batch_size
     validation, pad_id = loop.data.splits["validation"], loop.data.tokenizer.pad_token_id
-    metrics = evaluate(loop.model, validation, pad_id, batch, config.eval.max_batches, loop.accelerator)
+    labels = loop.data.labels
+    metrics = evaluate(
+        loop.model,
+        validation,
+        pad_id,
+        batch,
+        config.eval.max_batches,
+        loop.accelerator,
+        task=config.model.task,
+        num_labels=len(labels) if labels else None,
+    )
     state.eval_history.append({"step": state.step, **metrics})
     loop.trackers.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, state.step)
-    loop.progress.message(
-        f"eval @ step {state.step}: loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.2f}  "
-        f"token accuracy {metrics['token_accuracy']:.3f}"
-    )
+    loop.progress.message(f"eval @ step {state.step}: {describe(metrics)}")
     loop.progress.restart_clock()  # evaluation time is not training throughput
     if state.step == 0:
         return False  # the untrained baseline is not a candidate for the best model
@@ -275,10 +282,10 @@ def _pause_reason(signals: StopOnSignal, deadline: float | None) -> str | None:
     return None
 
 
-def _forward_backward(model, batches, loss_step, accelerator) -> tuple[torch.Tensor, int, int]:
-    """Accumulate gradients of one optimizer step; return (loss sum, target tokens, input tokens)."""
+def _forward_backward(model, batches, loss_step, accelerator, task: str) -> tuple[torch.Tensor, int, int]:
+    """Accumulate gradients of one optimizer step; return (loss sum, targets, input tokens)."""
     world, device = accelerator.num_processes, accelerator.device
-    targets = sum(int(count_targets(b)) for b in batches)
+    targets = sum(int(count_targets(b, task)) for b in batches)
     tokens = sum(int(b["num_tokens"]) for b in batches)
     if world > 1:  # every process needs the step's totals before its first backward
         counts = accelerator.reduce(torch.tensor([targets, tokens], device=device), "sum")

@@ -31,9 +31,12 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return loss, (targets != IGNORE_INDEX).sum()
 
 
-def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Target tokens of a causal-LM batch, known before the forward pass."""
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+def count_targets(batch: dict[str, torch.Tensor], task: str = "causal-lm") -> torch.Tensor:
+    """Targets of a batch, known before the forward pass: tokens for LMs, rows for classifiers."""
+    if task == "classification":
+        return torch.tensor(batch["labels"].numel())
+    labels = batch["labels"][:, 1:] if task == "causal-lm" else batch["labels"]
+    return (labels != IGNORE_INDEX).sum()
 
 
 def causal_lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,5 +45,35 @@ def causal_lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return causal_lm_loss_sum(logits, batch["labels"])
 
 
+def seq2seq_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T_target, V) scores of each target token, teacher-forced: the decoder reads the target
+    shifted right (the model's own decoder_start token first)."""
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=decoder_input_ids,
+        use_cache=False,
+    )
+    return out.logits
+
+
+def seq2seq_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = seq2seq_logits(model, batch).float()  # (B, T, V): position t scores target token t
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, classes)
+    loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    return loss, torch.tensor(batch["labels"].numel())
+
+
 LossStep = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
-LOSS_STEPS: dict[str, LossStep] = {"causal-lm": causal_lm_step}
+LOSS_STEPS: dict[str, LossStep] = {
+    "causal-lm": causal_lm_step,
+    "seq2seq": seq2seq_step,
+    "classification": classification_step,
+}

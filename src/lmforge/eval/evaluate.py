@@ -1,14 +1,20 @@
-"""Streaming evaluation: loss, perplexity and token accuracy without holding all logits."""
+"""Streaming evaluation: running sums over batches, never all logits at once.
+
+Language models (causal and seq2seq): loss per target token, perplexity, token accuracy.
+Classifiers: loss per example, accuracy, macro-F1, and the confusion matrix.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from datasets import Dataset
 from torch import nn
 
 from lmforge.data.loader import IGNORE_INDEX, eval_batches, fetch
+from lmforge.engine.losses import seq2seq_logits
 
 
 @torch.no_grad()
@@ -19,35 +25,59 @@ def evaluate(
     batch_size: int,
     max_batches: int | None = None,
     accelerator=None,
+    task: str = "causal-lm",
+    num_labels: int | None = None,
+    details: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Token-weighted metrics over a packed causal-LM dataset.
+    """Metrics of `model` on a prepared dataset.
 
     Only running sums stay between batches: one batch's logits exist at a time. Under several
     processes each evaluates its share of batches and the sums are added up.
 
-    Returns:
-        loss (mean nats per target token), perplexity, token_accuracy and tokens (targets counted).
+    Args:
+        details: if given, receives extras that are not single numbers (the confusion matrix).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, targets
+    confusion = torch.zeros((num_labels or 1, num_labels or 1), dtype=torch.float64, device=device)
     for indices in eval_batches(dataset, batch_size, max_batches, rank, world):
-        batch = fetch(dataset, indices, pad_id)
-        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        # as in training: no attention mask and no KV cache, so packed examples stay isolated
-        out = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), use_cache=False)
-        logits = out.logits[:, :-1].float()  # (B, T-1, V)
-        targets = labels[:, 1:]  # (B, T-1)
+        batch = {k: v.to(device) for k, v in fetch(dataset, indices, pad_id, task).items()}
+        if task == "classification":
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"]
+            loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+            predictions = logits.argmax(-1)
+            confusion.index_put_((labels, predictions), torch.ones_like(labels, dtype=torch.float64), accumulate=True)
+            totals += torch.stack([loss.double(), (predictions == labels).sum().double(), torch.tensor(len(labels))])
+            continue
+        if task == "seq2seq":
+            logits, targets = seq2seq_logits(model, batch).float(), batch["labels"]  # (B, T, V), (B, T)
+        else:
+            # as in training: no attention mask and no KV cache, so packed examples stay isolated
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            logits, targets = out.logits[:, :-1].float(), batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
         mask = targets != IGNORE_INDEX
         loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         correct = ((logits.argmax(-1) == targets) & mask).sum()
         totals += torch.stack([loss.double(), correct.double(), mask.sum().double()])
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
+        confusion = accelerator.reduce(confusion, reduction="sum")
     model.train(was_training)
     loss_sum, correct, count = totals.tolist()
+    if task == "classification":
+        matrix = confusion.long().tolist()
+        if details is not None:
+            details["confusion_matrix"] = matrix
+        return {
+            "loss": loss_sum / count if count else float("nan"),
+            "accuracy": correct / count if count else float("nan"),
+            "macro_f1": macro_f1(matrix),
+            "examples": int(count),
+        }
     if count == 0:
         return {"loss": float("nan"), "perplexity": float("nan"), "token_accuracy": float("nan"), "tokens": 0}
     mean = loss_sum / count
@@ -57,3 +87,31 @@ def evaluate(
         "token_accuracy": correct / count,
         "tokens": int(count),
     }
+
+
+def macro_f1(confusion: list[list[int]]) -> float:
+    """Unweighted mean of per-class F1 over classes that occur in the labels or the predictions.
+
+    confusion[i][j] counts examples of true class i predicted as class j.
+    """
+    scores = []
+    for c in range(len(confusion)):
+        true_positive = confusion[c][c]
+        predicted = sum(row[c] for row in confusion)
+        actual = sum(confusion[c])
+        if predicted == 0 and actual == 0:
+            continue
+        scores.append(2 * true_positive / (predicted + actual))
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+def describe(metrics: dict[str, float]) -> str:
+    """One line, e.g. 'loss 2.3100  perplexity 10.07  token accuracy 0.412'."""
+    parts = []
+    for key, value in metrics.items():
+        if key in ("tokens", "examples"):
+            continue
+        parts.append(
+            f"{key.replace('_', ' ')} {value:.4f}" if key == "loss" else f"{key.replace('_', ' ')} {value:.3f}"
+        )
+    return "  ".join(parts)

@@ -49,7 +49,7 @@ def generate(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for prompt in prompts:
-            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=model.config.is_encoder_decoder)
             input_ids = encoded["input_ids"].to(device)
             if input_ids.shape[1] == 0:  # an empty prompt starts from a document boundary
                 input_ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
@@ -64,6 +64,29 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            outputs.append(tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True))
+            new = out[0] if model.config.is_encoder_decoder else out[0, input_ids.shape[1] :]
+            outputs.append(tokenizer.decode(new, skip_special_tokens=True))
     model.train(was_training)
     return outputs
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[str]:
+    """The class a classifier gives each text, by name."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    names = []
+    limit = min(getattr(model.config, "max_position_embeddings", None) or 1 << 30, tokenizer.model_max_length)
+    for text in texts:
+        encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit).to(device)
+        names.append(model.config.id2label[int(model(**encoded).logits.argmax(-1))])
+    model.train(was_training)
+    return names
+
+
+def respond(model, tokenizer, prompts: list[str], cfg: GenerateConfig, seed: int) -> list[str]:
+    """What the model makes of each prompt: a continuation, a target sequence, or a class name."""
+    if getattr(model.config, "id2label", None) and type(model).__name__.endswith("ForSequenceClassification"):
+        return predict_labels(model, tokenizer, prompts)
+    return generate(model, tokenizer, prompts, cfg, seed=seed)

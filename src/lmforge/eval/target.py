@@ -12,7 +12,7 @@ from lmforge.data.prepare import prepare_data, tokenize_files
 from lmforge.data.sources import resolve_paths
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import evaluate
-from lmforge.models.build import load_pretrained
+from lmforge.models.build import load_pretrained, task_of
 from lmforge.models.tokenizer import load_tokenizer
 
 
@@ -26,7 +26,7 @@ def load_target(target: Path):
         run_config = Config.model_validate(yaml.safe_load((target / "config.yaml").read_text()))
     elif not (target / "config.json").is_file():
         raise UserError(f"{target}: neither a run directory (with final/) nor a model directory (with config.json)")
-    model = load_pretrained(model_dir)
+    model = load_pretrained(model_dir, task=task_of(model_dir))
     tokenizer = load_tokenizer(model_dir)
     return model, tokenizer, run_config
 
@@ -55,4 +55,11 @@ def evaluate_target(
         if split not in prepared.splits:
             raise UserError(f"the run has no {split!r} split; known: {', '.join(prepared.splits)}")
         dataset = prepared.splits[split]
-    return evaluate(model, dataset, tokenizer.pad_token_id, batch_size)
+    task = task_of(model_dir_of(target))
+    labels = list(model.config.id2label.values()) if task == "classification" else None
+    return evaluate(model, dataset, tokenizer.pad_token_id, batch_size, task=task, num_labels=len(labels or []) or None)
+
+
+def model_dir_of(target: Path) -> Path:
+    target = Path(target)
+    return target / "final" if (target / "final").is_dir() and (target / "config.yaml").is_file() else target

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -17,6 +20,11 @@ from lmforge.config import Config, resolved_architecture
 from lmforge.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_CLASSES = {
+    "causal-lm": AutoModelForCausalLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "classification": AutoModelForSequenceClassification,
+}
 
 
 def llama_config(config: Config, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -37,15 +45,20 @@ def llama_config(config: Config, tokenizer: PreTrainedTokenizerBase) -> LlamaCon
     )
 
 
-def build_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A causal LM ready to train. Seed the RNGs first: a new model's initial weights come from them."""
+def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None) -> PreTrainedModel:
+    """A model ready to train. Seed the RNGs first: new weights (a whole new model, or a new
+    classification head) come from them.
+
+    Args:
+        labels: class names in id order, for model.task=classification.
+    """
     m = config.model
     dtype = DTYPES.get(m.dtype, torch.float32)
     if m.name_or_path is None:
         model = LlamaForCausalLM._from_config(llama_config(config, tokenizer), attn_implementation="sdpa")
         model = model.to(dtype)
     else:
-        model = load_pretrained(m.name_or_path, dtype, m.trust_remote_code)
+        model = load_pretrained(m.name_or_path, dtype, m.trust_remote_code, m.task, labels)
         positions = getattr(model.config, "max_position_embeddings", None)
         if positions is not None and config.data.max_length > positions:
             raise UserError(
@@ -58,21 +71,44 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> PreTraine
     return model
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Load an HF-format causal LM directory (safetensors preferred)."""
+def task_of(path: str | Path) -> str:
+    """The task of a saved HF model, from its config: classification, seq2seq or causal-lm."""
+    config = AutoConfig.from_pretrained(str(path))
+    architectures = config.architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "classification"
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal-lm"
+
+
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    task: str = "causal-lm",
+    labels: list[str] | None = None,
+):
+    """Load an HF-format model directory for `task` (safetensors preferred)."""
     local = Path(path).expanduser()
     looks_local = local.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1
     if looks_local and not (local / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face model directory (no config.json there)")
+    extra = {}
+    if task == "classification" and labels:
+        extra = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+        }
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return AUTO_CLASSES[task].from_pretrained(
             str(local) if looks_local else str(path),
             dtype=dtype or "auto",
             trust_remote_code=trust_remote_code,
             use_safetensors=None,
+            **extra,
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a causal LM from {path}: {exc}") from None
+        raise UserError(f"cannot load a {task} model from {path}: {exc}") from None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

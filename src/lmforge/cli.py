@@ -105,6 +105,20 @@ def generate_command(
     console.print(prompt + text, markup=False)
 
 
+@app.command("export")
+def export_command(
+    run: Path = typer.Argument(..., help="A finished run directory."),
+    out: Path = typer.Option(..., "--out", help="Directory to write."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Fold a LoRA adapter into the base weights."),
+) -> None:
+    """Write a self-contained Hugging Face directory with a model card."""
+    from lmforge.export.export import export_run
+
+    _quiet_libraries()
+    path = export_run(run, out, merge_lora=merge_lora)
+    console.print(f"exported {run} to {path}")
+
+
 @data_app.command("inspect")
 def data_inspect(
     config: Path = typer.Argument(..., help="YAML or JSON config file."),

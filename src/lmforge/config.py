@@ -55,10 +55,34 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype. auto keeps float32 master weights and lets train.precision pick the compute
     dtype; bfloat16/float16 store (and train) the weights in that dtype."""
+    freeze: list[str] = []
+    """Parameters to keep fixed: "embeddings", "layers.0-5" (a range of blocks), or any parameter-name
+    prefix, e.g. model.norm."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     trust_remote_code: bool = False
     """Allow a pretrained model directory to run its own Python code. Only for sources you trust."""
+
+
+class LoraConfig(Section):
+    r: int = Field(default=16, ge=1)
+    """Rank of the low-rank update."""
+    alpha: float = Field(default=32, gt=0)
+    """Scale of the update: alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    """Modules that get adapters: all-linear (every linear layer but the output head) or names,
+    e.g. [q_proj, v_proj]."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): learns magnitude and direction separately."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter, e.g. [classifier]. A classifier's head is
+    always included."""
+    quantize: Literal["4bit", "8bit"] | None = None
+    """QLoRA: load the frozen base model quantized with bitsandbytes. Needs a CUDA GPU."""
 
 
 class TokenizerConfig(Section):
@@ -267,6 +291,8 @@ class Config(Section):
     """The model to train."""
     tokenizer: TokenizerConfig = TokenizerConfig()
     """The tokenizer, for models built from scratch."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters instead of all weights; absent: full fine-tuning."""
     data: DataConfig
     """Training, validation and test data."""
     train: TrainConfig = TrainConfig()

@@ -36,6 +36,7 @@ from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate
 from lmforge.eval.generation import prompts_and_references, respond
 from lmforge.models.build import build_model, count_parameters
+from lmforge.models.peft import check_quantization
 from lmforge.tracking.base import open_trackers
 
 
@@ -90,6 +91,7 @@ def run_train(
     started = time.perf_counter()
     warn = lambda message: console.print(f"[yellow]warning: {message}[/yellow]")  # noqa: E731
     precision = resolve_precision(config.train.precision)  # fails early on an impossible choice
+    check_quantization(config)
     checkpoint = find_resume_checkpoint(config, resume, warn) if resume else None
     if checkpoint is not None:
         check_resume_config(checkpoint, config, warn)
@@ -253,13 +255,17 @@ def data_metrics(report: dict) -> dict[str, float]:
 
 
 def save_final_model(model, data: PreparedData, final_dir: Path) -> None:
-    """An HF directory that plain `from_pretrained` loads: written aside, then renamed."""
-    model.config.use_cache = True  # trained without a KV cache; generation wants one
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.eos_token_id = data.tokenizer.eos_token_id
-        model.generation_config.pad_token_id = data.tokenizer.pad_token_id
+    """An HF directory that plain `from_pretrained` loads (for an adapter run: the adapter, with the
+    base model's config beside it), written aside and renamed into place."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.use_cache = True  # trained without a KV cache; generation wants one
+    if getattr(base, "generation_config", None) is not None and base.can_generate():
+        base.generation_config.eos_token_id = data.tokenizer.eos_token_id
+        base.generation_config.pad_token_id = data.tokenizer.pad_token_id
     with atomic_dir(final_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp))
+        if base is not model:
+            base.config.save_pretrained(str(tmp))  # task, labels and architecture of the base
         data.tokenizer.save_pretrained(str(tmp))
 
 
@@ -283,7 +289,8 @@ def _print_plan(console, config, data, trainable, total, plan, steps, precision)
     cached = " (from cache)" if data.cache_hit else ""
     console.print(f"data{cached}: {rows}", highlight=False)
     console.print(
-        f"model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), vocab {len(data.tokenizer):,}",
+        f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({trainable / total:.2%}), "
+        f"vocab {len(data.tokenizer):,}",
         highlight=False,
     )
     console.print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from lmforge.data.sources import resolve_paths
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import evaluate
 from lmforge.models.build import load_pretrained, task_of
+from lmforge.models.peft import is_adapter_dir
 from lmforge.models.tokenizer import load_tokenizer
 
 
@@ -26,9 +28,26 @@ def load_target(target: Path):
         run_config = Config.model_validate(yaml.safe_load((target / "config.yaml").read_text()))
     elif not (target / "config.json").is_file():
         raise UserError(f"{target}: neither a run directory (with final/) nor a model directory (with config.json)")
-    model = load_pretrained(model_dir, task=task_of(model_dir))
+    model = load_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)
     return model, tokenizer, run_config
+
+
+def load_model_dir(model_dir: Path):
+    """A full model directory, or an adapter directory on top of its base model."""
+    if not is_adapter_dir(model_dir):
+        return load_pretrained(model_dir, task=task_of(model_dir))
+    from peft import PeftModel
+
+    adapter = json.loads((model_dir / "adapter_config.json").read_text())
+    base_path = adapter["base_model_name_or_path"]
+    task = task_of(model_dir)  # the base's config is saved beside the adapter
+    labels = None
+    if task == "classification":
+        id2label = json.loads((model_dir / "config.json").read_text())["id2label"]
+        labels = [id2label[str(i)] for i in range(len(id2label))]
+    base = load_pretrained(base_path, task=task, labels=labels)
+    return PeftModel.from_pretrained(base, str(model_dir))
 
 
 def evaluate_target(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -58,17 +59,59 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list
         model = LlamaForCausalLM._from_config(llama_config(config, tokenizer), attn_implementation="sdpa")
         model = model.to(dtype)
     else:
-        model = load_pretrained(m.name_or_path, dtype, m.trust_remote_code, m.task, labels)
+        from lmforge.models.peft import quantization_config
+
+        quantization = quantization_config(config)
+        model = load_pretrained(m.name_or_path, dtype, m.trust_remote_code, m.task, labels, quantization)
         positions = getattr(model.config, "max_position_embeddings", None)
         if positions is not None and config.data.max_length > positions:
             raise UserError(
                 f"data.max_length ({config.data.max_length}) exceeds the {positions} positions of "
                 f"{m.name_or_path}; lower data.max_length"
             )
+    if m.freeze:
+        freeze(model, m.freeze)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # no KV cache while training
+    if config.lora is not None:
+        from lmforge.models.peft import apply_lora
+
+        model = apply_lora(model, config)
     return model
+
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|block)\.(\d+)\.")
+_RANGE = re.compile(r"^layers\.(\d+)(?:-(\d+))?$")
+
+
+def freeze(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Keep matching parameters fixed.
+
+    Patterns: "embeddings" (every embedding table), "layers.A-B" / "layers.A" (transformer blocks A..B,
+    whatever the architecture calls them: layers, layer, h, block), or a parameter-name prefix.
+    """
+    embedding_params = {
+        id(p) for mod in model.modules() if isinstance(mod, torch.nn.Embedding) for p in mod.parameters()
+    }
+    for pattern in patterns:
+        matched = 0
+        blocks = _RANGE.match(pattern)
+        for name, param in model.named_parameters():
+            if pattern == "embeddings":
+                hit = id(param) in embedding_params
+            elif blocks:
+                first, last = int(blocks.group(1)), int(blocks.group(2) or blocks.group(1))
+                index = _BLOCK.search(name)
+                hit = index is not None and first <= int(index.group(1)) <= last
+            else:
+                hit = name.startswith(pattern)
+            if hit:
+                param.requires_grad_(False)
+                matched += 1
+        if not matched:
+            examples = ", ".join(n for n, _ in list(model.named_parameters())[:4])
+            raise UserError(f"model.freeze: {pattern!r} matches no parameter (names look like: {examples})")
 
 
 def task_of(path: str | Path) -> str:
@@ -86,6 +129,7 @@ def load_pretrained(
     trust_remote_code: bool = False,
     task: str = "causal-lm",
     labels: list[str] | None = None,
+    quantization=None,
 ):
     """Load an HF-format model directory for `task` (safetensors preferred)."""
     local = Path(path).expanduser()
@@ -93,6 +137,9 @@ def load_pretrained(
     if looks_local and not (local / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face model directory (no config.json there)")
     extra = {}
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+        extra["device_map"] = {"": 0}
     if task == "classification" and labels:
         extra = {
             "num_labels": len(labels),

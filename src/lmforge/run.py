@@ -35,6 +35,7 @@ from lmforge.engine.progress import format_duration
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate
 from lmforge.eval.generation import prompts_and_references, respond
+from lmforge.eval.metrics import generation_metrics
 from lmforge.models.build import build_model, count_parameters
 from lmforge.models.peft import check_quantization
 from lmforge.tracking.base import open_trackers
@@ -189,6 +190,12 @@ def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir:
             final_eval["test_confusion_matrix"] = {"labels": labels, "matrix": details["confusion_matrix"]}
     prompts = [p for p, _ in pairs]
     after = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
+    scored = [(p, r) for p, r in pairs if r is not None]
+    if scored and config.data.format != "text":  # held-out prompts with true answers: score greedy answers
+        greedy = config.eval.generate.model_copy(update={"temperature": 0.0})
+        predictions = respond(model, data.tokenizer, [p for p, _ in scored], greedy, seed=config.seed)
+        final_eval["generation"] = generation_metrics(predictions, [r for _, r in scored])
+        trackers.log_metrics({f"generation/{k}": v for k, v in final_eval["generation"].items()}, state.step)
     save_final_model(model, data, run_dir / "final")
     (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
     _write_examples(run_dir / "examples.jsonl", pairs, after, "after", state.step, append=True)
@@ -264,8 +271,9 @@ def save_final_model(model, data: PreparedData, final_dir: Path) -> None:
         base.generation_config.pad_token_id = data.tokenizer.pad_token_id
     with atomic_dir(final_dir) as tmp:
         model.save_pretrained(str(tmp))
-        if base is not model:
-            base.config.save_pretrained(str(tmp))  # task, labels and architecture of the base
+        if base is not model:  # the base's config beside the adapter: its task, labels and class
+            base.config.architectures = [type(base).__name__]
+            base.config.save_pretrained(str(tmp))
         data.tokenizer.save_pretrained(str(tmp))
 
 
@@ -320,6 +328,8 @@ def _print_summary(console, run_dir, history, final_eval, trackers, started) -> 
         )
     if "test" in final_eval:
         console.print(f"test: {describe(final_eval['test'])}", highlight=False)
+    if "generation" in final_eval:
+        console.print(f"generation on held-out prompts: {describe(final_eval['generation'])}", highlight=False)
     for sample in final_eval["samples"][:2]:
         console.print(f"[dim]sample:[/dim] {escape(sample)}", highlight=False)
     console.print(f"model:    {run_dir / 'final'}", highlight=False)

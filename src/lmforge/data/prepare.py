@@ -192,7 +192,8 @@ def _hash_split(text: str, test_fraction: float, validation_fraction: float) -> 
 
 def _get_tokenizer(config: Config, source_fp: str, splits: SplitReader, log) -> PreTrainedTokenizerBase:
     if config.model.name_or_path:
-        return load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+        need_eos = config.model.task != "classification"
+        return load_tokenizer(config.model.name_or_path, config.model.trust_remote_code, need_eos)
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
     tok = config.tokenizer

@@ -29,7 +29,7 @@ def load_target(target: Path):
     elif not (target / "config.json").is_file():
         raise UserError(f"{target}: neither a run directory (with final/) nor a model directory (with config.json)")
     model = load_model_dir(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, need_eos=task_of(model_dir) != "classification")
     return model, tokenizer, run_config
 
 

@@ -34,7 +34,9 @@ def export_run(run_dir: Path, out: Path, merge_lora: bool = False) -> Path:
     with atomic_dir(Path(out)) as tmp:
         model.save_pretrained(str(tmp))
         if adapter and not merged:
-            model.get_base_model().config.save_pretrained(str(tmp))
+            base = model.get_base_model()
+            base.config.architectures = [type(base).__name__]
+            base.config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         for name in ("eval.json", "config.yaml", "data_report.json"):
             if (run_dir / name).is_file():

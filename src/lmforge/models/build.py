@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -114,8 +115,16 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> None:
             raise UserError(f"model.freeze: {pattern!r} matches no parameter (names look like: {examples})")
 
 
+ADAPTER_TASKS = {"SEQ_CLS": "classification", "SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal-lm"}
+
+
 def task_of(path: str | Path) -> str:
-    """The task of a saved HF model, from its config: classification, seq2seq or causal-lm."""
+    """The task of a saved HF model: an adapter's task_type, else its config's architecture."""
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():
+        task_type = json.loads(adapter.read_text()).get("task_type")
+        if task_type in ADAPTER_TASKS:
+            return ADAPTER_TASKS[task_type]
     config = AutoConfig.from_pretrained(str(path))
     architectures = config.architectures or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):

@@ -37,15 +37,21 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
     )
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a Hugging Face tokenizer; give it a pad token (its EOS) if it has none."""
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, need_eos: bool = True) -> PreTrainedTokenizerBase:
+    """Load a Hugging Face tokenizer; give it a pad token (its EOS) if it has none.
+
+    Args:
+        need_eos: language models need EOS to end documents and answers; encoders do not.
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a tokenizer from {path}: {exc}") from None
-    if tokenizer.eos_token_id is None:
+    if tokenizer.eos_token_id is None and need_eos:
         raise UserError(f"the tokenizer in {path} has no EOS token, which lmforge needs to separate documents")
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer in {path} has neither a pad nor an EOS token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

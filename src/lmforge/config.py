@@ -548,10 +548,14 @@ def _check_rest(config: Config) -> list[str]:
         )
     if data.packing and task != "causal-lm":
         problems.append(f"data.packing applies to causal LMs only; remove it for data.format={data.format}")
-    if config.model.task != "causal-lm" and config.model.name_or_path is None:
+    from lmforge.models.presets import PRESET_TASKS
+
+    preset = config.model.preset
+    if config.model.name_or_path is None and config.model.task != PRESET_TASKS.get(preset or "", "causal-lm"):
         problems.append(
-            f"model.task={config.model.task} needs model.name_or_path (a pretrained Hugging Face directory); "
-            "presets build causal LMs"
+            f"model.task={config.model.task} needs model.name_or_path (a pretrained Hugging Face directory)"
+            + (" or model.preset=t5-tiny" if config.model.task == "seq2seq" else "")
+            + (f"; model.preset={preset} builds a {PRESET_TASKS.get(preset, 'causal-lm')} model" if preset else "")
         )
     if data.labels is not None and data.format != "classification":
         problems.append("data.labels applies to data.format=classification only")

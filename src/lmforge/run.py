@@ -12,6 +12,7 @@ runs/<name>-<time>/
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -156,8 +157,20 @@ def run_train(
         raise
     finally:
         trackers.finish(status)
+    link = link_latest(run_dir, config.name)
     _print_summary(console, run_dir, state.eval_history, final_eval, trackers, started)
+    console.print(f"latest:   {link / 'final'} (points at this run)", highlight=False)
     return RunOutcome(run_dir, final_eval)
+
+
+def link_latest(run_dir: Path, name: str) -> Path:
+    """runs/<name>-latest points at the newest finished run: a stable path for the next config."""
+    link = run_dir.parent / f"{name}-latest"
+    tmp = run_dir.parent / f".{name}-latest.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, link)
+    return link
 
 
 def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir: Path, pairs, console) -> dict:
@@ -191,7 +204,7 @@ def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir:
     prompts = [p for p, _ in pairs]
     after = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
     scored = [(p, r) for p, r in pairs if r is not None]
-    if scored and config.data.format != "text":  # held-out prompts with true answers: score greedy answers
+    if scored and config.data.format not in ("text", "classification"):  # score greedy answers to held-out prompts
         greedy = config.eval.generate.model_copy(update={"temperature": 0.0})
         predictions = respond(model, data.tokenizer, [p for p, _ in scored], greedy, seed=config.seed)
         final_eval["generation"] = generation_metrics(predictions, [r for _, r in scored])
@@ -201,7 +214,8 @@ def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir:
     _write_examples(run_dir / "examples.jsonl", pairs, after, "after", state.step, append=True)
     for name in ("config.yaml", "data_report.json", "eval.json", "examples.jsonl", "metrics.jsonl"):
         trackers.log_artifact(run_dir / name)
-    final_eval["samples"] = [p + t for p, t in zip(prompts, after, strict=True)]
+    joiner = "  ->  " if config.model.task == "classification" else ""
+    final_eval["samples"] = [p + joiner + t for p, t in zip(prompts, after, strict=True)]
     return final_eval
 
 

@@ -147,3 +147,19 @@ def test_qlora_without_cuda_is_a_clear_config_error(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "lora.quantize=4bit (QLoRA) needs a CUDA GPU" in proc.stderr
     assert "training a byte-level BPE tokenizer" not in proc.stdout + proc.stderr  # nothing was loaded first
+
+
+def test_export_of_a_tied_embedding_model_keeps_the_tie(tmp_path):
+    path = write_run_config(tmp_path, name="tied", model={"tie_embeddings": True})
+    proc = cli("train", str(path))
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "runs").glob("tied-2*")
+    out = tmp_path / "export"
+    assert cli("export", str(run_dir), "--out", str(out)).returncode == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    original = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits)
+    assert (out / "README.md").is_file() and (out / "lmforge_eval.json").is_file()

@@ -16,6 +16,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from lmforge.config import Config, resolved_architecture
@@ -47,6 +49,24 @@ def llama_config(config: Config, tokenizer: PreTrainedTokenizerBase) -> LlamaCon
     )
 
 
+def t5_config(config: Config, tokenizer: PreTrainedTokenizerBase) -> T5Config:
+    """A from-scratch T5 sized by the lmforge config (hidden_size = d_model, num_layers each side)."""
+    arch = resolved_architecture(config)
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=arch["hidden_size"],
+        d_ff=arch["intermediate_size"],
+        d_kv=arch["hidden_size"] // arch["num_heads"],
+        num_layers=arch["num_layers"],
+        num_decoder_layers=arch["num_layers"],
+        num_heads=arch["num_heads"],
+        decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=bool(arch["tie_embeddings"]),
+    )
+
+
 def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None) -> PreTrainedModel:
     """A model ready to train. Seed the RNGs first: new weights (a whole new model, or a new
     classification head) come from them.
@@ -56,7 +76,9 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list
     """
     m = config.model
     dtype = DTYPES.get(m.dtype, torch.float32)
-    if m.name_or_path is None:
+    if m.name_or_path is None and m.task == "seq2seq":
+        model = T5ForConditionalGeneration(t5_config(config, tokenizer)).to(dtype)
+    elif m.name_or_path is None:
         model = LlamaForCausalLM._from_config(llama_config(config, tokenizer), attn_implementation="sdpa")
         model = model.to(dtype)
     else:

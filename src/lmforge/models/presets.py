@@ -32,8 +32,15 @@ def llama_120m() -> dict[str, Any]:
     }
 
 
+def t5_tiny() -> dict[str, Any]:
+    """~2M parameters [4k vocab]: a T5 encoder-decoder for seq2seq from scratch, on CPU."""
+    return {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 512}
+
+
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     "llama-tiny": llama_tiny,
     "llama-20m": llama_20m,
     "llama-120m": llama_120m,
+    "t5-tiny": t5_tiny,
 }
+PRESET_TASKS = {"t5-tiny": "seq2seq"}  # the rest build causal LMs

@@ -34,7 +34,7 @@ def trained_run(tmp_path_factory):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    (run_dir,) = (tmp / "runs").glob("tiny-*")
+    (run_dir,) = (tmp / "runs").glob("tiny-2*")
     return run_dir, proc.stdout, tmp
 
 

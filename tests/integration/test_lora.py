@@ -83,7 +83,7 @@ def test_pretrain_then_lora_then_merge_and_export(tmp_path):
     pre.mkdir()
     proc = cli("train", str(write_run_config(pre, name="base")))
     assert proc.returncode == 0, proc.stderr
-    (base_run,) = (pre / "runs").glob("base-*")
+    (base_run,) = (pre / "runs").glob("base-2*")
 
     # 2. LoRA fine-tune it, from its final/ directory, on prompt-completion data
     ft = tmp_path / "ft"
@@ -110,7 +110,7 @@ def test_pretrain_then_lora_then_merge_and_export(tmp_path):
     proc = cli("train", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "trainable (" in proc.stdout
-    (lora_run,) = (ft / "runs").glob("lora-*")
+    (lora_run,) = (ft / "runs").glob("lora-2*")
     final = lora_run / "final"
     assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
 
@@ -130,6 +130,8 @@ def test_pretrain_then_lora_then_merge_and_export(tmp_path):
         torch.testing.assert_close(merged(ids).logits, adapter_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
         base = AutoModelForCausalLM.from_pretrained(base_run / "final")
         assert (base(ids).logits - merged(ids).logits).abs().max() > 1e-3  # the adapter did change something
+    proc = cli("generate", str(merged_dir), "Spell moses:", "--max-new-tokens", "4", "--temperature", "0")
+    assert proc.returncode == 0 and proc.stdout.startswith("Spell moses:"), proc.stderr
     card = (merged_dir / "README.md").read_text()
     assert str(base_run / "final") in card and "## Final metrics" in card and "AutoModelForCausalLM" in card
 

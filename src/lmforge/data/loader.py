@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from lmforge.data.packing import position_ids
+
 IGNORE_INDEX = -100
 
 
@@ -122,7 +124,7 @@ def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.as_tensor(np.asarray(row["input_ids"]), dtype=torch.long)
         labels[i, :n] = torch.as_tensor(np.asarray(row["labels"]), dtype=torch.long)
-        positions[i, :n] = torch.cat([torch.arange(k) for k in row["lengths"]])
+        positions[i, :n] = torch.as_tensor(position_ids(row["lengths"]))
         positions[i, n:] = torch.arange(width - n)  # padding: a sequence of its own
     num_tokens = torch.tensor(sum(len(r["input_ids"]) for r in rows))  # real tokens, padding excluded
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "num_tokens": num_tokens}

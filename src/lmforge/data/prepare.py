@@ -155,16 +155,18 @@ class SplitReader:
                 yield from [record] * _copies(record, source.weight) if split == "train" else [record]
 
     def _split_of(self, record: Record) -> str:
-        # A record's split depends only on its content: stable across runs, file order and
-        # machines, and duplicates always land together, so they cannot leak across splits.
         if record.problem is not None:
             return "train"  # unreadable records are reported once, with the training data
-        u = _unit_hash(record.fields)
-        if u < self.held_out["test"]:
-            return "test"
-        if u < self.held_out["test"] + self.held_out["validation"]:
-            return "validation"
-        return "train"
+        return hash_split(record.fields, self.held_out["test"], self.held_out["validation"])
+
+
+def hash_split(fields: dict[str, Any], test_fraction: float, validation_fraction: float) -> str:
+    """The split of a record. It depends only on the record's content: stable across runs, file
+    order and machines, and duplicates always land together, so they cannot leak across splits."""
+    u = _unit_hash(fields)
+    if u < test_fraction:
+        return "test"
+    return "validation" if u < test_fraction + validation_fraction else "train"
 
 
 def _unit_hash(fields: dict[str, Any], salt: str = "") -> float:
@@ -177,14 +179,6 @@ def _copies(record: Record, weight: float) -> int:
     equal to the fraction, decided by hash so that it is the same on every run."""
     whole, fraction = divmod(weight, 1.0)
     return int(whole) + (1 if _unit_hash(record.fields, "weight") < fraction else 0)
-
-
-def _hash_split(text: str, test_fraction: float, validation_fraction: float) -> str:
-    """The split of a plain-text document (used by tests and tools outside the pipeline)."""
-    u = _unit_hash({"text": text})
-    if u < test_fraction:
-        return "test"
-    return "validation" if u < test_fraction + validation_fraction else "train"
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -128,10 +128,6 @@ def source_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    return source_digest(path)
-
-
 def read_records(path: Path, txt_documents: str = "paragraph") -> Iterator[Record]:
     """Yield every record of one source. Text files give {"text": document} records."""
     if hub := hub_name(path):

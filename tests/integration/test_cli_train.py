@@ -47,6 +47,9 @@ def test_per_step_losses_written_and_falling(trained_run):
     points = read_jsonl(run_dir / "metrics.jsonl")
     losses = [(p["step"], p["train/loss"]) for p in points if "train/loss" in p]
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))
+    step_points = [p for p in points if "train/loss" in p]
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_seen", "train/step_time"):
+        assert all(p[key] > 0 for p in step_points[1:]), key
     first, last = [v for _, v in losses[:5]], [v for _, v in losses[-5:]]
     assert sum(last) / 5 < sum(first) / 5 - 1.0, losses
     evals = [p for p in points if "eval/loss" in p]

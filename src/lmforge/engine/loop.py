@@ -255,13 +255,14 @@ def _count_step(loop: Loop, finite: bool, loss_sum, targets: int, tokens: int, r
 
 
 def _log_train(loop: Loop, lr: float, grad_norm: torch.Tensor, plan: StepPlan) -> None:
-    state, accelerator = loop.state, loop.accelerator
+    state, accelerator, log_every = loop.state, loop.accelerator, loop.config.train.log_every
     loss = accelerator.reduce(loop.window_loss, "sum") if accelerator.num_processes > 1 else loop.window_loss
     metrics = {
         "train/loss": loss.item() / state.window_targets if state.window_targets else float("nan"),
         "train/lr": lr,
         "train/grad_norm": float(grad_norm),
         "train/tokens_per_sec": state.window_tokens / loop.progress.clock(),
+        "train/step_time": loop.progress.clock() / (state.step % log_every or log_every),
         "train/tokens_seen": state.tokens_seen,
         "train/epoch": state.epoch + state.step_in_epoch / plan.steps_per_epoch,
     }

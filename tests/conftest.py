@@ -78,6 +78,49 @@ def rows_dataset(token_lists):
     )
 
 
+def save_tiny_t5(directory: Path, tokenizer, width: int = 64) -> Path:
+    """A 2+2-layer T5 with random weights and `tokenizer`, saved as a "pretrained" directory."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_ff=2 * width,
+        d_kv=width // 4,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def save_tiny_bert(directory: Path, tokenizer, width: int = 64, positions: int = 128) -> Path:
+    """A 2-layer BERT encoder (no head) with random weights and `tokenizer`, saved as "pretrained"."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * width,
+        max_position_embeddings=positions,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
 def lmforge_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmforge", *args]
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from conftest import chapters, lmforge_command, subprocess_env
+from conftest import chapters, lmforge_command, save_tiny_bert, save_tiny_t5, subprocess_env
 from lmforge.config import load_config
 from lmforge.data.prepare import prepare_data
 from lmforge.engine.loop import train
@@ -82,23 +82,7 @@ def test_minilm_fine_tuned_beats_the_majority_class(tmp_path):
 
 @pytest.fixture
 def tiny_bert(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    tokenizer = train_bpe_tokenizer(chapters(30), vocab_size=400)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    directory = tmp_path / "bert-tiny"
-    BertModel(config).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    return directory
+    return save_tiny_bert(tmp_path / "bert-tiny", train_bpe_tokenizer(chapters(30), vocab_size=400))
 
 
 @pytest.mark.slow
@@ -130,37 +114,9 @@ def test_lora_classifier_head_is_saved_and_restored(tmp_path, tiny_bert):
 
 def family_configs(tmp_path):
     """A tiny causal LM, T5 and BERT, each with data for one step."""
-    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
-
     tokenizer = train_bpe_tokenizer(chapters(20), vocab_size=300)
-    t5_dir, bert_dir = tmp_path / "t5", tmp_path / "bert"
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    T5ForConditionalGeneration(
-        T5Config(
-            vocab_size=300,
-            d_model=32,
-            d_ff=64,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=pad,
-            pad_token_id=pad,
-            eos_token_id=eos,
-        )
-    ).save_pretrained(t5_dir)
-    BertModel(
-        BertConfig(
-            vocab_size=300,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            pad_token_id=pad,
-        )
-    ).save_pretrained(bert_dir)
-    for d in (t5_dir, bert_dir):
-        tokenizer.save_pretrained(str(d))
+    t5_dir = save_tiny_t5(tmp_path / "t5", tokenizer, width=32)
+    bert_dir = save_tiny_bert(tmp_path / "bert", tokenizer, width=32, positions=64)
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(chapters(20)))
     pairs = write_jsonl(

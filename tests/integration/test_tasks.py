@@ -6,10 +6,9 @@ import random
 import subprocess
 
 import pytest
-import torch
 import yaml
 
-from conftest import chapters, lmforge_command, subprocess_env
+from conftest import chapters, lmforge_command, save_tiny_bert, save_tiny_t5, subprocess_env
 from lmforge.eval.evaluate import macro_f1
 from lmforge.models.tokenizer import train_bpe_tokenizer
 
@@ -62,25 +61,8 @@ def base_config(tmp_path, model_dir, fmt, task, train, validation, **train_cfg):
 
 @pytest.mark.slow
 def test_seq2seq_learns_to_reverse_word_lists(tmp_path, tokenizer_dir):
-    from transformers import T5Config, T5ForConditionalGeneration
-
     directory, tokenizer = tokenizer_dir
-    model_dir = tmp_path / "t5-tiny"
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=64,
-        d_ff=128,
-        d_kv=16,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(config).save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    model_dir = save_tiny_t5(tmp_path / "t5-tiny", tokenizer)
     rng = random.Random(0)
 
     def rows(n):
@@ -113,22 +95,8 @@ def test_seq2seq_learns_to_reverse_word_lists(tmp_path, tokenizer_dir):
 
 @pytest.mark.slow
 def test_classification_trains_and_reports_consistent_metrics(tmp_path, tokenizer_dir):
-    from transformers import BertConfig, BertModel
-
     directory, tokenizer = tokenizer_dir
-    model_dir = tmp_path / "bert-tiny"
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    model_dir = save_tiny_bert(tmp_path / "bert-tiny", tokenizer, positions=64)
     text = (chapters(1)[0], chapters(1, start=60)[0])  # Genesis 1 and a chapter of Exodus
     genesis = [{"text": line, "label": "genesis"} for line in text[0].split("\n")]
     exodus = [{"text": line, "label": "exodus"} for line in text[1].split("\n")]

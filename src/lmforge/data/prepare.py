@@ -296,7 +296,7 @@ def _write_examples(
     records: Iterator[Record], path: Path, data: DataConfig, tokenizer, counts: Counts, label_ids=None
 ) -> None:
     add_bos = adds_bos(tokenizer) and data.format not in ("seq2seq", "classification")
-    features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32"))})
+    features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32")})
     with ArrowWriter(features=features, path=str(path)) as writer:
         if data.num_proc > 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
@@ -313,7 +313,7 @@ def _drain(results, writer: ArrowWriter, counts: Counts) -> None:
     for examples, chunk_counts in results:
         counts.merge(chunk_counts)
         for example in examples:
-            writer.write({"input_ids": example.input_ids, "labels": example.labels})
+            writer.write({"input_ids": example.input_ids, "labels": example.labels, "length": len(example.input_ids)})
 
 
 def _row(examples: list[Example], seq2seq: bool = False) -> dict[str, Any]:
@@ -327,7 +327,7 @@ def _row(examples: list[Example], seq2seq: bool = False) -> dict[str, Any]:
 
 
 def _write_rows(examples: Dataset, path: Path, data: DataConfig) -> Dataset:
-    lengths = [len(ids) for ids in examples["input_ids"]]
+    lengths = list(examples["length"])  # one small column: the token lists stay on disk
     groups = best_fit_decreasing(lengths, data.max_length) if data.packs else [[i] for i in range(len(lengths))]
     with ArrowWriter(features=ROW_FEATURES, path=str(path)) as writer:
         for group in groups:

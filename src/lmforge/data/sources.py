@@ -13,7 +13,6 @@ import glob
 import hashlib
 import io
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,6 @@ from lmforge.errors import DataError
 HUB_PREFIX = "hub:"  # hub:org/name or hub:org/name:split, read with datasets.load_dataset (needs network)
 TEXT_SUFFIXES = (".txt", ".text")
 SUPPORTED_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".csv", ".parquet")
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 @dataclass(frozen=True)
@@ -137,11 +135,31 @@ def read_records(path: Path, txt_documents: str = "paragraph") -> Iterator[Recor
         yield from _saved_dataset_records(path)
     elif path.suffix == ".parquet":
         yield from _parquet_records(path)
-    else:
+    elif path.suffix == ".jsonl":
+        yield from _jsonl_records(path, _lines(path))
+    elif path.suffix in TEXT_SUFFIXES and txt_documents != "file":
+        yield from _text_records(path, _lines(path), txt_documents)
+    else:  # whole-document formats
         text = _decode(path)
-        readers = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records}
-        reader = readers.get(path.suffix)
-        yield from reader(path, text) if reader else _text_records(path, text, txt_documents)
+        if path.suffix == ".json":
+            yield from _json_records(path, text)
+        elif path.suffix == ".csv":
+            yield from _csv_records(path, text)
+        else:
+            yield from _text_records(path, iter(text.splitlines(keepends=True)), "file")
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 file, read one at a time (files larger than memory work)."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None
 
 
 def _decode(path: Path) -> str:
@@ -157,28 +175,31 @@ def _decode(path: Path) -> str:
         ) from None
 
 
-def _text_records(path: Path, text: str, unit: str) -> Iterator[Record]:
-    text = text.replace("\r\n", "\n")
-    if unit == "file":
-        if text.strip():
-            yield Record({"text": text.strip()}, f"{path}:1")
-        return
-    pattern = _PARAGRAPH_BREAK if unit == "paragraph" else re.compile(r"\n")
-    start, line = 0, 1
-    for match in [*pattern.finditer(text), None]:
-        end = match.start() if match else len(text)
-        chunk = text[start:end]
-        if chunk.strip():
-            leading = len(chunk) - len(chunk.lstrip("\n \t"))
-            yield Record({"text": chunk.strip()}, f"{path}:{line + chunk.count(chr(10), 0, leading)}")
-        if match is None:
-            break
-        line += text.count("\n", start, match.end())
-        start = match.end()
+def _text_records(path: Path, lines: Iterator[str], unit: str) -> Iterator[Record]:
+    """Documents of a text file: paragraphs (blank-line separated), lines, or the whole file."""
+    buffer: list[str] = []
+    start = 0
+    for number, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
+        if unit == "file":
+            buffer.append(line)
+            continue
+        if unit == "line":
+            if line.strip():
+                yield Record({"text": line.strip()}, f"{path}:{number}")
+            continue
+        if line.strip():
+            start = start or number
+            buffer.append(line)
+        elif buffer:
+            yield Record({"text": "\n".join(buffer).strip()}, f"{path}:{start}")
+            buffer, start = [], 0
+    if buffer and "\n".join(buffer).strip():
+        yield Record({"text": "\n".join(buffer).strip()}, f"{path}:{start or 1}")
 
 
-def _jsonl_records(path: Path, text: str) -> Iterator[Record]:
-    for number, line in enumerate(text.split("\n"), start=1):
+def _jsonl_records(path: Path, lines: Iterator[str]) -> Iterator[Record]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

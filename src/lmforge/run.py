@@ -34,7 +34,7 @@ from lmforge.engine.checkpoint import Checkpoint, checkpoint_name, latest_valid,
 from lmforge.engine.loop import PAUSES, TrainResult, resolve_precision, total_steps, train
 from lmforge.engine.progress import format_duration
 from lmforge.errors import UserError
-from lmforge.eval.evaluate import describe, evaluate
+from lmforge.eval.evaluate import describe, evaluate_split
 from lmforge.eval.generation import prompts_and_references, respond
 from lmforge.eval.metrics import generation_metrics
 from lmforge.models.build import build_model, count_parameters
@@ -186,27 +186,20 @@ def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir:
         console.print(f"restored the best weights, from step {state.best_step}, into final/")
     final_eval["validation"] = validation
     if "test" in data.splits:
-        batch = config.eval.batch_size or config.train.micro_batch_size
-        pad, labels, details = data.tokenizer.pad_token_id, data.labels, {}
-        final_eval["test"] = evaluate(
-            model,
-            data.splits["test"],
-            pad,
-            batch,
-            config.eval.max_batches,
-            task=config.model.task,
-            num_labels=len(labels) if labels else None,
-            details=details,
-        )
+        details: dict = {}
+        final_eval["test"] = evaluate_split(model, data, "test", config, details=details)
         trackers.log_metrics({f"test/{k}": v for k, v in final_eval["test"].items()}, state.step)
         if details:
-            final_eval["test_confusion_matrix"] = {"labels": labels, "matrix": details["confusion_matrix"]}
+            final_eval["test_confusion_matrix"] = {"labels": data.labels, "matrix": details["confusion_matrix"]}
     prompts = [p for p, _ in pairs]
     after = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
     scored = [(p, r) for p, r in pairs if r is not None]
     if scored and config.data.format not in ("text", "classification"):  # score greedy answers to held-out prompts
         greedy = config.eval.generate.model_copy(update={"temperature": 0.0})
-        predictions = respond(model, data.tokenizer, [p for p, _ in scored], greedy, seed=config.seed)
+        if greedy == config.eval.generate and len(scored) == len(pairs):
+            predictions = after  # the samples already are greedy answers to these prompts
+        else:
+            predictions = respond(model, data.tokenizer, [p for p, _ in scored], greedy, seed=config.seed)
         final_eval["generation"] = generation_metrics(predictions, [r for _, r in scored])
         trackers.log_metrics({f"generation/{k}": v for k, v in final_eval["generation"].items()}, state.step)
     save_final_model(model, data, run_dir / "final")

@@ -23,7 +23,7 @@ from lmforge.engine.progress import TrainProgress
 from lmforge.engine.signals import StopOnSignal
 from lmforge.engine.state import TrainState
 from lmforge.errors import UserError
-from lmforge.eval.evaluate import describe, evaluate
+from lmforge.eval.evaluate import describe, evaluate_split
 from lmforge.tracking.base import Trackers
 
 PAUSES = ("SIGTERM", "SIGINT", "max_time")  # stops after which the run is meant to be resumed
@@ -172,19 +172,7 @@ def _start(loop: Loop, resume_from: Path | None) -> TrainState:
 def _evaluate(loop: Loop) -> bool:
     """Evaluate on validation, log, update best/early stopping; True if this is a new best."""
     config, state = loop.config, loop.state
-    batch = config.eval.batch_size or config.train.micro_batch_size
-    validation, pad_id = loop.data.splits["validation"], loop.data.tokenizer.pad_token_id
-    labels = loop.data.labels
-    metrics = evaluate(
-        loop.model,
-        validation,
-        pad_id,
-        batch,
-        config.eval.max_batches,
-        loop.accelerator,
-        task=config.model.task,
-        num_labels=len(labels) if labels else None,
-    )
+    metrics = evaluate_split(loop.model, loop.data, "validation", config, loop.accelerator)
     state.eval_history.append({"step": state.step, **metrics})
     loop.trackers.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, state.step)
     loop.progress.message(f"eval @ step {state.step}: {describe(metrics)}")

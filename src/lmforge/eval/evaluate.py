@@ -89,6 +89,22 @@ def evaluate(
     }
 
 
+def evaluate_split(model: nn.Module, data, split: str, config, accelerator=None, details=None) -> dict[str, float]:
+    """`evaluate` on one split of prepared data (a PreparedData) as the config sets it up."""
+    labels = data.labels
+    return evaluate(
+        model,
+        data.splits[split],
+        data.tokenizer.pad_token_id,
+        config.eval.batch_size or config.train.micro_batch_size,
+        config.eval.max_batches,
+        accelerator,
+        task=config.model.task,
+        num_labels=len(labels) if labels else None,
+        details=details,
+    )
+
+
 def macro_f1(confusion: list[list[int]]) -> float:
     """Unweighted mean of per-class F1 over classes that occur in the labels or the predictions.
 

@@ -132,7 +132,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 class RecordingTracker:
-    """A Tracker that keeps what it is given, to read logged values back in tests."""
+    """Stands where metrics.jsonl does (written synchronously) and keeps the points in memory, to
+    read logged values back in tests: `Trackers(RecordingTracker(), [], None, print)`."""
 
     name = "recording"
 
@@ -140,14 +141,12 @@ class RecordingTracker:
         self.points: list[tuple[int, dict]] = []
         self.status: str | None = None
 
-    def log_params(self, params) -> None:
-        pass
+    @property
+    def lines(self) -> int:
+        return len(self.points)
 
-    def log_metrics(self, metrics, step) -> None:
+    def log_metrics(self, metrics, step, timestamp) -> None:
         self.points.append((step, dict(metrics)))
-
-    def log_artifact(self, path) -> None:
-        pass
 
     def finish(self, status) -> None:
         self.status = status

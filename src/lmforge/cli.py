@@ -119,6 +119,17 @@ def export_command(
     console.print(f"exported {run} to {path}")
 
 
+@app.command("sync")
+def sync_command(
+    run: Path = typer.Argument(..., help="A run directory."),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Send a tracking backend the points it missed (server down during the run), from metrics.jsonl."""
+    from lmforge.tracking.sync import sync_run
+
+    sync_run(run, overrides or [], log=console.print)
+
+
 @data_app.command("inspect")
 def data_inspect(
     config: Path = typer.Argument(..., help="YAML or JSON config file."),

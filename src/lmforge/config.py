@@ -9,6 +9,7 @@ unknown keys come with the nearest known key.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmforge.errors import ConfigError
 
 ENV_PREFIX = "LMFORGE_"
+EXTRAS = {"wandb": "wandb", "comet": "comet_ml", "tensorboard": "tensorboard"}
+"""Optional tracking backends: the extra that installs each, and the module it needs."""
 
 
 class Section(BaseModel):
@@ -268,16 +271,70 @@ class EvalConfig(Section):
 
 class MlflowConfig(Section):
     tracking_uri: str | None = None
-    """Where MLflow stores runs. Default: an embedded sqlite store, <output_dir>/mlflow.db."""
+    """Where MLflow stores runs: a server (http://host:5000), a database URI or a directory.
+    Default: an embedded sqlite store, <output_dir>/mlflow.db. Credentials belong in
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN, not here."""
     experiment: str = "default"
     """MLflow experiment name."""
+    parent_run_id: str | None = None
+    """Nest this run under an existing MLflow run (a sweep's parent run)."""
+    log_model: bool = False
+    """Log the final model as an MLflow pyfunc model (loads with mlflow.pyfunc.load_model)."""
+    register_as: str | None = None
+    """Register the logged model under this name in the MLflow model registry (implies log_model)."""
+
+
+class WandbConfig(Section):
+    project: str = "lmforge"
+    """W&B project."""
+    entity: str | None = None
+    """W&B team or user; default: the API key's default entity."""
+    mode: Literal["online", "offline"] = "online"
+    """online streams to the W&B server (WANDB_API_KEY from the environment); offline writes the
+    run under <run dir>/wandb for a later `wandb sync`."""
+
+
+class CometConfig(Section):
+    project: str = "lmforge"
+    """Comet project."""
+    workspace: str | None = None
+    """Comet workspace; default: the API key's default workspace."""
+    mode: Literal["online", "offline"] = "online"
+    """online streams to Comet (COMET_API_KEY from the environment); offline writes a zip archive
+    under <run dir>/comet for a later `comet upload`."""
 
 
 class TrackingConfig(Section):
-    backends: list[Literal["mlflow", "none"]] = ["mlflow"]
-    """Trackers besides the local metrics.jsonl, which is always written."""
+    backends: list[Literal["mlflow", "wandb", "comet", "tensorboard", "none"]] = ["mlflow"]
+    """Trackers besides the local metrics.jsonl, which is always written and is the source of truth.
+    wandb, comet and tensorboard are extras: pip install 'lmforge[wandb]' (or comet, tensorboard)."""
     mlflow: MlflowConfig = MlflowConfig()
     """MLflow settings."""
+    wandb: WandbConfig = WandbConfig()
+    """Weights & Biases settings."""
+    comet: CometConfig = CometConfig()
+    """Comet settings."""
+    study: str | None = None
+    """A study (sweep) this run belongs to: a tag in every backend, the group in W&B."""
+    tags: dict[str, str] = {}
+    """Extra tags for the run in every backend."""
+    system_metrics: bool = True
+    """Log process memory (RSS) and CUDA memory with each train log line."""
+    flush_timeout: float = Field(default=30.0, ge=0)
+    """At the end of a run, seconds to wait for a failing backend to come back before giving up on
+    it (its points stay in metrics.jsonl; `lmforge sync RUN` replays them later)."""
+
+    @field_validator("backends")
+    @classmethod
+    def _installed(cls, backends: list[str]) -> list[str]:
+        missing = [name for name in backends if name in EXTRAS and importlib.util.find_spec(EXTRAS[name]) is None]
+        if missing:
+            one = len(missing) == 1
+            raise ValueError(
+                f"{' and '.join(missing)} {'is' if one else 'are'} not installed: pip install "
+                f"'lmforge[{','.join(missing)}]', or remove {'it' if one else 'them'} from tracking.backends"
+            )
+        return backends
 
 
 class Config(Section):
@@ -571,8 +628,19 @@ def _check_rest(config: Config) -> list[str]:
         )
     if train.early_stopping is not None and train.eval_every is None:
         problems.append("train.early_stopping needs train.eval_every: evaluations are what it watches")
+    return problems + _check_tracking(config)
+
+
+def _check_tracking(config: Config) -> list[str]:
+    problems = []
     if "none" in config.tracking.backends and len(config.tracking.backends) > 1:
         problems.append("tracking.backends: 'none' cannot be combined with other backends")
+    mlflow = config.tracking.mlflow
+    for field in ("parent_run_id", "log_model", "register_as"):
+        if getattr(mlflow, field) and "mlflow" not in config.tracking.backends:
+            problems.append(
+                f"tracking.mlflow.{field} needs mlflow in tracking.backends (they are {config.tracking.backends})"
+            )
     return problems
 
 
@@ -634,7 +702,7 @@ def config_hash(config: Config) -> str:
 
 def resume_differences(saved: Config, new: Config) -> tuple[list[str], list[str]]:
     """(allowed, refused) differences between a checkpoint's config and the one resuming it."""
-    old, now = flatten(config_to_dict(saved)), flatten(config_to_dict(new))
+    old, now = flatten(redacted_dict(saved)), flatten(redacted_dict(new))  # a warning must not print secrets
     allowed, refused = [], []
     for key in sorted(set(old) | set(now)):
         if old.get(key) != now.get(key):
@@ -648,9 +716,17 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
+def redacted_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data with credentials replaced (lmforge.secrets): what is
+    saved, printed and logged."""
+    from lmforge.secrets import redact
+
+    return redact(config_to_dict(config))
+
+
 def dump_yaml(config: Config) -> str:
-    """The resolved config as YAML, keys in schema order."""
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML, keys in schema order, credentials redacted."""
+    return yaml.safe_dump(redacted_dict(config), sort_keys=False, allow_unicode=True)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

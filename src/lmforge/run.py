@@ -6,7 +6,8 @@ runs/<name>-<time>/
   metrics.jsonl    every logged point
   eval.json        final validation and test metrics
   examples.jsonl   samples before and after training, with references
-  final/           Hugging Face model directory (safetensors, config, tokenizer)
+  final/           Hugging Face model directory (safetensors, config, tokenizer, README.md model card)
+  tracking.json    each tracking backend's run id, and the points it is missing
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
-from accelerate.utils import set_seed
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 from rich.markup import escape
 from safetensors.torch import load_model
@@ -37,9 +39,10 @@ from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
 from lmforge.eval.generation import prompts_and_references, respond
 from lmforge.eval.metrics import generation_metrics
+from lmforge.export.export import model_card
 from lmforge.models.build import build_model, count_parameters
 from lmforge.models.peft import check_quantization
-from lmforge.tracking.base import open_trackers
+from lmforge.tracking.base import Trackers, open_trackers, saved_ids
 
 
 @dataclass
@@ -97,7 +100,9 @@ def run_train(
     checkpoint = find_resume_checkpoint(config, resume, warn) if resume else None
     if checkpoint is not None:
         check_resume_config(checkpoint, config, warn)
-    data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    process = PartialState()  # one per process of a distributed job; the main one writes and logs
+    with process.main_process_first():  # the main process fills the data cache, the others read it
+        data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
     model = build_model(config, data.tokenizer, labels=data.labels)
     trainable, total = count_parameters(model)
@@ -108,32 +113,21 @@ def run_train(
         console.print("dry run: config and data are valid; nothing was trained")
         return RunOutcome(None, {})
 
+    saved = None
     if checkpoint is None:
-        run_dir = new_run_dir(config)
-        saved = None
+        run_dir = shared_run_dir(config, process)
     else:
         run_dir = checkpoint.path.parent.parent
         saved = load_trainer_state(checkpoint.path)
         console.print(f"resuming from {checkpoint.path} (step {checkpoint.step})")
-    (run_dir / "config.yaml").write_text(dump_yaml(config))
-    (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
-    for line in data_report_lines(data.report):
-        console.print(f"[dim]{line}[/dim]", highlight=False)
-    trackers = open_trackers(
-        config,
-        run_dir,
-        warn,
-        resume_ids=saved.tracker_ids if saved else None,
-        keep_lines=saved.metrics_lines if saved else None,
-    )
-    if saved is None:
-        trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
-        trackers.log_metrics(data_metrics(data.report), 0)
+    main = process.is_main_process
+    trackers = _open_outputs(config, run_dir, data, saved, main, warn, console, config_path)
+    trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
     status = "FAILED"
     try:
         pairs = prompts_and_references(data.samples, data.tokenizer, config.eval.generate)
         prompts = [p for p, _ in pairs]
-        if saved is None:
+        if saved is None and main:
             before = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
             _write_examples(run_dir / "examples.jsonl", pairs, before, "before", 0, append=False)
         result = train(
@@ -148,19 +142,55 @@ def run_train(
         state = result.state
         if state.stop_reason in PAUSES:
             status = "KILLED"
-            _print_pause(console, run_dir, state, config_path)
+            if main:
+                _print_pause(console, run_dir, state, config_path)
             return RunOutcome(run_dir, {}, paused=state.stop_reason)
+        if not main:
+            status = "FINISHED"
+            return RunOutcome(run_dir, {})
         final_eval = finish_outputs(result, data, config, trackers, run_dir, pairs, console)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        trackers.finish(status)
+        missing = trackers.finish(status)
     link = link_latest(run_dir, config.name)
     _print_summary(console, run_dir, state.eval_history, final_eval, trackers, started)
+    if missing:
+        console.print(f"[yellow]tracking incomplete[/yellow]: {', '.join(missing)}; run `lmforge sync {run_dir}`")
     console.print(f"latest:   {link / 'final'} (points at this run)", highlight=False)
     return RunOutcome(run_dir, final_eval)
+
+
+def _open_outputs(config: Config, run_dir: Path, data, saved, main: bool, warn, console, config_path) -> Trackers:
+    """The run's config and data report (main process), and its trackers, continuing a resumed run's."""
+    if main:
+        (run_dir / "config.yaml").write_text(dump_yaml(config))
+        (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
+        for line in data_report_lines(data.report):
+            console.print(f"[dim]{line}[/dim]", highlight=False)
+    trackers = open_trackers(
+        config,
+        run_dir,
+        warn,
+        resume_ids={**saved.tracker_ids, **saved_ids(run_dir)} if saved else None,
+        keep_lines=saved.metrics_lines if saved else None,
+        resume_step=saved.step if saved else None,
+        main_process=main,
+        project_dir=Path(config_path).resolve().parent if config_path else None,
+    )
+    if saved is None:
+        trackers.log_metrics(data_metrics(data.report), 0)
+    return trackers
+
+
+def shared_run_dir(config: Config, process: PartialState) -> Path:
+    """A new run directory, made by the main process; every process of the job gets its path."""
+    name = [str(new_run_dir(config)) if process.is_main_process else None]
+    if process.num_processes > 1:
+        name = broadcast_object_list(name)
+    return Path(name[0])
 
 
 def link_latest(run_dir: Path, name: str) -> Path:
@@ -202,11 +232,13 @@ def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir:
             predictions = respond(model, data.tokenizer, [p for p, _ in scored], greedy, seed=config.seed)
         final_eval["generation"] = generation_metrics(predictions, [r for _, r in scored])
         trackers.log_metrics({f"generation/{k}": v for k, v in final_eval["generation"].items()}, state.step)
-    save_final_model(model, data, run_dir / "final")
     (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
+    card = model_card(run_dir, config, adapter_only=config.lora is not None)
+    save_final_model(model, data, run_dir / "final", card)
     _write_examples(run_dir / "examples.jsonl", pairs, after, "after", state.step, append=True)
-    for name in ("config.yaml", "data_report.json", "eval.json", "examples.jsonl", "metrics.jsonl"):
+    for name in ("config.yaml", "data_report.json", "eval.json", "examples.jsonl", "metrics.jsonl", "final/README.md"):
         trackers.log_artifact(run_dir / name)
+    trackers.log_model(run_dir)
     joiner = "  ->  " if config.model.task == "classification" else ""
     final_eval["samples"] = [p + joiner + t for p, t in zip(prompts, after, strict=True)]
     return final_eval
@@ -268,9 +300,9 @@ def data_metrics(report: dict) -> dict[str, float]:
     return metrics
 
 
-def save_final_model(model, data: PreparedData, final_dir: Path) -> None:
+def save_final_model(model, data: PreparedData, final_dir: Path, card: str | None = None) -> None:
     """An HF directory that plain `from_pretrained` loads (for an adapter run: the adapter, with the
-    base model's config beside it), written aside and renamed into place."""
+    base model's config beside it) and its model card (README.md), written aside and renamed into place."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.use_cache = True  # trained without a KV cache; generation wants one
     if getattr(base, "generation_config", None) is not None and base.can_generate():
@@ -282,6 +314,8 @@ def save_final_model(model, data: PreparedData, final_dir: Path) -> None:
             base.config.architectures = [type(base).__name__]
             base.config.save_pretrained(str(tmp))
         data.tokenizer.save_pretrained(str(tmp))
+        if card is not None:
+            (tmp / "README.md").write_text(card)
 
 
 def _write_examples(path: Path, pairs, texts: list[str], stage: str, step: int, append: bool) -> None:

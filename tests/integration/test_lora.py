@@ -23,7 +23,7 @@ def one_step(config, tmp_path):
     torch.manual_seed(0)
     model = build_model(config, data.tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trackers = Trackers([JsonlTracker(tmp_path / "m.jsonl")], print)
+    trackers = Trackers(JsonlTracker(tmp_path / "m.jsonl"), [], None, print)
     result = train(model, data, config, trackers, console=Console(file=io.StringIO()))
     return before, dict(result.model.named_parameters()), data
 

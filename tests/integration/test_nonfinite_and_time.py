@@ -40,7 +40,7 @@ def run(config, tmp_path):
     data = prepare_data(config, log=lambda _: None)
     torch.manual_seed(0)
     model = build_model(config, data.tokenizer)
-    trackers = Trackers([JsonlTracker(tmp_path / "metrics.jsonl")], print)
+    trackers = Trackers(JsonlTracker(tmp_path / "metrics.jsonl"), [], None, print)
     quiet = Console(file=io.StringIO())
     return model, lambda: train(model, data, config, trackers, console=quiet, checkpoint_dir=tmp_path / "ckpt")
 

@@ -120,7 +120,7 @@ def test_the_loop_logs_the_same_loss_and_update_packed_or_not(setup):
         )
         recorder = RecordingTracker()
         result = train(
-            copy.deepcopy(model), data, config, Trackers([recorder], print), console=Console(file=io.StringIO())
+            copy.deepcopy(model), data, config, Trackers(recorder, [], None, print), console=Console(file=io.StringIO())
         )
         ((_, loss),) = recorder.series("train/loss")
         results.append((loss, result.model.state_dict(), result.state.target_tokens_seen))

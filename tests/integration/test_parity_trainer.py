@@ -45,7 +45,9 @@ def test_per_step_losses_match_trainer(tiny_config, tmp_path):
 
     # lmforge
     recorder = RecordingTracker()
-    ours = train(copy.deepcopy(model), data, config, Trackers([recorder], print), console=Console(file=io.StringIO()))
+    ours = train(
+        copy.deepcopy(model), data, config, Trackers(recorder, [], None, print), console=Console(file=io.StringIO())
+    )
     our_losses = [loss for _, loss in recorder.series("train/loss")]
     our_lrs = [lr for _, lr in recorder.series("train/lr")]
 

@@ -168,7 +168,7 @@ def test_gradient_checkpointing_gives_the_same_step_for_every_family(tmp_path):
             for module in model.modules():  # dropout off: the two runs must see the same computation
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-            trackers = Trackers([JsonlTracker(tmp_path / f"{task}-{checkpointing}.jsonl")], print)
+            trackers = Trackers(JsonlTracker(tmp_path / f"{task}-{checkpointing}.jsonl"), [], None, print)
             result = train(copy.deepcopy(model), data, config, trackers, console=Console(file=io.StringIO()))
             results.append({k: v.detach().clone() for k, v in result.model.state_dict().items()})
         plain, checkpointed = results

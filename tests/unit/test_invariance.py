@@ -43,7 +43,7 @@ def one_step(config, data, model, micro_batch_size, grad_accum):
     config.train.micro_batch_size, config.train.grad_accum = micro_batch_size, grad_accum
     recorder = RecordingTracker()
     quiet = Console(file=io.StringIO())
-    result = train(copy.deepcopy(model), data, config, Trackers([recorder], print), console=quiet)
+    result = train(copy.deepcopy(model), data, config, Trackers(recorder, [], None, print), console=quiet)
     assert result.state.step == 1
     assert result.state.target_tokens_seen == sum(n - 1 for n in data.splits["train"]["num_tokens"])
     ((_, loss),) = recorder.series("train/loss")

@@ -25,6 +25,7 @@ from lmforge.engine.state import TrainState
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
 from lmforge.tracking.base import Trackers
+from lmforge.tracking.system import system_metrics
 
 PAUSES = ("SIGTERM", "SIGINT", "max_time")  # stops after which the run is meant to be resumed
 
@@ -209,6 +210,7 @@ def _save(loop: Loop) -> None:
     state, cfg = loop.state, loop.config.train
     state.window_loss = float(loop.window_loss)
     state.metrics_lines = loop.trackers.position()
+    state.tracker_ids = loop.trackers.ids()  # a backend that was down at the start may have started since
     if loop.checkpoint_dir is None or not loop.accelerator.is_main_process:
         return
     model = loop.accelerator.unwrap_model(loop.model)
@@ -256,6 +258,8 @@ def _log_train(loop: Loop, lr: float, grad_norm: torch.Tensor, plan: StepPlan) -
     }
     if state.skipped_steps:
         metrics["train/skipped_steps"] = state.skipped_steps
+    if loop.config.tracking.system_metrics:
+        metrics.update(system_metrics(accelerator.device))
     loop.trackers.log_metrics(metrics, state.step)
     loop.progress.update(state.step, metrics)
     loop.window_loss.zero_()

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-import platform
+import os
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lmforge
-from lmforge.config import Config, config_to_dict, flatten
+from lmforge.secrets import redact_text
+from lmforge.tracking.base import RunInfo
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch
+METRIC_BATCH = 1000  # and on metrics
+# The channel retries with its own backoff; MLflow's defaults (7 retries, factor 2, 120 s timeout)
+# would hold one call for minutes against a dead server. The user's own settings win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 def default_tracking_uri(output_dir: str) -> str:
@@ -20,68 +29,133 @@ def default_tracking_uri(output_dir: str) -> str:
 
 
 class MlflowTracker:
+    """An MLflow run. On resume it continues the run id, and points it already has (same metric,
+    same step) are skipped, so a resumed run or `lmforge sync` never duplicates a point."""
+
     name = "mlflow"
 
-    def __init__(self, config: Config, run_dir: Path, run_id: str | None = None) -> None:
+    def __init__(self, info: RunInfo) -> None:
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        self.info = info
+        self.settings = info.config.tracking.mlflow
+        self.uri = self.settings.tracking_uri or default_tracking_uri(info.config.output_dir)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.logged: dict[str, set[int]] = {}
+        """Steps each metric already has in the run."""
+        self.params: dict[str, str] = {}
+
+    def start(self, run_id: str | None) -> str:
         from mlflow.tracking import MlflowClient
 
-        self.uri = config.tracking.mlflow.tracking_uri or default_tracking_uri(config.output_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
-        experiment_name = config.tracking.mlflow.experiment
-        experiment = self.client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            artifact_location = None
-            if config.tracking.mlflow.tracking_uri is None:  # keep artifacts beside the embedded store
-                artifact_location = (Path(config.output_dir).resolve() / "mlartifacts").as_uri()
-            experiment_id = self.client.create_experiment(experiment_name, artifact_location=artifact_location)
-        else:
-            experiment_id = experiment.experiment_id
-        self.experiment_id = experiment_id
-        self.logged_through: dict[str, int] = {}
         if run_id is not None:
             self._resume(run_id)
-            return
-        tags = {
-            "lmforge.version": lmforge.__version__,
-            "lmforge.run_dir": str(run_dir.resolve()),
-            "host": platform.node(),
-        }
-        run = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
+            return run_id
+        tags = dict(self.info.tags)
+        if self.settings.parent_run_id:
+            tags["mlflow.parentRunId"] = self.settings.parent_run_id
+        self.experiment_id = self._experiment_id()
+        run = self.client.create_run(self.experiment_id, run_name=self.info.run_dir.name, tags=tags)
         self.run_id = run.info.run_id
-        self.log_params(flatten(config_to_dict(config)))
+        return self.run_id
+
+    def _experiment_id(self) -> str:
+        name = self.settings.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if self.settings.tracking_uri is None:  # keep artifacts beside the embedded store
+            location = (Path(self.info.config.output_dir).resolve() / "mlartifacts").as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
 
     def _resume(self, run_id: str) -> None:
-        """Continue an existing run. A resumed lmforge run recomputes exactly the points that were
-        logged after its checkpoint, so points at or below a metric's last logged step are skipped
-        instead of duplicated."""
         run = self.client.get_run(run_id)
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        self.params = dict(run.data.params)
         for key in run.data.metrics:
-            history = self.client.get_metric_history(run_id, key)
-            self.logged_through[key] = max((m.step for m in history), default=-1)
+            self.logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         self.client.update_run(run_id, status="RUNNING")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """New params only: MLflow params are immutable, and a resumed run may change resume-safe
+        settings (those keep their first value here; config.yaml has the current one)."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        values = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
+        items = [Param(k, v) for k, v in values.items() if k not in self.params]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + BATCH], synchronous=True)
+            self.params.update((p.key, p.value) for p in items[i : i + BATCH])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp: float | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.logged_through.get(k, -1)]
-        if items:
-            self.client.log_batch(self.run_id, metrics=items, synchronous=True)
+        millis = int((timestamp or time.time()) * 1000)
+        fresh = {k: float(v) for k, v in metrics.items() if step not in self.logged.get(k, ())}
+        if not fresh:
+            return
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, millis, step) for k, v in fresh.items()])
+        for key in fresh:
+            self.logged.setdefault(key, set()).add(step)
+
+    def log_history(self, points: list[tuple[int, float, Mapping[str, float]]]) -> None:
+        """Many (step, time, metrics) points at once, in batches, skipping those the run has."""
+        from mlflow.entities import Metric
+
+        fresh = [
+            Metric(k, float(v), int(stamp * 1000), step)
+            for step, stamp, metrics in points
+            for k, v in metrics.items()
+            if step not in self.logged.get(k, ())
+        ]
+        for i in range(0, len(fresh), METRIC_BATCH):
+            batch = fresh[i : i + METRIC_BATCH]
+            self.client.log_batch(self.run_id, metrics=batch)
+            for metric in batch:
+                self.logged.setdefault(metric.key, set()).add(metric.step)
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
+    def log_model(self, run_dir: Path) -> None:
+        """With tracking.mlflow.log_model or register_as: the final model as an MLflow pyfunc model
+        under the run's `model/` artifacts (a LoRA adapter is merged first, so it stands alone),
+        registered as a new version of `register_as` when that is set."""
+        if not (self.settings.log_model or self.settings.register_as):
+            return
+        from lmforge.tracking.mlflow_model import save_pyfunc
+
+        with tempfile.TemporaryDirectory(prefix="lmforge-mlflow-") as tmp:
+            save_pyfunc(run_dir, Path(tmp) / "model")
+            self.client.log_artifacts(self.run_id, str(Path(tmp) / "model"), "model")
+        if self.settings.register_as:
+            self._register(self.settings.register_as)
+
+    def _register(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"runs:/{self.run_id}/model"
+        if any(v.run_id == self.run_id for v in self.client.search_model_versions(f"name='{name}'")):
+            return  # a retried call after the version was created
+        self.client.create_model_version(name, source=source, run_id=self.run_id)
+
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    def points(self) -> int:
+        """Metric values the run holds."""
+        return sum(len(steps) for steps in self.logged.values())
+
     def where(self) -> str:
-        store = self.uri
+        store = redact_text(self.uri)
+        if store.startswith(("http://", "https://")):
+            return f"MLflow run {self.run_id}: {store.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
         return f"MLflow run {self.run_id} in {store}\n  view it: mlflow ui --backend-store-uri {store}"

@@ -157,5 +157,6 @@ class MlflowTracker:
     def where(self) -> str:
         store = redact_text(self.uri)
         if store.startswith(("http://", "https://")):
-            return f"MLflow run {self.run_id}: {store.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            page = f"{store.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            return f"MLflow run {self.run_id}: {page}"
         return f"MLflow run {self.run_id} in {store}\n  view it: mlflow ui --backend-store-uri {store}"

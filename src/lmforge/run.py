@@ -33,7 +33,7 @@ from lmforge.data.loader import StepPlan
 from lmforge.data.prepare import PreparedData, prepare_data
 from lmforge.data.report import data_report_lines
 from lmforge.engine.checkpoint import Checkpoint, checkpoint_name, latest_valid, load_trainer_state, verify
-from lmforge.engine.loop import PAUSES, TrainResult, resolve_precision, total_steps, train
+from lmforge.engine.loop import PAUSES, TrainResult, distributed_cpu, resolve_precision, total_steps, train
 from lmforge.engine.progress import format_duration
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
@@ -100,7 +100,9 @@ def run_train(
     checkpoint = find_resume_checkpoint(config, resume, warn) if resume else None
     if checkpoint is not None:
         check_resume_config(checkpoint, config, warn)
-    process = PartialState()  # one per process of a distributed job; the main one writes and logs
+    process = PartialState(cpu=distributed_cpu())  # one per process of a job; the main one writes and logs
+    if not process.is_main_process:
+        console = Console(quiet=True)
     with process.main_process_first():  # the main process fills the data cache, the others read it
         data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)

@@ -408,3 +408,40 @@ def test_a_backend_that_is_not_installed_is_a_config_error_naming_the_extra(tmp_
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("  backends:"))
     assert f"{path}:{line}: tracking.backends" in str(error.value)
     assert "wandb is not installed: pip install 'lmforge[wandb]'" in str(error.value)
+
+
+# --------------------------------------------------------------------------- distributed: one job, one run
+
+
+@pytest.mark.slow
+def test_two_process_job_is_one_run_logged_once_with_the_single_process_losses(tmp_path, corpus, cache_dir):
+    """torchrun, 2 CPU processes over gloo, micro-batch 4 each, against 1 process with micro-batch 8:
+    the same per-step losses, one run directory, one MLflow run, every step logged once."""
+    from mlflow.tracking import MlflowClient
+
+    path = write_config(tmp_path, corpus, cache_dir, backends=["mlflow"])
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["test_fraction"] = 0.0
+    cfg["train"].update({"max_steps": 6, "eval_every": None, "save_every": None})
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "lmforge", "train", str(path)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("done in") == 1  # the other process prints nothing
+    run_dir = run_dir_of(tmp_path)
+    distributed = local_series(run_dir, "train/loss")
+    assert [s for s, _ in distributed] == list(range(1, 7))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 7))
+
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    run_cli("train", str(path), "train.micro_batch_size=8", "tracking.backends=[none]", cwd=single_dir)
+    runs = sorted((tmp_path / "runs").glob("tiny-2*"))  # the same output_dir: the newer one is single-process
+    assert len(runs) == 2 and runs[0] == run_dir
+    assert_series(distributed, local_series(runs[-1], "train/loss"), rel=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -46,11 +47,17 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def distributed_cpu() -> bool:
+    """A job of several processes (torchrun, accelerate launch) on a machine without CUDA: they
+    talk over gloo, which accelerate picks only when told the job is on CPU."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def make_accelerator(precision: str) -> Accelerator:
     # accelerate keeps its settings in a process-wide singleton; clear it so that a second run
     # in the same process (tests, notebooks, sweeps) may use another precision.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=resolve_precision(precision))
+    return Accelerator(mixed_precision=resolve_precision(precision), cpu=distributed_cpu())
 
 
 def total_steps(cfg: TrainConfig, plan: StepPlan) -> int:

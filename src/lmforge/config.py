@@ -237,6 +237,11 @@ class TrainConfig(Section):
     """Checkpoints kept, besides the best one, which is always kept."""
     max_time: float | None = Field(default=None, gt=0)
     """Seconds of training in this invocation; when reached, save a checkpoint and stop (resume later)."""
+    loss_chunk_size: int | None = Field(default=None, ge=1)
+    """Causal LMs: compute the loss from hidden states, this many target tokens at a time, never
+    holding full-vocabulary logits for the whole batch (a large memory saving at big vocabularies
+    and long sequences; the same loss and gradients). Positions without a target are skipped.
+    null: the plain loss."""
     max_bad_steps: int = Field(default=5, ge=1)
     """Consecutive steps with a non-finite loss or gradient norm (each skipped) before the run fails."""
     early_stopping: EarlyStoppingConfig | None = None
@@ -596,7 +601,7 @@ TASK_OF_FORMAT = {"seq2seq": "seq2seq", "classification": "classification"}
 
 
 def _check_rest(config: Config) -> list[str]:
-    data, train, problems = config.data, config.train, []
+    data, problems = config.data, []
     task = TASK_OF_FORMAT.get(data.format, "causal-lm")
     if task != config.model.task:
         problems.append(
@@ -616,8 +621,6 @@ def _check_rest(config: Config) -> list[str]:
         )
     if data.labels is not None and data.format != "classification":
         problems.append("data.labels applies to data.format=classification only")
-    if train.warmup_steps is not None and train.warmup_ratio is not None:
-        problems.append("train.warmup_steps and train.warmup_ratio are exclusive: set only one")
     if data.validation is None and data.test is None and data.validation_fraction + data.test_fraction >= 1:
         problems.append("data.validation_fraction + data.test_fraction must be below 1 so that training data remains")
     if data.validation is None and data.validation_fraction == 0:
@@ -626,9 +629,18 @@ def _check_rest(config: Config) -> list[str]:
         problems.append(
             f"data.on_too_long=split applies to the text format only; for {data.format} use truncate, drop or error"
         )
+    return problems + _check_train(config) + _check_tracking(config)
+
+
+def _check_train(config: Config) -> list[str]:
+    train, problems = config.train, []
+    if train.warmup_steps is not None and train.warmup_ratio is not None:
+        problems.append("train.warmup_steps and train.warmup_ratio are exclusive: set only one")
     if train.early_stopping is not None and train.eval_every is None:
         problems.append("train.early_stopping needs train.eval_every: evaluations are what it watches")
-    return problems + _check_tracking(config)
+    if train.loss_chunk_size is not None and config.model.task != "causal-lm":
+        problems.append(f"train.loss_chunk_size applies to causal LMs; remove it for model.task={config.model.task}")
+    return problems
 
 
 def _check_tracking(config: Config) -> list[str]:

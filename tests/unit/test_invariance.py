@@ -83,3 +83,15 @@ def test_loss_is_mean_over_step_tokens_not_mean_of_micro_batch_means(ragged):
             means.append(s.item() / int(n))
     assert loss == pytest.approx(total / count, rel=1e-5)
     assert abs(loss - sum(means) / len(means)) > 1e-3  # the naive mean of means differs here
+
+
+def test_chunked_loss_gives_the_same_step_through_the_loop(ragged):
+    """train.loss_chunk_size changes memory, not the optimizer step."""
+    config, data, model = ragged
+    loss, weights = one_step(config, data, model, micro_batch_size=4, grad_accum=2)
+    chunked = config.model_copy(deep=True)
+    chunked.train.loss_chunk_size = 16
+    chunk_loss, chunk_weights = one_step(chunked, data, model, micro_batch_size=4, grad_accum=2)
+    assert chunk_loss == pytest.approx(loss, rel=1e-6)
+    for name, value in chunk_weights.items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

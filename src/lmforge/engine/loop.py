@@ -18,7 +18,7 @@ from lmforge.data.loader import StepPlan, fetch, training_order
 from lmforge.data.prepare import PreparedData
 from lmforge.engine.checkpoint import load_checkpoint, prune, remove_stale_temporaries, save_checkpoint
 from lmforge.engine.early_stopping import record_eval
-from lmforge.engine.losses import LOSS_STEPS, count_targets
+from lmforge.engine.losses import count_targets, loss_step_for
 from lmforge.engine.optim import build_optimizer, build_scheduler
 from lmforge.engine.progress import TrainProgress
 from lmforge.engine.signals import StopOnSignal
@@ -117,7 +117,7 @@ def train(
     plan = StepPlan(len(train_set), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes)
     steps = total_steps(cfg, plan)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    loss_step = LOSS_STEPS[config.model.task]
+    loss_step = loss_step_for(config.model.task, cfg.loss_chunk_size)
     progress = progress_factory(steps, console, enabled=accelerator.is_main_process)
     state = TrainState(config_hash=config_hash(config), tracker_ids=trackers.ids())
     loop = Loop(config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir)

@@ -7,13 +7,22 @@ processes), so every token weighs the same however the tokens are spread over mi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.data.loader import IGNORE_INDEX
+from lmforge.errors import UserError
+
+
+def at_least_fp32(scores: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 scores in fp32 for a stable log-softmax; fp32/fp64 as they are."""
+    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,11 +33,60 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
         labels: (B, T) token ids, IGNORE_INDEX where there is nothing to predict.
     """
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    scores = logits[:, :-1].float()  # (B, T-1, V), fp32 for a stable log-softmax
+    scores = at_least_fp32(logits[:, :-1])  # (B, T-1, V), fp32 for a stable log-softmax
     loss = F.cross_entropy(
         scores.reshape(-1, scores.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss, (targets != IGNORE_INDEX).sum()
+
+
+def chunked_causal_lm_loss_sum(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sum as `causal_lm_loss_sum`, from the last hidden states, without ever holding the
+    full (B, T, V) logits: only positions with a target are scored, `chunk_size` at a time, and
+    each chunk's logits are recomputed in backward instead of kept (activation checkpointing).
+
+    Args:
+        hidden: (B, T, H) final hidden states.
+        labels: (B, T) token ids, IGNORE_INDEX where there is nothing to predict.
+        head: the output projection (H -> V).
+        chunk_size: target positions scored at once; peak extra memory ~ chunk_size x V x 4 bytes.
+    """
+    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),): position t predicts token t+1
+    states = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (B*(T-1), H)
+    keep = targets != IGNORE_INDEX
+    states, targets = states[keep], targets[keep]  # (N, H), (N,): masked prompts cost nothing
+    total = at_least_fp32(hidden.new_zeros(()))
+    for start in range(0, targets.numel(), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        total = total + checkpoint(_chunk_loss, states[chunk], targets[chunk], head, use_reentrant=False)
+    return total, keep.sum()
+
+
+def _chunk_loss(states: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(at_least_fp32(head(states)), targets, reduction="sum")  # (n, V) logits live only here
+
+
+@contextmanager
+def hidden_states_out(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the model's forward returns final hidden states in place of logits (its
+    output projection is swapped for an identity); yields that projection. Going through the
+    model's own forward keeps distributed wrappers (DDP hooks) and adapters (LoRA) in the path."""
+    base = model.module if hasattr(model, "module") else model  # DDP
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+    head = base.get_output_embeddings()
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(base.config, name, None) not in (None, 1, 1.0):
+            raise UserError(
+                f"train.loss_chunk_size: {type(base).__name__} transforms its logits ({name}); "
+                "chunked loss does not support that yet: unset train.loss_chunk_size"
+            )
+    base.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        base.set_output_embeddings(head)
 
 
 def count_targets(batch: dict[str, torch.Tensor], task: str = "causal-lm") -> torch.Tensor:
@@ -39,10 +97,16 @@ def count_targets(batch: dict[str, torch.Tensor], task: str = "causal-lm") -> to
     return (labels != IGNORE_INDEX).sum()
 
 
-def causal_lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_step(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     # No attention mask and no KV cache: that is what keeps packed examples apart (see collate).
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return causal_lm_loss_sum(logits, batch["labels"])
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if chunk_size is None:
+        return causal_lm_loss_sum(model(**inputs).logits, batch["labels"])
+    with hidden_states_out(model) as head:
+        hidden = model(**inputs).logits  # (B, T, H): the identity head passed the hidden states through
+    return chunked_causal_lm_loss_sum(hidden, batch["labels"], head, chunk_size)
 
 
 def seq2seq_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -69,6 +133,13 @@ def classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, classes)
     loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
     return loss, torch.tensor(batch["labels"].numel())
+
+
+def loss_step_for(task: str, chunk_size: int | None = None) -> LossStep:
+    """The loss step of a task; causal LMs with `chunk_size` use the chunked loss."""
+    if task == "causal-lm" and chunk_size is not None:
+        return partial(causal_lm_step, chunk_size=chunk_size)
+    return LOSS_STEPS[task]
 
 
 LossStep = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]

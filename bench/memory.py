@@ -27,7 +27,7 @@ from lmforge.engine.losses import causal_lm_step
 
 FULL = {"vocab": [32_000, 50_000], "seq": [1024, 2048], "batch": 2, "hidden": 256, "layers": 2}
 SMOKE = {"vocab": [2_000], "seq": [64], "batch": 2, "hidden": 64, "layers": 2}
-CHUNK = 4096  # train.loss_chunk_size for the chunked runs
+CHUNK = 512  # train.loss_chunk_size for the chunked runs: 512 x 32k x 4 bytes = 64 MB of logits
 
 
 def one_step(vocab: int, seq: int, batch: int, hidden: int, layers: int, chunk: int | None) -> dict:

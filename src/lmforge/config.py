@@ -237,6 +237,9 @@ class TrainConfig(Section):
     """Checkpoints kept, besides the best one, which is always kept."""
     max_time: float | None = Field(default=None, gt=0)
     """Seconds of training in this invocation; when reached, save a checkpoint and stop (resume later)."""
+    compile: bool = False
+    """Compile the model with torch.compile (inductor). The first steps are slow while it compiles;
+    fixed shapes (packing) avoid recompiling. Needs a C/C++ compiler on CPU."""
     loss_chunk_size: int | None = Field(default=None, ge=1)
     """Causal LMs: compute the loss from hidden states, this many target tokens at a time, never
     holding full-vocabulary logits for the whole batch (a large memory saving at big vocabularies

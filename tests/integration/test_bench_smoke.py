@@ -4,6 +4,8 @@ by people (bench/RESULTS.md), never asserted here: timings and memory are not te
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, subprocess_env
 
 
@@ -21,3 +23,59 @@ def test_memory_benchmark_smoke():
     vocab, seq, batch, plain, chunked, ratio = lines[1].split()
     assert (vocab, seq, batch) == ("2000", "64", "2") and float(plain) > 0 and float(chunked) > 0
     assert lines[-1].startswith("summary (cpu, medians of 1): chunked/plain step peak memory v2k/s64:")
+
+
+@pytest.mark.slow
+def test_vs_peers_sft_smoke(tmp_path):
+    """Every tool trains the tiny workload; the table and the summary come out."""
+    script = str(ROOT / "bench" / "vs_peers.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--workload", "sft", "--smoke", "--workspace", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2:-1]}
+    assert set(rows) == {"lmforge", "lmforge-unpacked", "trainer", "trainer-grouped", "trl-packed"}
+    for tool, row in rows.items():
+        tokens_per_s, tokens, val_loss = float(row[1]), float(row[5]), float(row[6])
+        assert tokens_per_s > 0 and tokens > 0 and 0 < val_loss < 20, tool
+    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s")
+
+
+def run_bench(script: str, *args: str) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_vs_peers_pretrain_and_time_to_loss_smoke(tmp_path):
+    lines = run_bench("vs_peers.py", "--workload", "pretrain", "--smoke", "--workspace", str(tmp_path))
+    assert [line.split()[0] for line in lines[2:-1]] == ["lmforge", "trainer"]
+    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s")
+
+    lines = run_bench("vs_peers.py", "--workload", "time-to-loss", "--smoke", "--workspace", str(tmp_path))
+    starts = {line.split()[0]: float(line.split()[1]) for line in lines[-3:-1]}
+    # both tools measure the same untrained model on the same held-out tokens: one number
+    assert starts["lmforge"] == pytest.approx(starts["trainer"], rel=1e-3)
+    assert lines[-1].startswith("summary time-to-loss (medians of 1, target val loss")
+
+
+def test_data_prep_smoke(tmp_path):
+    lines = run_bench("data_prep.py", "--smoke", "--workspace", str(tmp_path))
+    assert lines[0].split()[:3] == ["workload", "num_proc", "records"]
+    rows = {line.split()[0]: line.split() for line in lines[1:3]}
+    assert set(rows) == {"sft", "text"}
+    for row in rows.values():
+        assert int(row[2].replace(",", "")) > 0 and int(row[3].replace(",", "")) > 0
+    assert lines[-2].startswith("summary (medians of 1, best num_proc): sft ")

@@ -95,3 +95,17 @@ def test_chunked_loss_gives_the_same_step_through_the_loop(ragged):
     assert chunk_loss == pytest.approx(loss, rel=1e-6)
     for name, value in chunk_weights.items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_the_eager_step(ragged):
+    """train.compile changes speed, not the step (inductor may reorder float sums: a tolerance)."""
+    config, data, model = ragged
+    loss, weights = one_step(config, data, model, micro_batch_size=4, grad_accum=2)
+    compiled = config.model_copy(deep=True)
+    compiled.train.compile = True
+    compiled_loss, compiled_weights = one_step(compiled, data, model, micro_batch_size=4, grad_accum=2)
+    assert compiled_loss == pytest.approx(loss, rel=1e-5)
+    assert set(compiled_weights) == set(weights)  # no "_orig_mod." prefixes reach checkpoints or final/
+    for name, value in compiled_weights.items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

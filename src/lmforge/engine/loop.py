@@ -112,7 +112,10 @@ def train(
     cfg = config.train
     accelerator = make_accelerator(cfg.precision)
     model = model.to(accelerator.device)
-    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg))
+    optimizer = build_optimizer(model, cfg)
+    if cfg.compile:  # the compiled wrapper shares the parameters: the optimizer and checkpoints see the same
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
     train_set, pad_id, rank = data.splits["train"], data.tokenizer.pad_token_id, accelerator.process_index
     plan = StepPlan(len(train_set), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes)
     steps = total_steps(cfg, plan)
@@ -159,7 +162,7 @@ def train(
             if _should_save(loop, new_best):
                 _save(loop)
     progress.close()
-    return TrainResult(accelerator.unwrap_model(model), state, checkpoint_dir)
+    return TrainResult(accelerator.unwrap_model(model, keep_torch_compile=False), state, checkpoint_dir)
 
 
 def _start(loop: Loop, resume_from: Path | None) -> TrainState:
@@ -170,7 +173,7 @@ def _start(loop: Loop, resume_from: Path | None) -> TrainState:
         if loop.config.eval.at_start:
             _evaluate(loop)
         return loop.state
-    model, accelerator = loop.accelerator.unwrap_model(loop.model), loop.accelerator
+    model, accelerator = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False), loop.accelerator
     loop.state = load_checkpoint(resume_from, model, loop.optimizer, loop.scheduler, accelerator.scaler)
     if loop.state.stop_reason != "early_stopping":
         loop.state.stop_reason = None  # a pause, or a finished run given more steps, goes on
@@ -220,7 +223,7 @@ def _save(loop: Loop) -> None:
     state.tracker_ids = loop.trackers.ids()  # a backend that was down at the start may have started since
     if loop.checkpoint_dir is None or not loop.accelerator.is_main_process:
         return
-    model = loop.accelerator.unwrap_model(loop.model)
+    model = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False)
     scaler = loop.accelerator.scaler
     save_checkpoint(loop.checkpoint_dir, state, model, loop.optimizer, loop.scheduler, scaler, dump_yaml(loop.config))
     prune(loop.checkpoint_dir, cfg.keep_last, {state.best_step} if state.best_step is not None else set())

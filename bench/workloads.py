@@ -1,0 +1,98 @@
+"""Workloads shared by the benchmarks: real data, one tokenizer and one starting model, made once
+in a workspace directory so that every tool trains exactly the same thing.
+
+- SFT pairs: Python standard-library functions. The prompt is a comment with the first line of the
+  function's docstring, the completion is the function's source without its docstring. Lengths
+  spread widely (a one-line helper to a page of code), which is what makes padding expensive.
+- Pretraining text: the King James Pentateuch shipped in data/.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KJV = ROOT / "data" / "kjv-pentateuch.txt"
+
+
+def stdlib_pairs(max_chars: int = 4000) -> list[dict]:
+    """{"prompt", "completion"} for every documented stdlib function up to `max_chars` of source."""
+    pairs = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or not ast.get_docstring(node):
+                continue
+            summary = ast.get_docstring(node).strip().split("\n")[0].strip()
+            node.body = node.body[1:] or [ast.Pass()]
+            code = ast.unparse(node)
+            if 10 <= len(summary) <= 160 and len(code) <= max_chars:
+                pairs.append({"prompt": f"# {summary}\n", "completion": code + "\n"})
+    random.Random(0).shuffle(pairs)
+    return pairs
+
+
+@dataclass
+class Workspace:
+    root: Path
+    base: Path
+    """The starting model and its tokenizer (a Hugging Face directory)."""
+    sft_train: Path
+    sft_validation: Path
+    text_train: Path
+    text_validation: Path
+
+
+def make_workspace(root: Path, preset: str = "llama-20m", vocab_size: int = 8192, smoke: bool = False) -> Workspace:
+    """Write the data, train the tokenizer and save the starting model under `root` (once)."""
+    root.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(
+        root,
+        root / "base",
+        root / "sft_train.jsonl",
+        root / "sft_validation.jsonl",
+        root / "text_train.txt",
+        root / "text_validation.txt",
+    )
+    if (ws.base / "config.json").is_file():
+        return ws
+    pairs = stdlib_pairs()
+    if smoke:
+        pairs = pairs[:200]
+    held_out = max(len(pairs) // 20, 8)
+    for path, rows in ((ws.sft_validation, pairs[:held_out]), (ws.sft_train, pairs[held_out:])):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chapters = KJV.read_text(encoding="utf-8").split("\n\n")
+    if smoke:
+        chapters = chapters[:60]
+    cut = max(len(chapters) // 20, 3)
+    ws.text_validation.write_text("\n\n".join(chapters[:cut]) + "\n")
+    ws.text_train.write_text("\n\n".join(chapters[cut:]) + "\n")
+    _save_base(ws, pairs, chapters, preset, vocab_size)
+    return ws
+
+
+def _save_base(ws: Workspace, pairs: list[dict], chapters: list[str], preset: str, vocab_size: int) -> None:
+    import torch
+
+    from lmforge.config import Config
+    from lmforge.models.build import build_model
+    from lmforge.models.tokenizer import train_bpe_tokenizer
+
+    texts = [p["prompt"] + p["completion"] for p in pairs] + chapters
+    tokenizer = train_bpe_tokenizer(texts, vocab_size)
+    config = Config.model_validate(
+        {"model": {"preset": preset}, "tokenizer": {"train": True}, "data": {"train": str(ws.sft_train)}}
+    )
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer)
+    model.save_pretrained(str(ws.base))
+    tokenizer.save_pretrained(str(ws.base))

@@ -137,8 +137,17 @@ class Points:
         pass
 
 
+LEVERS = {
+    "lmforge": {},
+    "lmforge-unpacked": {"data": {"packing": False}},
+    "lmforge-compile": {"train": {"compile": True}},
+    "lmforge-chunked": {"train": {"loss_chunk_size": 512}},
+}
+"""lmforge variants: settings on top of the shared ones (packing is lmforge's SFT default)."""
+
+
 def run_lmforge(
-    ws: Workspace, workload: str, s: dict, packing: bool, eval_every: int | None = None
+    ws: Workspace, workload: str, s: dict, lever: dict, eval_every: int | None = None
 ) -> tuple[float, int, object, list]:
     from rich.console import Console
 
@@ -156,7 +165,12 @@ def run_lmforge(
             "seed": s["seed"],
             "output_dir": str(ws.root / "runs"),
             "model": {"name_or_path": str(ws.base)},
-            "data": {**data, "max_length": s["max_length"], "packing": packing, "cache_dir": str(ws.root / "cache")},
+            "data": {
+                **data,
+                "max_length": s["max_length"],
+                "cache_dir": str(ws.root / "cache"),
+                **lever.get("data", {}),
+            },
             "train": {
                 "max_steps": s["steps"],
                 "micro_batch_size": s["micro_batch_size"],
@@ -167,6 +181,7 @@ def run_lmforge(
                 "max_grad_norm": s["max_grad_norm"],
                 "log_every": eval_every or s["steps"],
                 "eval_every": eval_every,
+                **lever.get("train", {}),
             },
             "eval": {"at_start": eval_every is not None, "max_batches": None if eval_every else 1},
             "tracking": {"backends": ["none"]},
@@ -306,7 +321,7 @@ def run_one(tool: str, workload: str, ws: Workspace, s: dict) -> dict:
     torch.manual_seed(s["seed"])
     every = s.get("eval_every") if workload == "time-to-loss" else None
     if tool.startswith("lmforge"):
-        wall, targets, model, curve = run_lmforge(ws, workload, s, packing=tool == "lmforge", eval_every=every)
+        wall, targets, model, curve = run_lmforge(ws, workload, s, LEVERS[tool], eval_every=every)
     elif tool.startswith("trainer"):
         wall, targets, model, curve = run_trainer(ws, workload, s, grouped=tool == "trainer-grouped", eval_every=every)
     else:
@@ -384,13 +399,11 @@ def print_table(workload: str, settings: dict, results: dict[str, list[dict]], r
             f"{tool:<18} {m['tokens_per_s']:>14.0f} {spread:>13} {m['peak_rss_mb']:>12.0f} {m['wall_s']:>8.1f} "
             f"{m['trained_tokens']:>9.0f} {m['val_loss']:>9.3f}"
         )
-    ours = median[next(t for t in results if t.startswith("lmforge"))]
-    peers = [t for t in results if not t.startswith("lmforge")]
-    ratios = ", ".join(
-        f"{median[p]['tokens_per_s'] and ours['tokens_per_s'] / median[p]['tokens_per_s']:.2f}x vs {p}" for p in peers
-    )
-    memory = ", ".join(f"{ours['peak_rss_mb'] / median[p]['peak_rss_mb']:.2f}x vs {p}" for p in peers)
-    print(f"summary ({device}, medians of {repeats}): lmforge trained tok/s {ratios}; peak RSS {memory}")
+    base = next(t for t in results if t.startswith("lmforge"))
+    ours, others = median[base], [t for t in results if t != base]
+    speed = ", ".join(f"{ours['tokens_per_s'] / median[t]['tokens_per_s']:.2f}x vs {t}" for t in others)
+    memory = ", ".join(f"{ours['peak_rss_mb'] / median[t]['peak_rss_mb']:.2f}x vs {t}" for t in others)
+    print(f"summary ({device}, medians of {repeats}): {base} trained tok/s {speed}; peak RSS {memory}")
 
 
 def print_time_to_loss(results: dict[str, list[dict]], repeats: int) -> None:

@@ -43,7 +43,7 @@ def test_vs_peers_sft_smoke(tmp_path):
     for tool, row in rows.items():
         tokens_per_s, tokens, val_loss = float(row[1]), float(row[5]), float(row[6])
         assert tokens_per_s > 0 and tokens > 0 and 0 < val_loss < 20, tool
-    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s")
+    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s ") and "x vs trainer" in lines[-1]
 
 
 def run_bench(script: str, *args: str) -> list[str]:
@@ -62,7 +62,7 @@ def run_bench(script: str, *args: str) -> list[str]:
 def test_vs_peers_pretrain_and_time_to_loss_smoke(tmp_path):
     lines = run_bench("vs_peers.py", "--workload", "pretrain", "--smoke", "--workspace", str(tmp_path))
     assert [line.split()[0] for line in lines[2:-1]] == ["lmforge", "trainer"]
-    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s")
+    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s ") and "x vs trainer" in lines[-1]
 
     lines = run_bench("vs_peers.py", "--workload", "time-to-loss", "--smoke", "--workspace", str(tmp_path))
     starts = {line.split()[0]: float(line.split()[1]) for line in lines[-3:-1]}

@@ -68,7 +68,7 @@ def test_per_step_losses_match_trainer(tiny_config, tmp_path):
         adam_beta2=config.train.adam_beta2,
         adam_epsilon=config.train.adam_eps,
         max_grad_norm=0.5,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # what lmforge uses on CPU and CUDA
         logging_steps=1,
         save_strategy="no",
         report_to="none",

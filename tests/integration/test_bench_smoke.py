@@ -25,27 +25,6 @@ def test_memory_benchmark_smoke():
     assert lines[-1].startswith("summary (cpu, medians of 1): chunked/plain step peak memory v2k/s64:")
 
 
-@pytest.mark.slow
-def test_vs_peers_sft_smoke(tmp_path):
-    """Every tool trains the tiny workload; the table and the summary come out."""
-    script = str(ROOT / "bench" / "vs_peers.py")
-    proc = subprocess.run(
-        [sys.executable, script, "--workload", "sft", "--smoke", "--workspace", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    rows = {line.split()[0]: line.split() for line in lines[2:-1]}
-    assert set(rows) == {"lmforge", "lmforge-unpacked", "trainer", "trainer-grouped", "trl-packed"}
-    for tool, row in rows.items():
-        tokens_per_s, tokens, val_loss = float(row[1]), float(row[5]), float(row[6])
-        assert tokens_per_s > 0 and tokens > 0 and 0 < val_loss < 20, tool
-    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s ") and "x vs trainer" in lines[-1]
-
-
 def run_bench(script: str, *args: str) -> list[str]:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
@@ -79,3 +58,16 @@ def test_data_prep_smoke(tmp_path):
     for row in rows.values():
         assert int(row[2].replace(",", "")) > 0 and int(row[3].replace(",", "")) > 0
     assert lines[-2].startswith("summary (medians of 1, best num_proc): sft ")
+
+
+@pytest.mark.slow
+def test_vs_peers_sft_smoke(tmp_path):
+    """Every tool trains the tiny workload; the table and the summary come out."""
+    lines = run_bench("vs_peers.py", "--workload", "sft", "--smoke", "--workspace", str(tmp_path))
+    rows = {line.split()[0]: line.split() for line in lines[2:-1]}
+    assert set(rows) == {"lmforge", "lmforge-unpacked", "trainer", "trainer-grouped", "trl-packed"}
+    for tool, row in rows.items():
+        tokens_per_s, tokens, val_loss = float(row[1]), float(row[5]), float(row[6])
+        assert tokens_per_s > 0 and tokens > 0 and 0 < val_loss < 20, tool
+    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s ")
+    assert "x vs trl-packed" in lines[-1]

@@ -25,6 +25,11 @@ def at_least_fp32(scores: torch.Tensor) -> torch.Tensor:
     return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T) targets: position t predicts token t+1, the last position nothing."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropies and the number of targets.
 
@@ -32,8 +37,10 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
         logits: (B, T, V) scores for the token after each position.
         labels: (B, T) token ids, IGNORE_INDEX where there is nothing to predict.
     """
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    scores = at_least_fp32(logits[:, :-1])  # (B, T-1, V), fp32 for a stable log-softmax
+    # Shift the labels, not the logits: slicing (B, T, V) logits would copy them (and their
+    # gradient) for nothing. The last position predicts nothing.
+    targets = next_token_targets(labels)  # (B, T)
+    scores = at_least_fp32(logits)  # (B, T, V), fp32 for a stable log-softmax
     loss = F.cross_entropy(
         scores.reshape(-1, scores.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -53,8 +60,8 @@ def chunked_causal_lm_loss_sum(
         head: the output projection (H -> V).
         chunk_size: target positions scored at once; peak extra memory ~ chunk_size x V x 4 bytes.
     """
-    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),): position t predicts token t+1
-    states = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (B*(T-1), H)
+    targets = next_token_targets(labels).reshape(-1)  # (B*T,)
+    states = hidden.reshape(-1, hidden.size(-1))  # (B*T, H)
     keep = targets != IGNORE_INDEX
     states, targets = states[keep], targets[keep]  # (N, H), (N,): masked prompts cost nothing
     total = at_least_fp32(hidden.new_zeros(()))

@@ -14,7 +14,7 @@ from datasets import Dataset
 from torch import nn
 
 from lmforge.data.loader import IGNORE_INDEX, eval_batches, fetch
-from lmforge.engine.losses import seq2seq_logits
+from lmforge.engine.losses import at_least_fp32, next_token_targets, seq2seq_logits
 
 
 @torch.no_grad()
@@ -54,11 +54,11 @@ def evaluate(
             totals += torch.stack([loss.double(), (predictions == labels).sum().double(), torch.tensor(len(labels))])
             continue
         if task == "seq2seq":
-            logits, targets = seq2seq_logits(model, batch).float(), batch["labels"]  # (B, T, V), (B, T)
+            logits, targets = at_least_fp32(seq2seq_logits(model, batch)), batch["labels"]  # (B, T, V), (B, T)
         else:
             # as in training: no attention mask and no KV cache, so packed examples stay isolated
             out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-            logits, targets = out.logits[:, :-1].float(), batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
+            logits, targets = at_least_fp32(out.logits), next_token_targets(batch["labels"])  # (B, T, V), (B, T)
         mask = targets != IGNORE_INDEX
         loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         correct = ((logits.argmax(-1) == targets) & mask).sum()

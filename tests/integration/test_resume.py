@@ -254,7 +254,10 @@ def test_early_stopping_resumed_mid_patience_stops_at_the_same_step(tmp_path_fac
 
 
 def test_first_sigint_pauses_at_a_step_boundary_second_exits_at_once(tmp_path):
-    config = write_config(tmp_path, max_steps=400, eval_every=None, save_every=None)
+    # Steps of 128 rows take long enough that the second signal, 5 ms after the first, lands inside
+    # the step: with tiny steps the pause could already be complete, and the second Ctrl-C would
+    # then (rightly) interrupt the printing of the resume command instead.
+    config = write_config(tmp_path, max_steps=400, eval_every=None, save_every=None, micro_batch_size=16, grad_accum=8)
     runs = tmp_path / "runs"
 
     proc = start(config)

@@ -93,3 +93,23 @@ def test_max_time_saves_a_checkpoint_and_pauses(tiny_config, tmp_path):
     (checkpoint,) = list_checkpoints(tmp_path / "ckpt")
     assert checkpoint.step == result.state.step
     assert load_trainer_state(checkpoint.path).stop_reason == "max_time"
+
+
+def test_a_crashed_run_is_marked_failed_in_mlflow(tiny_config, tmp_path, nan_on_steps):
+    """A run that dies of an error ends its MLflow run as FAILED (not RUNNING forever), with the
+    points it logged, and says so in tracking.json."""
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.run import run_train
+
+    config = tiny_config("train.max_steps=8", "train.max_bad_steps=2", "tracking.backends=[mlflow]")
+    nan_on_steps({4, 5}, grad_accum=1)
+    with pytest.raises(NonFiniteLossError):
+        run_train(config, Console(file=io.StringIO()))
+    (run_dir,) = (tmp_path / "runs").glob("tiny-2*")
+    record = json.loads((run_dir / "tracking.json").read_text())
+    assert record["status"] == "FAILED" and record["backends"]["mlflow"]["missing"] == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.get_run(record["backends"]["mlflow"]["run_id"])
+    assert run.info.status == "FAILED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4]

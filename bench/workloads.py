@@ -9,33 +9,22 @@ in a workspace directory so that every tool trains exactly the same thing.
 
 from __future__ import annotations
 
-import ast
 import json
 import random
-import sysconfig
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KJV = ROOT / "data" / "kjv-pentateuch.txt"
+sys.path.insert(0, str(ROOT / "examples"))
+from make_data import documented_functions  # noqa: E402  (the examples' stdlib walker)
 
 
 def stdlib_pairs(max_chars: int = 4000) -> list[dict]:
     """{"prompt", "completion"} for every documented stdlib function up to `max_chars` of source."""
-    pairs = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or not ast.get_docstring(node):
-                continue
-            summary = ast.get_docstring(node).strip().split("\n")[0].strip()
-            node.body = node.body[1:] or [ast.Pass()]
-            code = ast.unparse(node)
-            if 10 <= len(summary) <= 160 and len(code) <= max_chars:
-                pairs.append({"prompt": f"# {summary}\n", "completion": code + "\n"})
+    functions = documented_functions(10, 160, max_chars)
+    pairs = [{"prompt": f"# {summary}\n", "completion": code + "\n"} for _, summary, code in functions]
     random.Random(0).shuffle(pairs)
     return pairs
 

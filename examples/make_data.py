@@ -41,7 +41,10 @@ def arithmetic_chat(n: int = 1500) -> list[dict]:
         messages = [{"role": "system", "content": "You are a patient arithmetic tutor. Add column by column."}]
         for _ in range(rng.choice([1, 1, 2])):
             a, b = rng.randint(10, 999), rng.randint(10, 999)
-            messages += [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": _steps(a, b)}]
+            messages += [
+                {"role": "user", "content": f"What is {a} + {b}?"},
+                {"role": "assistant", "content": _steps(a, b)},
+            ]
         rows.append({"messages": messages})
     return rows
 
@@ -53,17 +56,20 @@ def _steps(a: int, b: int) -> str:
         x, y = a // 10**place % 10, b // 10**place % 10
         total = x + y + carry
         plus = f" + {carry} carried" if carry else ""
-        steps.append(f"{names[place]}: {x} + {y}{plus} = {total}, write {total % 10}" + (", carry 1" if total > 9 else ""))
+        steps.append(
+            f"{names[place]}: {x} + {y}{plus} = {total}, write {total % 10}" + (", carry 1" if total > 9 else "")
+        )
         carry, place = total // 10, place + 1
     if carry:
         steps.append(f"{names[place]}: write the carried 1")
     return "; ".join(steps) + f". So {a} + {b} = {a + b}."
 
 
-def stdlib_summaries(limit: int = 1200, max_chars: int = 600) -> list[dict]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    rows = []
-    for path in sorted(root.glob("*.py")):
+def documented_functions(min_summary: int, max_summary: int, max_chars: int) -> list[tuple[str, str, str]]:
+    """(module, first docstring line, source without its docstring) of every standard-library
+    function whose summary and source lengths fit, in file order. bench/workloads.py uses it too."""
+    found = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError):
@@ -72,12 +78,17 @@ def stdlib_summaries(limit: int = 1200, max_chars: int = 600) -> list[dict]:
             if not isinstance(node, ast.FunctionDef) or not ast.get_docstring(node):
                 continue
             summary = ast.get_docstring(node).strip().split("\n")[0].strip()
-            if not 10 <= len(summary) <= 120:
+            if not min_summary <= len(summary) <= max_summary:
                 continue
             node.body = node.body[1:] or [ast.Pass()]  # the docstring is the answer: remove it
             code = ast.unparse(node)
             if len(code) <= max_chars:
-                rows.append({"code": code, "summary": summary, "module": path.stem})
+                found.append((path.stem, summary, code))
+    return found
+
+
+def stdlib_summaries(limit: int = 1200, max_chars: int = 600) -> list[dict]:
+    rows = [{"code": c, "summary": s, "module": m} for m, s, c in documented_functions(10, 120, max_chars)]
     random.Random(0).shuffle(rows)
     return rows[:limit]
 

@@ -42,7 +42,7 @@ from lmforge.eval.metrics import generation_metrics
 from lmforge.export.export import model_card
 from lmforge.models.build import build_model, count_parameters
 from lmforge.models.peft import check_quantization
-from lmforge.tracking.base import Trackers, open_trackers, saved_ids
+from lmforge.tracking.base import RUN_ARTIFACTS, Trackers, open_trackers, saved_ids
 
 
 @dataclass
@@ -238,7 +238,7 @@ def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir:
     card = model_card(run_dir, config, adapter_only=config.lora is not None)
     save_final_model(model, data, run_dir / "final", card)
     _write_examples(run_dir / "examples.jsonl", pairs, after, "after", state.step, append=True)
-    for name in ("config.yaml", "data_report.json", "eval.json", "examples.jsonl", "metrics.jsonl", "final/README.md"):
+    for name in RUN_ARTIFACTS:
         trackers.log_artifact(run_dir / name)
     trackers.log_model(run_dir)
     joiner = "  ->  " if config.model.task == "classification" else ""

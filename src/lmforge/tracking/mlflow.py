@@ -91,15 +91,7 @@ class MlflowTracker:
             self.params.update((p.key, p.value) for p in items[i : i + BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp: float | None = None) -> None:
-        from mlflow.entities import Metric
-
-        millis = int((timestamp or time.time()) * 1000)
-        fresh = {k: float(v) for k, v in metrics.items() if step not in self.logged.get(k, ())}
-        if not fresh:
-            return
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, millis, step) for k, v in fresh.items()])
-        for key in fresh:
-            self.logged.setdefault(key, set()).add(step)
+        self.log_history([(step, timestamp or time.time(), metrics)])
 
     def log_history(self, points: list[tuple[int, float, Mapping[str, float]]]) -> None:
         """Many (step, time, metrics) points at once, in batches, skipping those the run has."""

@@ -15,10 +15,9 @@ from pathlib import Path
 from lmforge.config import Config, config_to_dict, flatten, load_config, redacted_dict
 from lmforge.errors import UserError
 from lmforge.secrets import REDACTED
-from lmforge.tracking.base import TRACKING_FILE, RunInfo, read_points, run_tags, saved_ids
+from lmforge.tracking.base import RUN_ARTIFACTS, TRACKING_FILE, RunInfo, read_points, run_tags, saved_ids
 from lmforge.tracking.mlflow import MlflowTracker
 
-ARTIFACTS = ("config.yaml", "data_report.json", "eval.json", "examples.jsonl", "metrics.jsonl", "final/README.md")
 OFFLINE_HINTS = {
     "wandb": "W&B keeps its own copy: upload it with `wandb sync {run_dir}/wandb/<run directory>`",
     "comet": "Comet offline archives upload with `comet upload {run_dir}/comet/<key>.zip`",
@@ -68,7 +67,7 @@ def _sync_mlflow(config: Config, run_dir: Path, run_id: str | None, status: str,
     points = list(read_points(run_dir / "metrics.jsonl"))
     local = sum(len(metrics) for _, _, metrics in points)
     tracker.log_history(points)
-    for name in ARTIFACTS:
+    for name in RUN_ARTIFACTS:
         if (run_dir / name).is_file():
             tracker.log_artifact(run_dir / name)
     if (run_dir / "final").is_dir():

@@ -63,6 +63,12 @@ class ModelConfig(Section):
     prefix, e.g. model.norm."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    attention: Literal["auto", "varlen", "sdpa", "eager"] = "auto"
+    """Attention kernel of causal LMs. varlen: each packed example attends within itself at its own
+    cost (sum of n^2, not rows x max_length^2), with plain matmuls on CPU in bf16 and torch's flash
+    kernels elsewhere. sdpa/eager: transformers' own, with a block-diagonal mask for packed rows.
+    auto: varlen where the architecture allows it (no sliding window or soft-capping) and
+    train.compile is off, else sdpa."""
     trust_remote_code: bool = False
     """Allow a pretrained model directory to run its own Python code. Only for sources you trust."""
 

@@ -33,7 +33,15 @@ from lmforge.data.loader import StepPlan
 from lmforge.data.prepare import PreparedData, prepare_data
 from lmforge.data.report import data_report_lines
 from lmforge.engine.checkpoint import Checkpoint, checkpoint_name, latest_valid, load_trainer_state, verify
-from lmforge.engine.loop import PAUSES, TrainResult, distributed_cpu, resolve_precision, total_steps, train
+from lmforge.engine.loop import (
+    PAUSES,
+    TrainResult,
+    cpu_has_native_bf16,
+    distributed_cpu,
+    resolve_precision,
+    total_steps,
+    train,
+)
 from lmforge.engine.progress import format_duration
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
@@ -110,7 +118,7 @@ def run_train(
     trainable, total = count_parameters(model)
     plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
     steps = total_steps(config.train, plan)
-    _print_plan(console, config, data, trainable, total, plan, steps, precision)
+    _print_plan(console, config, data, model, trainable, total, plan, steps, precision)
     if dry_run:
         console.print("dry run: config and data are valid; nothing was trained")
         return RunOutcome(None, {})
@@ -331,7 +339,7 @@ def _write_examples(path: Path, pairs, texts: list[str], stage: str, step: int, 
     path.write_text("".join(line + "\n" for line in kept + rows), encoding="utf-8")
 
 
-def _print_plan(console, config, data, trainable, total, plan, steps, precision) -> None:
+def _print_plan(console, config, data, model, trainable, total, plan, steps, precision) -> None:
     splits = data.report["splits"]
     rows = ", ".join(
         f"{name} {s['records']:,} records / {s['tokens']:,} tokens / {s['rows']:,} rows" for name, s in splits.items()
@@ -344,11 +352,17 @@ def _print_plan(console, config, data, trainable, total, plan, steps, precision)
         f"vocab {len(data.tokenizer):,}",
         highlight=False,
     )
+    attention = getattr(model.config, "_attn_implementation", None)
     console.print(
         f"plan: {steps:,} steps ({plan.steps_per_epoch:,} per epoch), up to {per_step:,} tokens per step, "
-        f"precision {precision if precision != 'no' else 'fp32'}",
+        f"precision {precision if precision != 'no' else 'fp32'}"
+        + (f", attention {attention.removeprefix('lmforge_')}" if attention else ""),
         highlight=False,
     )
+    if precision == "no" and config.train.precision == "auto" and cpu_has_native_bf16():
+        console.print(
+            "[dim]this CPU computes bf16 natively: train.precision=bf16 trains about 2x faster[/dim]", highlight=False
+        )
 
 
 def _print_pause(console, run_dir: Path, state, config_path: str | None) -> None:

@@ -57,9 +57,10 @@ def test_accumulation_invariance(ragged):
     for mbs, accum in [(1, 8), (3, 3), (2, 4)]:
         loss, weights = one_step(config, data, model, micro_batch_size=mbs, grad_accum=accum)
         assert loss == pytest.approx(loss_8x1, rel=1e-6), (mbs, accum)
-        # atol is 0.1% of one step (lr = 1e-3): only rounding of near-zero gradients shows at all
+        # atol is 0.2% of one step (lr = 1e-3): only rounding of near-zero gradients shows at all
+        # (varlen attention groups a micro-batch's examples by length, so matmul shapes differ)
         for name, value in weights.items():
-            torch.testing.assert_close(value, weights_8x1[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(value, weights_8x1[name], rtol=0, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
         diffs = torch.cat([(weights[n] - weights_8x1[n]).abs().flatten() for n in weights])
         assert diffs.mean() < 1e-9, (mbs, accum, diffs.mean())
     # and the step really moved the weights, so equality above is not vacuous

@@ -92,6 +92,8 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list
                 f"data.max_length ({config.data.max_length}) exceeds the {positions} positions of "
                 f"{m.name_or_path}; lower data.max_length"
             )
+    if m.task == "causal-lm":
+        select_attention(model, config)
     if m.freeze:
         freeze(model, m.freeze)
     if m.gradient_checkpointing:
@@ -102,6 +104,25 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list
 
         model = apply_lora(model, config)
     return model
+
+
+def select_attention(model: PreTrainedModel, config: Config) -> str:
+    """Set the attention implementation model.attention asks for (auto leaves a model that cannot use
+    varlen as it was loaded); returns the one in use."""
+    from lmforge.models import attention
+
+    wanted = config.model.attention
+    if wanted in ("auto", "varlen"):
+        reason = attention.varlen_unsupported(model)
+        if reason is None and wanted == "auto" and config.train.compile:
+            reason = "train.compile is on (varlen cuts batches by their position ids, which breaks the graph)"
+        if reason is None:
+            model.set_attn_implementation(attention.NAME)
+        elif wanted == "varlen":
+            raise UserError(f"model.attention=varlen: {reason}; use model.attention=sdpa")
+    else:
+        model.set_attn_implementation(wanted)
+    return model.config._attn_implementation
 
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|block)\.(\d+)\.")

@@ -1,0 +1,142 @@
+"""varlen attention: each packed example attends within itself, equal to running it alone, with the
+same gradients as transformers' masked sdpa; anything it does not handle goes to sdpa unchanged."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lmforge.config import Config
+from lmforge.errors import UserError
+from lmforge.models import attention
+from lmforge.models.build import select_attention
+
+SEGMENTS = ([10, 25, 5], [40], [1, 2, 3, 34], [7, 7, 7, 7, 12])  # rows of 40 tokens, one of them a single example
+
+
+def tiny(kind="llama", **extra):
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=False, **extra))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, num_key_value_heads=2, sliding_window=16, **extra))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2, **extra))
+    model.config.use_cache = False
+    return model
+
+
+def batch(segments=SEGMENTS, vocab=300):
+    torch.manual_seed(1)
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in segments])
+    return torch.randint(0, vocab, positions.shape), positions
+
+
+def forward_backward(model, impl, ids, positions):
+    model.set_attn_implementation(impl)
+    model.zero_grad()
+    out = model(input_ids=ids, position_ids=positions, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_segment_lengths_split_at_restarts_and_row_ends():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 9, 10], [0, 1, 2, 3, 0, 1]])
+    assert attention.segment_lengths(positions) == [3, 2, 1, 6, 4, 2]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_packed_examples_equal_each_example_alone(kind):
+    torch.manual_seed(0)
+    model = tiny(kind).double().eval()
+    ids, positions = batch()
+    model.set_attn_implementation(attention.NAME)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions).logits
+        model.set_attn_implementation("sdpa")
+        for b, row in enumerate(SEGMENTS):
+            start = 0
+            for n in row:
+                alone = model(input_ids=ids[b : b + 1, start : start + n]).logits[0]
+                torch.testing.assert_close(packed[b, start : start + n], alone, rtol=0, atol=1e-12)
+                start += n
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_loss_and_every_gradient_equal_masked_sdpa(kind):
+    torch.manual_seed(0)
+    model = tiny(kind).double()
+    ids, positions = batch()
+    logits_sdpa, grads_sdpa = forward_backward(model, "sdpa", ids, positions)
+    logits_varlen, grads_varlen = forward_backward(model, attention.NAME, ids, positions)
+    torch.testing.assert_close(logits_varlen, logits_sdpa, rtol=0, atol=1e-12)
+    for name, grad in grads_sdpa.items():
+        torch.testing.assert_close(grads_varlen[name], grad, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("math_max", [attention.MATH_MAX_LENGTH, 8])
+def test_bf16_autocast_paths_match_sdpa(monkeypatch, math_max):
+    """Under CPU bf16 autocast short buckets use matmul attention, long ones sdpa; both agree with
+    transformers' sdpa to bf16 precision. Few bucket edges force buckets of one length each too."""
+    monkeypatch.setattr(attention, "MATH_MAX_LENGTH", math_max)
+    monkeypatch.setattr(attention, "BUCKET_EDGES", (4, 8))
+    torch.manual_seed(0)
+    model = tiny()
+    ids, positions = batch()
+    results = {}
+    for impl in ("sdpa", attention.NAME):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[impl] = forward_backward(model, impl, ids, positions)
+    (logits_sdpa, grads_sdpa), (logits_varlen, grads_varlen) = results["sdpa"], results[attention.NAME]
+    torch.testing.assert_close(logits_varlen.float(), logits_sdpa.float(), rtol=0.02, atol=0.02)
+    for name, grad in grads_sdpa.items():
+        scale = grad.abs().max().item()
+        assert (grads_varlen[name] - grad).abs().max().item() <= 0.05 * scale + 1e-6, name
+
+
+def test_generation_with_cache_and_padding_is_sdpa_generation():
+    """Decoding (a KV cache) and left padding (a mask) go to sdpa: the same tokens come out."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    model.config.use_cache = True
+    ids = torch.randint(2, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in the second prompt
+    outputs = {}
+    for impl in ("sdpa", attention.NAME):
+        model.set_attn_implementation(impl)
+        for name, m in (("padded", mask), ("full", torch.ones_like(ids))):
+            kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+            outputs[impl, name] = model.generate(input_ids=ids, attention_mask=m, **kwargs)
+    assert torch.equal(outputs["sdpa", "padded"], outputs[attention.NAME, "padded"])
+    assert torch.equal(outputs["sdpa", "full"], outputs[attention.NAME, "full"])
+
+
+def config_with(*overrides):
+    data = {"model": {"preset": "llama-tiny"}, "data": {"train": "x.txt"}}
+    for item in overrides:
+        key, value = item.split("=")
+        section, field = key.split(".")
+        data.setdefault(section, {})[field] = value
+    return Config.model_validate(data)
+
+
+def test_auto_picks_varlen_where_it_can():
+    assert select_attention(tiny(), config_with()) == attention.NAME
+    assert select_attention(tiny(), config_with("train.compile=true")) == "sdpa"
+    assert select_attention(tiny(), config_with("model.attention=eager")) == "eager"
+    sliding = tiny("mistral")
+    assert select_attention(sliding, config_with()) == "sdpa"  # left as loaded
+    with pytest.raises(UserError, match="sliding-window attention; use model.attention=sdpa"):
+        select_attention(sliding, config_with("model.attention=varlen"))
+
+
+def test_saved_config_does_not_name_varlen(tmp_path):
+    """A model trained with varlen loads anywhere: its config.json names no attention implementation."""
+    model = tiny()
+    model.set_attn_implementation(attention.NAME)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert attention.NAME not in json.dumps(saved)
+    assert LlamaForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"

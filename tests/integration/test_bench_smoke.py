@@ -39,7 +39,9 @@ def run_bench(script: str, *args: str) -> list[str]:
 
 @pytest.mark.slow
 def test_vs_peers_pretrain_and_time_to_loss_smoke(tmp_path):
-    lines = run_bench("vs_peers.py", "--workload", "pretrain", "--smoke", "--workspace", str(tmp_path))
+    lines = run_bench(
+        "vs_peers.py", "--workload", "pretrain", "--smoke", "--precision", "bf16", "--workspace", str(tmp_path)
+    )
     assert [line.split()[0] for line in lines[2:-1]] == ["lmforge", "trainer"]
     assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s ") and "x vs trainer" in lines[-1]
 

@@ -65,8 +65,8 @@ class ModelConfig(Section):
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     attention: Literal["auto", "varlen", "sdpa", "eager"] = "auto"
     """Attention kernel of causal LMs. varlen: each packed example attends within itself at its own
-    cost (sum of n^2, not rows x max_length^2), with plain matmuls on CPU in bf16 and torch's flash
-    kernels elsewhere. sdpa/eager: transformers' own, with a block-diagonal mask for packed rows.
+    cost (sum of n^2, not rows x max_length^2), through torch's unmasked causal kernels on buckets
+    of examples of similar length. sdpa/eager: transformers' own, with a block-diagonal mask for packed rows.
     auto: varlen where the architecture allows it (no sliding window or soft-capping) and
     train.compile is off, else sdpa."""
     trust_remote_code: bool = False
@@ -172,6 +172,9 @@ class DataConfig(Section):
     """Where tokenizers and tokenized data are cached. Default: ~/.cache/lmforge."""
     num_proc: int = Field(default=1, ge=1)
     """Worker processes for formatting and tokenization; worth raising for large corpora."""
+    prefetch: int = Field(default=2, ge=0)
+    """Optimizer steps of micro-batches read and collated ahead in a background thread (pinned in
+    memory on CUDA), so the loop never waits on data; 0 reads them in the loop."""
 
     @property
     def too_long(self) -> str:
@@ -696,6 +699,7 @@ RESUME_SAFE = (
     "output_dir",
     "data.cache_dir",
     "data.num_proc",
+    "data.prefetch",
     "train.max_steps",
     "train.epochs",
     "train.eval_every",

@@ -75,12 +75,11 @@ def test_loss_and_every_gradient_equal_masked_sdpa(kind):
         torch.testing.assert_close(grads_varlen[name], grad, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("math_max", [attention.MATH_MAX_LENGTH, 8])
-def test_bf16_autocast_paths_match_sdpa(monkeypatch, math_max):
-    """Under CPU bf16 autocast short buckets use matmul attention, long ones sdpa; both agree with
-    transformers' sdpa to bf16 precision. Few bucket edges force buckets of one length each too."""
-    monkeypatch.setattr(attention, "MATH_MAX_LENGTH", math_max)
-    monkeypatch.setattr(attention, "BUCKET_EDGES", (4, 8))
+@pytest.mark.parametrize("edges", [attention.BUCKET_EDGES, (4, 8)])
+def test_bf16_autocast_matches_sdpa(monkeypatch, edges):
+    """Under CPU bf16 autocast varlen agrees with transformers' sdpa to bf16 precision. Few bucket
+    edges force a bucket per length beyond the last one."""
+    monkeypatch.setattr(attention, "BUCKET_EDGES", edges)
     torch.manual_seed(0)
     model = tiny()
     ids, positions = batch()

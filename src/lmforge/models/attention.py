@@ -1,11 +1,11 @@
 """Variable-length attention for packed rows: each example attends within itself, at its own cost.
 
 transformers keeps the examples of a packed row apart with a block-diagonal mask. Every row then
-pays for the full T x T attention, and the masked kernels are the slow ones (on CPU the masked
-flash kernel took 25 ms a layer where this takes 10, at 8 x 256 in bf16). Here the examples of a
-batch are cut out of the flat (batch x time) tokens, grouped into buckets of similar length, each
-bucket is one causal attention call, and the outputs are put back in place: the cost follows
-sum(n_i^2) over the examples instead of B x T^2.
+pays for the full T x T attention, in the masked kernels, which cannot skip the blocks above the
+diagonal. Here the examples of a batch are cut out of the flat (batch x time) tokens, grouped into
+buckets of similar length, each bucket is one causal (unmasked) sdpa call, and the outputs are put
+back in place: the cost follows sum(n_i^2) over the examples instead of B x T^2, and nothing of
+size T x T is stored.
 
 An example is a maximal run of consecutive position ids, so lmforge's packed rows (positions restart
 at 0 for each example) and ordinary unpacked batches are both handled. Anything else (a KV cache, a
@@ -26,10 +26,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 NAME = "lmforge_varlen"
 BUCKET_EDGES = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 """Examples up to each edge share a bucket (padded to the bucket's longest): at most 1.5x apart."""
-MATH_MAX_LENGTH = 512
-"""On CPU in bf16/fp16, buckets up to this length use plain matmul attention (2.5x faster than the
-CPU flash kernel there); longer ones, and fp32, use sdpa, whose memory does not grow with length
-squared."""
 
 
 @dataclass(frozen=True)
@@ -95,24 +91,17 @@ def _cached_plan(position_ids: torch.Tensor) -> Plan:
     return _last_plan[2]
 
 
-def _half_precision(t: torch.Tensor) -> bool:
-    """Whether matmuls on `t` run in bf16/fp16 (its dtype, or autocast's: rotary embeddings can leave
-    the queries in fp32 under autocast)."""
-    half = (torch.bfloat16, torch.float16)
-    kind = t.device.type
-    return t.dtype in half or (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in half)
-
-
 def _causal_attention(q, k, v, scaling: float, dropout: float) -> torch.Tensor:
     """(S, H, L, D) causal attention of each of S independent sequences."""
-    length = q.shape[2]
-    if q.device.type == "cpu" and _half_precision(q) and length <= MATH_MAX_LENGTH:
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
-        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        weights = scores.masked_fill(~causal, float("-inf")).softmax(-1).to(v.dtype)
-        if dropout:
-            weights = F.dropout(weights, p=dropout, training=True)
-        return torch.matmul(weights, v)
+    kind = q.device.type
+    if kind == "cpu" and torch.is_autocast_enabled(kind):
+        # torch's CPU flash kernel is faster in fp32 than in bf16 at these sizes (measured), and
+        # fp32 batched matmuls avoid growing oneDNN's per-shape cache with every bucket shape
+        with torch.autocast(kind, enabled=False):
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout, scale=scaling
+            )
+        return out.to(torch.get_autocast_dtype(kind))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
 
 

@@ -8,7 +8,9 @@ random numbers. That is what makes resume exact.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,3 +173,85 @@ def eval_batches(dataset: Dataset, batch_size: int, max_batches: int | None, ran
         count = min(count, max_batches)
     for b in range(rank, count, world):
         yield np.arange(b * batch_size, min((b + 1) * batch_size, len(dataset)))
+
+
+@dataclass
+class StepData:
+    epoch: int
+    step_in_epoch: int
+    rows: list[np.ndarray]
+    """Row indices of each micro-batch (for error messages)."""
+    batches: list[dict[str, torch.Tensor]]
+
+
+def step_data(
+    dataset: Dataset, plan: StepPlan, config, pad_id: int, start: tuple[int, int], rank: int = 0, pin: bool = False
+) -> Iterator[StepData]:
+    """This process's micro-batches of every optimizer step from start = (epoch, step_in_epoch) on."""
+    (epoch, step_in_epoch), lengths, task = start, dataset["num_tokens"], config.model.task
+    order = training_order(lengths, config, epoch)
+    while True:
+        if step_in_epoch == plan.steps_per_epoch:  # next epoch, next permutation
+            epoch, step_in_epoch = epoch + 1, 0
+            order = training_order(lengths, config, epoch)
+        rows = plan.step_rows(order, step_in_epoch, rank)
+        batches = [fetch(dataset, r, pad_id, task) for r in rows]
+        if pin:
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        yield StepData(epoch, step_in_epoch, rows, batches)
+        step_in_epoch += 1
+
+
+class Prefetcher:
+    """Runs an iterator `depth` items ahead in a daemon thread: reading Arrow rows and collating
+    them overlaps the training step (torch kernels release the GIL). depth 0 runs it inline.
+    An exception in the iterator is raised by the next() that would have returned its item."""
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator, depth: int) -> None:
+        self.items, self.depth = items, depth
+        if depth:
+            self.queue: queue.Queue = queue.Queue(maxsize=depth)
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._fill, name="lmforge-prefetch", daemon=True)
+            self.thread.start()
+
+    def _fill(self) -> None:
+        try:
+            for item in self.items:
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+            self.queue.put(self._DONE)
+        except BaseException as exc:  # handed to the consumer
+            self.queue.put(exc)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.depth:
+            return next(self.items)
+        item = self.queue.get()
+        if item is self._DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        if self.depth:
+            self.stop.set()
+            self.thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

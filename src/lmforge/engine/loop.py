@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from lmforge.config import Config, TrainConfig, config_hash, dump_yaml
-from lmforge.data.loader import StepPlan, fetch, training_order
+from lmforge.data.loader import Prefetcher, StepPlan, step_data
 from lmforge.data.prepare import PreparedData
 from lmforge.engine.checkpoint import load_checkpoint, prune, remove_stale_temporaries, save_checkpoint
 from lmforge.engine.early_stopping import record_eval
@@ -139,18 +139,18 @@ def train(
     state = _start(loop, resume_from)
 
     model.train()
-    lengths = train_set["num_tokens"]
-    order = training_order(lengths, config, state.epoch)
     loop.window_loss = torch.tensor(state.window_loss, device=accelerator.device)
     deadline = cfg.max_time and time.monotonic() + cfg.max_time
     progress.begin(state.step)
-    with StopOnSignal() as signals:
+    pin = accelerator.device.type == "cuda"
+    ahead = step_data(train_set, plan, config, pad_id, (state.epoch, state.step_in_epoch), rank, pin)
+    with StopOnSignal() as signals, Prefetcher(ahead, config.data.prefetch) as upcoming:
         while state.step < steps and state.stop_reason is None:
             if state.step_in_epoch == plan.steps_per_epoch:  # next epoch, next permutation
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                order = training_order(lengths, config, state.epoch)
-            rows = plan.step_rows(order, state.step_in_epoch, rank)
-            batches = [fetch(train_set, r, pad_id, config.model.task) for r in rows]
+            data = next(upcoming)
+            assert (data.epoch, data.step_in_epoch) == (state.epoch, state.step_in_epoch), "data out of step"
+            rows, batches = data.rows, data.batches
             loss_sum, targets, tokens = _forward_backward(model, batches, loss_step, accelerator, config.model.task)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]

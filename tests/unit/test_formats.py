@@ -195,3 +195,21 @@ def test_too_long_drop_error_and_split(tokenizer):
 
 def test_labels_never_predict_an_examples_first_token():
     assert labels_of([5, 6, 7], [True, True, True]) == [IGNORE_INDEX, 6, 7]
+
+
+def test_batch_encoding_equals_the_transformers_call(tokenizer):
+    """The Rust backend is called directly for speed; it must give what the tokenizer call gives."""
+    from lmforge.data.tokenize import encode_batch
+
+    texts = [*chapters(3), "", "  leading spaces", "naïve café ünïcode\n\ttabs"]
+    expected = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encode_batch(tokenizer, texts)
+    assert ids == expected["input_ids"]
+    assert [list(map(tuple, o)) for o in offsets] == [list(map(tuple, o)) for o in expected["offset_mapping"]]
+    backend = tokenizer.backend_tokenizer
+    backend.enable_truncation(max_length=5)  # the direct call would truncate: the transformers call is used
+    try:
+        ids, _ = encode_batch(tokenizer, texts)
+        assert ids == expected["input_ids"]
+    finally:
+        backend.no_truncation()

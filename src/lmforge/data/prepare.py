@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedTokenizerBase
@@ -32,7 +33,15 @@ from lmforge.data.formats import label_of
 from lmforge.data.loader import padding_fraction, training_order
 from lmforge.data.packing import best_fit_decreasing
 from lmforge.data.sources import Record, Source, read_records, resolve_sources, source_digest
-from lmforge.data.tokenize import Counts, Example, adds_bos, prompt_and_reference, record_examples, rendered_text
+from lmforge.data.tokenize import (
+    Counts,
+    Example,
+    adds_bos,
+    chunk_examples,
+    prompt_and_reference,
+    record_examples,
+    rendered_text,
+)
 from lmforge.errors import DataError
 from lmforge.models.tokenizer import load_tokenizer, tokenizer_digest, train_bpe_tokenizer
 
@@ -272,13 +281,31 @@ def _init_worker(data: DataConfig, tokenizer, add_bos: bool, label_ids: dict[str
     _worker_state.update(data=data, tokenizer=tokenizer, add_bos=add_bos, label_ids=label_ids)
 
 
-def _examples_of_chunk(records: list[Record]) -> tuple[list[Example], Counts]:
+def _examples_of_chunk(records: list[Record]) -> tuple[dict[str, np.ndarray], Counts]:
     counts = Counts()
     s = _worker_state
-    examples = [
-        e for r in records for e in record_examples(r, s["data"], s["tokenizer"], s["add_bos"], counts, s["label_ids"])
-    ]
-    return examples, counts
+    examples = chunk_examples(records, s["data"], s["tokenizer"], s["add_bos"], counts, s["label_ids"])
+    return _flat_columns(examples), counts
+
+
+def _flat_columns(examples: list[Example]) -> dict[str, np.ndarray]:
+    """Examples as flat int32 arrays and lengths: cheap to send from a worker and to write."""
+
+    def flat(lists):
+        return np.concatenate([np.asarray(x, dtype=np.int32) for x in lists]) if lists else np.zeros(0, np.int32)
+
+    return {
+        "input_ids": flat([e.input_ids for e in examples]),
+        "labels": flat([e.labels for e in examples]),
+        "id_lengths": np.array([len(e.input_ids) for e in examples], dtype=np.int32),
+        "label_lengths": np.array([len(e.labels) for e in examples], dtype=np.int32),
+    }
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
 
 
 def _chunks(records: Iterator[Record]) -> Iterator[list[Record]]:
@@ -310,10 +337,16 @@ def _write_examples(
 
 
 def _drain(results, writer: ArrowWriter, counts: Counts) -> None:
-    for examples, chunk_counts in results:
+    for columns, chunk_counts in results:
         counts.merge(chunk_counts)
-        for example in examples:
-            writer.write({"input_ids": example.input_ids, "labels": example.labels, "length": len(example.input_ids)})
+        if len(columns["id_lengths"]):
+            writer.write_batch(
+                {
+                    "input_ids": _list_array(columns["input_ids"], columns["id_lengths"]),
+                    "labels": _list_array(columns["labels"], columns["label_lengths"]),
+                    "length": pa.array(columns["id_lengths"]),
+                }
+            )
 
 
 def _row(examples: list[Example], seq2seq: bool = False) -> dict[str, Any]:
@@ -326,14 +359,52 @@ def _row(examples: list[Example], seq2seq: bool = False) -> dict[str, Any]:
     }
 
 
+class _ListColumn:
+    """A list column of a memory-mapped Dataset, read through numpy views of its Arrow chunks (the
+    token lists stay on disk until a row needs them)."""
+
+    def __init__(self, dataset: Dataset, name: str) -> None:
+        chunks = dataset.data.table.column(name).chunks
+        self.values = [chunk.values.to_numpy() for chunk in chunks]
+        self.offsets = [chunk.offsets.to_numpy() for chunk in chunks]
+        self.first = np.cumsum([0] + [len(chunk) for chunk in chunks])
+
+    def take(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The lists at `indices`, concatenated, and their lengths."""
+        chunk = np.searchsorted(self.first, indices, side="right") - 1
+        local = np.asarray(indices) - self.first[chunk]
+        pieces = [
+            self.values[c][self.offsets[c][i] : self.offsets[c][i + 1]]
+            for c, i in zip(chunk.tolist(), local.tolist(), strict=True)
+        ]
+        return np.concatenate(pieces), np.array([len(p) for p in pieces], dtype=np.int32)
+
+
+ROWS_PER_BATCH = 1024
+
+
 def _write_rows(examples: Dataset, path: Path, data: DataConfig) -> Dataset:
     lengths = list(examples["length"])  # one small column: the token lists stay on disk
     groups = best_fit_decreasing(lengths, data.max_length) if data.packs else [[i] for i in range(len(lengths))]
+    ids, labels = _ListColumn(examples, "input_ids"), _ListColumn(examples, "labels")
     with ArrowWriter(features=ROW_FEATURES, path=str(path)) as writer:
-        for group in groups:
-            chosen = examples[group]
-            pairs = zip(chosen["input_ids"], chosen["labels"], strict=True)
-            writer.write(_row([Example(i, lab) for i, lab in pairs], seq2seq=data.format == "seq2seq"))
+        for first in range(0, len(groups), ROWS_PER_BATCH):
+            batch = groups[first : first + ROWS_PER_BATCH]
+            members = [i for group in batch for i in group]
+            row_ids, id_lengths = ids.take(members)
+            row_labels, label_lengths = labels.take(members)
+            sizes = np.array([len(group) for group in batch])
+            starts = np.r_[0, np.cumsum(sizes)[:-1]]
+            # tokens the model reads: for seq2seq the decoder reads the (shifted) target too
+            read = id_lengths + (label_lengths if data.format == "seq2seq" else 0)
+            writer.write_batch(
+                {
+                    "input_ids": _list_array(row_ids, np.add.reduceat(id_lengths, starts)),
+                    "labels": _list_array(row_labels, np.add.reduceat(label_lengths, starts)),
+                    "lengths": _list_array(id_lengths, sizes),
+                    "num_tokens": pa.array(np.add.reduceat(read, starts), type=pa.int32()),
+                }
+            )
         writer.finalize()
     return Dataset.from_file(str(path))
 

@@ -8,8 +8,12 @@ a packed row the token before it belongs to another example.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
+
+import numpy as np
 
 from lmforge.config import DataConfig
 from lmforge.data.formats import FORMATS, FormatProblem, Segment
@@ -55,24 +59,45 @@ class Counts:
 def encode_segments(segments: list[Segment], tokenizer, add_bos: bool) -> tuple[list[int], list[bool]]:
     """Token ids of the joined segments and, per token, whether it overlaps a trained segment."""
     text = "".join(s.text for s in segments)
-    spans, start = [], 0
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, trained = _mark_trained(segments, encoded["input_ids"], encoded["offset_mapping"], tokenizer, add_bos)
+    return ids.tolist(), trained.tolist()
+
+
+def encode_batch(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, without special tokens.
+
+    A fast tokenizer's Rust backend is called directly when it would do what the transformers call
+    does (no truncation or padding configured): turning each encoding into Python dicts took as long
+    as the tokenizing itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return encoded["input_ids"], encoded["offset_mapping"]
+
+
+def _mark_trained(segments: list[Segment], ids, offsets, tokenizer, add_bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, trained) as arrays, with BOS/EOS added, from the tokenizer's ids and character offsets."""
+    offsets = np.fromiter(chain.from_iterable(offsets), np.int64, 2 * len(ids)).reshape(-1, 2)
+    trained = np.zeros(len(ids), dtype=bool)
+    start = 0
     for segment in segments:
         end = start + len(segment.text)
         if segment.trained and end > start:
-            spans.append((start, end))
+            # A token is trained if any of its characters are: a token that straddles the
+            # prompt/answer boundary cannot be predicted without predicting part of the answer.
+            trained |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
         start = end
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    # A token is trained if any of its characters are: a token that straddles the prompt/answer
-    # boundary cannot be predicted without predicting part of the answer.
-    trained = [
-        any(s < span_end and e > span_start for span_start, span_end in spans) for s, e in encoded["offset_mapping"]
-    ]
-    if add_bos and tokenizer.bos_token_id is not None:
-        ids, trained = [tokenizer.bos_token_id, *ids], [False, *trained]
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids.append(tokenizer.eos_token_id)  # teaches the model to stop; trained like the end of the text
-        trained.append(bool(segments) and segments[-1].trained)
+    head = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    last = ids[-1] if ids else (head[-1] if head else None)
+    # EOS teaches the model to stop; it is trained like the end of the text
+    tail = [eos] if eos is not None and last != eos else []
+    ids = np.asarray([*head, *ids, *tail], dtype=np.int64)
+    if head or tail:
+        trained = np.concatenate(([False] * len(head), trained, [bool(segments) and segments[-1].trained] * len(tail)))
     return ids, trained
 
 
@@ -84,11 +109,11 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def labels_of(ids: list[int], trained: list[bool]) -> list[int]:
-    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
-    if labels:
+def labels_of(ids: Sequence[int], trained: Sequence[bool]) -> list[int]:
+    labels = np.where(np.asarray(trained, dtype=bool), np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
+    if len(labels):
         labels[0] = IGNORE_INDEX
-    return labels
+    return labels.tolist()
 
 
 def segments_of(record: Record, data: DataConfig, tokenizer, counts: Counts | None = None) -> list[Segment] | None:
@@ -113,26 +138,54 @@ def record_examples(
     record: Record, data: DataConfig, tokenizer, add_bos: bool, counts: Counts, label_ids: dict[str, int] | None = None
 ) -> list[Example]:
     """The examples of one record (one, several pieces, or none if dropped), counted in `counts`."""
-    counts.records += 1
-    segments = segments_of(record, data, tokenizer, counts)
-    if segments is None:
-        return []
+    return chunk_examples([record], data, tokenizer, add_bos, counts, label_ids)
+
+
+def chunk_examples(
+    records: list[Record],
+    data: DataConfig,
+    tokenizer,
+    add_bos: bool,
+    counts: Counts,
+    label_ids: dict[str, int] | None = None,
+) -> list[Example]:
+    """The examples of several records, in order, counted in `counts`; the texts of causal-LM
+    formats go through the tokenizer in one batch call."""
+    counts.records += len(records)
+    parsed = [(r, segments) for r in records if (segments := segments_of(r, data, tokenizer, counts)) is not None]
     if data.format == "seq2seq":
-        return _seq2seq_example(segments, data, tokenizer, record.where, counts)
+        return [e for r, segments in parsed for e in _seq2seq_example(segments, data, tokenizer, r.where, counts)]
     if data.format == "classification":
-        return _classification_example(segments, data, tokenizer, record.where, counts, label_ids or {})
-    ids, trained = encode_segments(segments, tokenizer, add_bos)
-    if not any(trained[1:]):  # e.g. an empty answer after the template: nothing to learn
+        return [
+            e
+            for r, segments in parsed
+            for e in _classification_example(segments, data, tokenizer, r.where, counts, label_ids or {})
+        ]
+    if not parsed:
+        return []
+    texts = ["".join(s.text for s in segments) for _, segments in parsed]
+    examples = []
+    for (record, segments), ids, offsets in zip(parsed, *encode_batch(tokenizer, texts), strict=True):
+        ids, trained = _mark_trained(segments, ids, offsets, tokenizer, add_bos)
+        examples += _causal_examples(ids, trained, data, record.where, counts)
+    return examples
+
+
+def _causal_examples(
+    ids: np.ndarray, trained: np.ndarray, data: DataConfig, where: str, counts: Counts
+) -> list[Example]:
+    if not trained[1:].any():  # e.g. an empty answer after the template: nothing to learn
         counts.dropped["fully_masked"] += 1
         return []
     examples = []
-    for piece_ids, piece_trained in _fit_length(ids, trained, data, record.where, counts):
-        labels = labels_of(piece_ids, piece_trained)
-        targets = sum(label != IGNORE_INDEX for label in labels)
+    for piece_ids, piece_trained in _fit_length(ids, trained, data, where, counts):
+        labels = np.where(piece_trained, piece_ids, IGNORE_INDEX)
+        labels[0] = IGNORE_INDEX
+        targets = int((labels != IGNORE_INDEX).sum())
         if targets == 0:  # truncation cut the whole answer: never keep a prompt without it
             counts.dropped["no_trained_tokens_left"] += 1
             continue
-        examples.append(Example(piece_ids, labels))
+        examples.append(Example(piece_ids.tolist(), labels.tolist()))
         counts.examples += 1
         counts.tokens += len(piece_ids)
         counts.trained_tokens += targets

@@ -63,11 +63,12 @@ def test_packed_examples_equal_each_example_alone(kind):
                 start += n
 
 
+@pytest.mark.parametrize("segments", [SEGMENTS, ([40], [40], [40])], ids=["packed", "whole-rows"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_loss_and_every_gradient_equal_masked_sdpa(kind):
+def test_loss_and_every_gradient_equal_masked_sdpa(kind, segments):
     torch.manual_seed(0)
     model = tiny(kind).double()
-    ids, positions = batch()
+    ids, positions = batch(segments)
     logits_sdpa, grads_sdpa = forward_backward(model, "sdpa", ids, positions)
     logits_varlen, grads_varlen = forward_backward(model, attention.NAME, ids, positions)
     torch.testing.assert_close(logits_varlen, logits_sdpa, rtol=0, atol=1e-12)

@@ -41,6 +41,8 @@ class Plan:
     buckets: list[Bucket]
     restore: torch.Tensor
     """Flat token t's output is row restore[t] of the buckets' real outputs, concatenated."""
+    whole_rows: bool = False
+    """Every row is one example (full blocks of pretraining text): plain causal attention, no gathering."""
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -58,6 +60,8 @@ def segment_lengths(position_ids: torch.Tensor) -> list[int]:
 def plan_for(position_ids: torch.Tensor) -> Plan:
     """How to cut a batch into buckets of examples, computed once per forward and shared by all layers."""
     lengths = np.asarray(segment_lengths(position_ids))
+    if len(lengths) == position_ids.shape[0]:
+        return Plan([], torch.empty(0), whole_rows=True)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     edges = np.asarray(BUCKET_EDGES)
     # beyond the last edge, a bucket per length
@@ -133,6 +137,8 @@ def varlen_attention_forward(
         scaling = dim**-0.5
     groups = heads // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if plan.whole_rows:
+        return _causal_attention(query, key, value, scaling, dropout).transpose(1, 2), None
     flat_q, flat_k, flat_v = (t.transpose(1, 2).reshape(batch * width, heads, -1) for t in (query, key, value))
     outputs = []
     for bucket in plan.buckets:

@@ -144,6 +144,7 @@ LEVERS = {
     "lmforge-compile": {"train": {"compile": True}},
     "lmforge-chunked": {"train": {"loss_chunk_size": 512}},
     "lmforge-sdpa": {"model": {"attention": "sdpa"}},
+    "lmforge-noprefetch": {"data": {"prefetch": 0}},
 }
 """lmforge variants: settings on top of the shared ones (packing is lmforge's SFT default)."""
 

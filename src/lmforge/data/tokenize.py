@@ -110,10 +110,15 @@ def adds_bos(tokenizer) -> bool:
 
 
 def labels_of(ids: Sequence[int], trained: Sequence[bool]) -> list[int]:
-    labels = np.where(np.asarray(trained, dtype=bool), np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
+    return _labels(np.asarray(ids, dtype=np.int64), np.asarray(trained, dtype=bool)).tolist()
+
+
+def _labels(ids: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """The token where it is trained, IGNORE_INDEX elsewhere and always at position 0."""
+    labels = np.where(trained, ids, IGNORE_INDEX)
     if len(labels):
         labels[0] = IGNORE_INDEX
-    return labels.tolist()
+    return labels
 
 
 def segments_of(record: Record, data: DataConfig, tokenizer, counts: Counts | None = None) -> list[Segment] | None:
@@ -179,8 +184,7 @@ def _causal_examples(
         return []
     examples = []
     for piece_ids, piece_trained in _fit_length(ids, trained, data, where, counts):
-        labels = np.where(piece_trained, piece_ids, IGNORE_INDEX)
-        labels[0] = IGNORE_INDEX
+        labels = _labels(piece_ids, piece_trained)
         targets = int((labels != IGNORE_INDEX).sum())
         if targets == 0:  # truncation cut the whole answer: never keep a prompt without it
             counts.dropped["no_trained_tokens_left"] += 1

@@ -77,3 +77,18 @@ def test_training_is_identical_with_and_without_prefetching(tiny_config):
     assert runs[0][0] == runs[2][0] and len(runs[0][0]) == 6
     for name, value in runs[0][1].items():
         assert torch.equal(value, runs[2][1][name]), name
+
+
+def test_closing_with_a_full_queue_at_the_end_does_not_hang():
+    """The iterator ends (or fails) while the queue is full and nobody reads any more."""
+
+    def failing():
+        yield from range(2)
+        raise ValueError("late")
+
+    for items in (iter(range(2)), failing()):
+        prefetcher = Prefetcher(items, depth=1)
+        assert next(prefetcher) == 0
+        time.sleep(0.3)  # the thread now waits to queue its end marker or error
+        prefetcher.close()
+        assert not prefetcher.thread.is_alive()

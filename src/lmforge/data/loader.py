@@ -220,17 +220,21 @@ class Prefetcher:
     def _fill(self) -> None:
         try:
             for item in self.items:
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
+                if not self._put(item):
                     return
-            self.queue.put(self._DONE)
+            self._put(self._DONE)
         except BaseException as exc:  # handed to the consumer
-            self.queue.put(exc)
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        """Queue `item` once there is room; False if the consumer closed first (it may never take it)."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self):
         return self

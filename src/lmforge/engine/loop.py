@@ -146,11 +146,8 @@ def train(
     ahead = step_data(train_set, plan, config, pad_id, (state.epoch, state.step_in_epoch), rank, pin)
     with StopOnSignal() as signals, Prefetcher(ahead, config.data.prefetch) as upcoming:
         while state.step < steps and state.stop_reason is None:
-            if state.step_in_epoch == plan.steps_per_epoch:  # next epoch, next permutation
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            data = next(upcoming)
-            assert (data.epoch, data.step_in_epoch) == (state.epoch, state.step_in_epoch), "data out of step"
-            rows, batches = data.rows, data.batches
+            data = next(upcoming)  # step_data moves to the next epoch (and permutation) when one ends
+            state.epoch, state.step_in_epoch, rows, batches = data.epoch, data.step_in_epoch, data.rows, data.batches
             loss_sum, targets, tokens = _forward_backward(model, batches, loss_step, accelerator, config.model.task)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]

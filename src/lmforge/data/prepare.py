@@ -12,10 +12,12 @@ temporary directory that is renamed into place with report.json written last.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -48,7 +50,8 @@ from lmforge.models.tokenizer import load_tokenizer, tokenizer_digest, train_bpe
 DATA_VERSION = 2  # bump when the meaning of cached data changes
 SPLITS = ("train", "validation", "test")
 MAX_SAMPLES = 32  # held-out records kept for generation prompts
-CHUNK = 256  # records per worker task
+CHUNK = 256  # records per worker task, at most
+CHUNK_CHARS = 1 << 18  # characters of text per worker task, at most
 ROW_FEATURES = Features(
     {
         "input_ids": List(Value("int32")),
@@ -119,7 +122,7 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
         _build(directory, splits, data, tokenizer)
     report = json.loads((directory / "report.json").read_text())
     datasets = {s: Dataset.from_file(str(directory / f"{s}.arrow")) for s in SPLITS if s in report["splits"]}
-    lengths = datasets["train"]["num_tokens"]
+    lengths = datasets["train"].data.column("num_tokens").to_numpy().tolist()
     order = training_order(lengths, config, 0)
     report["splits"]["train"]["padding_fraction"] = padding_fraction(lengths, order, config.train.micro_batch_size)
     samples = json.loads((directory / "samples.json").read_text())
@@ -149,6 +152,19 @@ class SplitReader:
             "test": data.test_fraction if not sources["test"] else 0.0,
             "validation": data.validation_fraction if not sources["validation"] else 0.0,
         }
+
+    def routed(self) -> Iterator[tuple[str, Record]]:
+        """(split, record) for every record of every split, reading each file once."""
+        for source in self.sources["train"]:
+            for record in read_records(source.path, self.data.txt_documents):
+                split = self._split_of(record)
+                copies = _copies(record, source.weight) if split == "train" else 1
+                for _ in range(copies):
+                    yield split, record
+        for split in ("validation", "test"):
+            for source in self.sources[split]:
+                for record in read_records(source.path, self.data.txt_documents):
+                    yield split, record
 
     def records(self, split: str) -> Iterator[Record]:
         if split != "train" and self.sources[split]:
@@ -187,7 +203,7 @@ def _copies(record: Record, weight: float) -> int:
     """How many times a training record is used: floor(weight), plus one more with probability
     equal to the fraction, decided by hash so that it is the same on every run."""
     whole, fraction = divmod(weight, 1.0)
-    return int(whole) + (1 if _unit_hash(record.fields, "weight") < fraction else 0)
+    return int(whole) + (1 if fraction and _unit_hash(record.fields, "weight") < fraction else 0)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -230,19 +246,18 @@ def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) ->
         report["labels"] = labels
         label_ids = {name: i for i, name in enumerate(labels)}
     with atomic_dir(directory) as tmp:
+        counts = _write_examples(splits.routed(), tmp, data, tokenizer, label_ids)
         for split in SPLITS:
-            counts = Counts()
             examples_path = tmp / f"{split}.examples.arrow"
-            _write_examples(splits.records(split), examples_path, data, tokenizer, counts, label_ids)
-            if counts.examples == 0:
-                _check_empty(split, counts, splits)
+            if counts[split].examples == 0:
                 examples_path.unlink()
+                _check_empty(split, counts[split], splits)
                 continue
             examples = Dataset.from_file(str(examples_path))
             rows = _write_rows(examples, tmp / f"{split}.arrow", data)
             del examples
             examples_path.unlink()
-            report["splits"][split] = _split_report(counts, rows, data.max_length)
+            report["splits"][split] = _split_report(counts[split], rows, data.max_length)
         samples = []
         for record in splits.records("validation" if report["splits"].get("validation") else "test"):
             if len(samples) == MAX_SAMPLES:
@@ -281,18 +296,19 @@ def _init_worker(data: DataConfig, tokenizer, add_bos: bool, label_ids: dict[str
     _worker_state.update(data=data, tokenizer=tokenizer, add_bos=add_bos, label_ids=label_ids)
 
 
-def _examples_of_chunk(records: list[Record]) -> tuple[dict[str, np.ndarray], Counts]:
+def _examples_of_chunk(chunk: tuple[str, list[Record]]) -> tuple[str, dict[str, np.ndarray], Counts]:
+    split, records = chunk
     counts = Counts()
     s = _worker_state
     examples = chunk_examples(records, s["data"], s["tokenizer"], s["add_bos"], counts, s["label_ids"])
-    return _flat_columns(examples), counts
+    return split, _flat_columns(examples), counts
 
 
 def _flat_columns(examples: list[Example]) -> dict[str, np.ndarray]:
     """Examples as flat int32 arrays and lengths: cheap to send from a worker and to write."""
 
     def flat(lists):
-        return np.concatenate([np.asarray(x, dtype=np.int32) for x in lists]) if lists else np.zeros(0, np.int32)
+        return np.concatenate(lists, dtype=np.int32, casting="unsafe") if lists else np.zeros(0, np.int32)
 
     return {
         "input_ids": flat([e.input_ids for e in examples]),
@@ -308,39 +324,60 @@ def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
 
 
-def _chunks(records: Iterator[Record]) -> Iterator[list[Record]]:
-    chunk: list[Record] = []
-    for record in records:
+def _chunks(routed: Iterator[tuple[str, Record]]) -> Iterator[tuple[str, list[Record]]]:
+    """Records grouped into worker tasks of one split each, in order within each split; a task
+    holds CHUNK records or CHUNK_CHARS characters of text, so long documents still spread over
+    the workers."""
+    chunks: dict[str, list[Record]] = {split: [] for split in SPLITS}
+    sizes = dict.fromkeys(SPLITS, 0)
+    for split, record in routed:
+        chunk = chunks[split]
         chunk.append(record)
-        if len(chunk) == CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        sizes[split] += sum(len(v) for v in record.fields.values() if isinstance(v, str))
+        if len(chunk) == CHUNK or sizes[split] >= CHUNK_CHARS:
+            yield split, chunk
+            chunks[split], sizes[split] = [], 0
+    for split, chunk in chunks.items():
+        if chunk:
+            yield split, chunk
 
 
 def _write_examples(
-    records: Iterator[Record], path: Path, data: DataConfig, tokenizer, counts: Counts, label_ids=None
-) -> None:
+    routed: Iterator[tuple[str, Record]], directory: Path, data: DataConfig, tokenizer, label_ids=None
+) -> dict[str, Counts]:
+    """Tokenized examples of every split, to <split>.examples.arrow in `directory`; their counts."""
     add_bos = adds_bos(tokenizer) and data.format not in ("seq2seq", "classification")
     features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32")})
-    with ArrowWriter(features=features, path=str(path)) as writer:
+    counts = {split: Counts() for split in SPLITS}
+    with ExitStack() as stack:
+        writers = {
+            split: stack.enter_context(ArrowWriter(features=features, path=str(directory / f"{split}.examples.arrow")))
+            for split in SPLITS
+        }
         if data.num_proc > 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
-            with get_context("fork").Pool(data.num_proc, _init_worker, (data, tokenizer, add_bos, label_ids)) as pool:
-                results = pool.imap(_examples_of_chunk, _chunks(records))
-                _drain(results, writer, counts)
+            # Forked workers share the parent's heap until they write to it, and a garbage
+            # collection in a worker writes to every object it visits: frozen objects are not
+            # visited, so the workers do not copy the parent's hundreds of MB of torch objects.
+            gc.freeze()
+            stack.callback(gc.unfreeze)
+            pool = stack.enter_context(
+                get_context("fork").Pool(data.num_proc, _init_worker, (data, tokenizer, add_bos, label_ids))
+            )
+            _drain(pool.imap(_examples_of_chunk, _chunks(routed)), writers, counts)
         else:
             _init_worker(data, tokenizer, add_bos, label_ids)
-            _drain(map(_examples_of_chunk, _chunks(records)), writer, counts)
-        writer.finalize()
+            _drain(map(_examples_of_chunk, _chunks(routed)), writers, counts)
+        for writer in writers.values():
+            writer.finalize()
+    return counts
 
 
-def _drain(results, writer: ArrowWriter, counts: Counts) -> None:
-    for columns, chunk_counts in results:
-        counts.merge(chunk_counts)
+def _drain(results, writers: dict[str, ArrowWriter], counts: dict[str, Counts]) -> None:
+    for split, columns, chunk_counts in results:
+        counts[split].merge(chunk_counts)
         if len(columns["id_lengths"]):
-            writer.write_batch(
+            writers[split].write_batch(
                 {
                     "input_ids": _list_array(columns["input_ids"], columns["id_lengths"]),
                     "labels": _list_array(columns["labels"], columns["label_lengths"]),
@@ -351,8 +388,8 @@ def _drain(results, writer: ArrowWriter, counts: Counts) -> None:
 
 def _row(examples: list[Example], seq2seq: bool = False) -> dict[str, Any]:
     return {
-        "input_ids": [t for e in examples for t in e.input_ids],
-        "labels": [t for e in examples for t in e.labels],
+        "input_ids": [int(t) for e in examples for t in e.input_ids],
+        "labels": [int(t) for e in examples for t in e.labels],
         "lengths": [len(e.input_ids) for e in examples],
         # tokens the model reads: for seq2seq the decoder reads the (shifted) target too
         "num_tokens": sum(len(e.input_ids) + (len(e.labels) if seq2seq else 0) for e in examples),
@@ -384,7 +421,7 @@ ROWS_PER_BATCH = 1024
 
 
 def _write_rows(examples: Dataset, path: Path, data: DataConfig) -> Dataset:
-    lengths = list(examples["length"])  # one small column: the token lists stay on disk
+    lengths = examples.data.column("length").to_numpy().tolist()  # the token lists stay on disk
     groups = best_fit_decreasing(lengths, data.max_length) if data.packs else [[i] for i in range(len(lengths))]
     ids, labels = _ListColumn(examples, "input_ids"), _ListColumn(examples, "labels")
     with ArrowWriter(features=ROW_FEATURES, path=str(path)) as writer:

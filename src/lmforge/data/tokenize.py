@@ -25,8 +25,9 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Example:
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: Sequence[int]
+    labels: Sequence[int]
+    """Lists, or int32 arrays for causal-LM examples."""
 
 
 @dataclass
@@ -58,47 +59,100 @@ class Counts:
 
 def encode_segments(segments: list[Segment], tokenizer, add_bos: bool) -> tuple[list[int], list[bool]]:
     """Token ids of the joined segments and, per token, whether it overlaps a trained segment."""
-    text = "".join(s.text for s in segments)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, trained = _mark_trained(segments, encoded["input_ids"], encoded["offset_mapping"], tokenizer, add_bos)
+    ((ids, trained),) = encode_marked([segments], tokenizer, add_bos)
     return ids.tolist(), trained.tolist()
 
 
-def encode_batch(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Token ids and character offsets of each text, without special tokens.
+def encode_marked(segment_lists: list[list[Segment]], tokenizer, add_bos: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, trained) per list of segments, with BOS/EOS added; the texts go through the
+    tokenizer in one batch call.
 
     A fast tokenizer's Rust backend is called directly when it would do what the transformers call
-    does (no truncation or padding configured): turning each encoding into Python dicts took as long
-    as the tokenizing itself."""
+    does (no truncation or padding configured): turning every encoding into Python lists of ids and
+    offsets took as long as the tokenizing itself. Its offsets are then only looked at where a
+    trained segment begins and ends (`_trained_spans`)."""
+    texts = ["".join(s.text for s in segments) for segments in segment_lists]
+    bos = tokenizer.bos_token_id if add_bos else None
+    eos = tokenizer.eos_token_id
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
         encodings = backend.encode_batch(texts, add_special_tokens=False)
-        return [e.ids for e in encodings], [e.offsets for e in encodings]
+        return [_marked(segments, e.ids, bos, eos, e) for segments, e in zip(segment_lists, encodings, strict=True)]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return encoded["input_ids"], encoded["offset_mapping"]
+    columns = zip(segment_lists, encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    return [_marked(segments, ids, bos, eos, offsets=offsets) for segments, ids, offsets in columns]
 
 
-def _mark_trained(segments: list[Segment], ids, offsets, tokenizer, add_bos: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, trained) as arrays, with BOS/EOS added, from the tokenizer's ids and character offsets."""
-    offsets = np.fromiter(chain.from_iterable(offsets), np.int64, 2 * len(ids)).reshape(-1, 2)
-    trained = np.zeros(len(ids), dtype=bool)
-    start = 0
+def _marked(
+    segments: list[Segment], ids: list[int], bos: int | None, eos: int | None, encoding=None, offsets=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, trained) of one text's tokens, from a Rust encoding or from the offsets of every
+    token, with BOS in front (when given) and EOS at the end (unless the text ends with it).
+    EOS teaches the model to stop: it is trained like the end of the text."""
+    head = int(bos is not None)
+    last = ids[-1] if ids else bos
+    tail = int(eos is not None and last != eos)
+    n = len(ids)
+    out = np.empty(head + n + tail, dtype=np.int32)
+    out[head : head + n] = ids
+    trained = np.zeros(head + n + tail, dtype=bool)
+    if encoding is not None:
+        _trained_spans(segments, encoding, trained[head : head + n])
+    else:
+        trained[head : head + n] = _trained_from_offsets(segments, offsets, n)
+    if head:
+        out[0] = bos
+    if tail:
+        out[-1] = eos
+        trained[-1] = bool(segments) and segments[-1].trained
+    return out, trained
+
+
+def _segment_bounds(segments: list[Segment]) -> list[tuple[int, int]]:
+    """[start, end) character spans of the non-empty trained segments in the joined text."""
+    bounds, start = [], 0
     for segment in segments:
         end = start + len(segment.text)
         if segment.trained and end > start:
-            # A token is trained if any of its characters are: a token that straddles the
-            # prompt/answer boundary cannot be predicted without predicting part of the answer.
-            trained |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+            bounds.append((start, end))
         start = end
-    head = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-    eos = tokenizer.eos_token_id
-    last = ids[-1] if ids else (head[-1] if head else None)
-    # EOS teaches the model to stop; it is trained like the end of the text
-    tail = [eos] if eos is not None and last != eos else []
-    ids = np.asarray([*head, *ids, *tail], dtype=np.int64)
-    if head or tail:
-        trained = np.concatenate(([False] * len(head), trained, [bool(segments) and segments[-1].trained] * len(tail)))
-    return ids, trained
+    return bounds
+
+
+def _trained_from_offsets(segments: list[Segment], offsets, n: int) -> np.ndarray:
+    """Per token, whether any of its characters lie in a trained segment. A token that straddles
+    the prompt/answer boundary cannot be predicted without predicting part of the answer, so it is
+    trained."""
+    offsets = np.fromiter(chain.from_iterable(offsets), np.int64, 2 * n).reshape(-1, 2)
+    trained = np.zeros(n, dtype=bool)
+    for start, end in _segment_bounds(segments):
+        trained |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    return trained
+
+
+def _trained_spans(segments: list[Segment], encoding, trained: np.ndarray) -> None:
+    """`_trained_from_offsets` from a Rust encoding, reading only the offsets of the tokens that a
+    binary search visits: token offsets never go backwards (starts and ends are non-decreasing),
+    so the tokens that overlap [start, end) are a contiguous run, from the first token that ends
+    after `start` to the last one that begins before `end` (checked against the full rule over
+    several tokenizers in the tests)."""
+    n = len(trained)
+    for start, end in _segment_bounds(segments):
+        first = _first_above(encoding, n, 1, start)  # the first token that ends after start
+        last = _first_above(encoding, n, 0, end - 1)  # the first token that begins at or after end
+        trained[first:last] = True
+
+
+def _first_above(encoding, n: int, side: int, value: int) -> int:
+    """The first token whose offset start (side 0) or end (side 1) exceeds value, or n."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if encoding.token_to_chars(mid)[side] > value:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def adds_bos(tokenizer) -> bool:
@@ -168,10 +222,9 @@ def chunk_examples(
         ]
     if not parsed:
         return []
-    texts = ["".join(s.text for s in segments) for _, segments in parsed]
     examples = []
-    for (record, segments), ids, offsets in zip(parsed, *encode_batch(tokenizer, texts), strict=True):
-        ids, trained = _mark_trained(segments, ids, offsets, tokenizer, add_bos)
+    marked = encode_marked([segments for _, segments in parsed], tokenizer, add_bos)
+    for (record, _), (ids, trained) in zip(parsed, marked, strict=True):
         examples += _causal_examples(ids, trained, data, record.where, counts)
     return examples
 
@@ -185,11 +238,11 @@ def _causal_examples(
     examples = []
     for piece_ids, piece_trained in _fit_length(ids, trained, data, where, counts):
         labels = _labels(piece_ids, piece_trained)
-        targets = int((labels != IGNORE_INDEX).sum())
+        targets = int(np.count_nonzero(piece_trained[1:]))  # the labels that are not IGNORE_INDEX
         if targets == 0:  # truncation cut the whole answer: never keep a prompt without it
             counts.dropped["no_trained_tokens_left"] += 1
             continue
-        examples.append(Example(piece_ids.tolist(), labels.tolist()))
+        examples.append(Example(piece_ids, labels))
         counts.examples += 1
         counts.tokens += len(piece_ids)
         counts.trained_tokens += targets

@@ -143,6 +143,7 @@ LEVERS = {
     "lmforge-unpacked": {"data": {"packing": False}},
     "lmforge-compile": {"train": {"compile": True}},
     "lmforge-chunked": {"train": {"loss_chunk_size": 512}},
+    "lmforge-plainloss": {"train": {"loss_chunk_size": None}},
     "lmforge-sdpa": {"model": {"attention": "sdpa"}},
     "lmforge-noprefetch": {"data": {"prefetch": 0}},
 }

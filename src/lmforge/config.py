@@ -249,10 +249,13 @@ class TrainConfig(Section):
     compile: bool = False
     """Compile the model with torch.compile (inductor). The first steps are slow while it compiles;
     fixed shapes (packing) avoid recompiling. Needs a C/C++ compiler on CPU."""
-    loss_chunk_size: int | None = Field(default=None, ge=1)
+    loss_chunk_size: int | Literal["auto"] | None = "auto"
     """Causal LMs: compute the loss from hidden states, this many target tokens at a time, never
     holding full-vocabulary logits for the whole batch (a large memory saving at big vocabularies
-    and long sequences; the same loss and gradients). Positions without a target are skipped.
+    and long sequences, and faster: each chunk's gradients are taken with its logits, and positions
+    without a target are skipped). The same loss and gradients. auto: chunks of about 8M logits
+    (1024 tokens at vocab 8k, 256 at 32k), or the plain loss where chunking does not apply
+    (soft-capped or scaled logits, adapter or quantized heads, FSDP/DeepSpeed, train.compile).
     null: the plain loss."""
     max_bad_steps: int = Field(default=5, ge=1)
     """Consecutive steps with a non-finite loss or gradient norm (each skipped) before the run fails."""
@@ -650,7 +653,9 @@ def _check_train(config: Config) -> list[str]:
         problems.append("train.warmup_steps and train.warmup_ratio are exclusive: set only one")
     if train.early_stopping is not None and train.eval_every is None:
         problems.append("train.early_stopping needs train.eval_every: evaluations are what it watches")
-    if train.loss_chunk_size is not None and config.model.task != "causal-lm":
+    if isinstance(train.loss_chunk_size, int) and train.loss_chunk_size < 1:
+        problems.append("train.loss_chunk_size must be a positive number of tokens, auto or null")
+    if isinstance(train.loss_chunk_size, int) and config.model.task != "causal-lm":
         problems.append(f"train.loss_chunk_size applies to causal LMs; remove it for model.task={config.model.task}")
     return problems
 

@@ -9,7 +9,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmforge.data.loader import IGNORE_INDEX
-from lmforge.engine.losses import causal_lm_step, chunked_causal_lm_loss_sum, hidden_states_out
+from lmforge.engine.losses import (
+    at_least_fp32,
+    causal_lm_step,
+    chunked_causal_lm_loss_sum,
+    hidden_states_out,
+    linear_cross_entropy,
+    resolve_loss_chunk_size,
+)
 from lmforge.errors import UserError
 
 
@@ -73,3 +80,73 @@ def test_models_that_transform_their_logits_are_refused():
     with refused, hidden_states_out(model):
         pass
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
+
+
+def _plain_sum(states, weight, bias, targets):
+    return torch.nn.functional.cross_entropy(
+        at_least_fp32(torch.nn.functional.linear(states, weight, bias)), targets, reduction="sum"
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, 1000])
+def test_fused_linear_cross_entropy_with_bias_and_a_frozen_weight(chunk_size):
+    """The fused path takes gradients in forward: states, bias and (when trained) weight must get
+    the plain gradients; a frozen weight gets none."""
+    generator = torch.Generator().manual_seed(2)
+    states = torch.randn(70, 16, dtype=torch.float64, generator=generator)
+    weight = torch.randn(40, 16, dtype=torch.float64, generator=generator)
+    bias = torch.randn(40, dtype=torch.float64, generator=generator)
+    targets = torch.randint(0, 40, (70,), generator=generator)
+    for weight_trained in (True, False):
+        trained = ((states, True), (weight, weight_trained), (bias, True))
+        inputs = [t.clone().requires_grad_(grad) for t, grad in trained]
+        plain = [t.clone().detach().requires_grad_(t.requires_grad) for t in inputs]
+        fused = linear_cross_entropy(*inputs, targets, chunk_size)
+        (fused * 3).backward()  # backward scales the stored gradients by the incoming one
+        expected = _plain_sum(*plain, targets)
+        (expected * 3).backward()
+        assert fused.item() == pytest.approx(expected.item(), rel=1e-12)
+        for got, want in zip(inputs, plain, strict=True):
+            if want.grad is None:
+                assert got.grad is None
+            else:
+                torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_linear_cross_entropy_without_grad_and_under_bf16_autocast():
+    generator = torch.Generator().manual_seed(3)
+    states = torch.randn(200, 32, generator=generator, requires_grad=True)
+    head = torch.nn.Linear(32, 500, bias=False)
+    targets = torch.randint(0, 500, (200,), generator=generator)
+    with torch.no_grad():
+        assert linear_cross_entropy(states, head.weight, None, targets, 64).item() == pytest.approx(
+            _plain_sum(states, head.weight, None, targets).item(), rel=1e-5
+        )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(states, head.weight, None, targets, 64)
+        plain = _plain_sum(states, head.weight, None, targets)  # the matmul in bf16, like the head would
+    assert fused.dtype == torch.float32
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-3)
+    fused.backward()
+    assert head.weight.grad.dtype == torch.float32 and states.grad.dtype == torch.float32
+
+
+def test_auto_chunk_size_follows_the_vocabulary_and_steps_aside():
+    model = tiny_llama(tie=False)  # vocab 300: 8M / 300 rounds down to 16384 tokens a chunk
+    assert resolve_loss_chunk_size("auto", model, "causal-lm", plain_only=False) == 16384
+    model.lm_head = torch.nn.Linear(64, 32_000, bias=False)
+    assert resolve_loss_chunk_size("auto", model, "causal-lm", plain_only=False) == 256
+    model.lm_head = torch.nn.Linear(64, 10_000_000, bias=False, device="meta")
+    assert resolve_loss_chunk_size("auto", model, "causal-lm", plain_only=False) == 64  # the floor
+    assert resolve_loss_chunk_size("auto", model, "causal-lm", plain_only=True) is None  # sharded or compiled
+    assert resolve_loss_chunk_size(7, model, "causal-lm", plain_only=True) == 7  # an explicit size is kept
+    assert resolve_loss_chunk_size(None, model, "causal-lm", plain_only=False) is None
+
+    class Adapted(torch.nn.Linear):  # e.g. a LoRA-wrapped or quantized head
+        pass
+
+    model.lm_head = Adapted(64, 300, bias=False)
+    assert resolve_loss_chunk_size("auto", model, "causal-lm", plain_only=False) is None
+    capped = tiny_llama(tie=False)
+    capped.config.final_logit_softcapping = 30.0
+    assert resolve_loss_chunk_size("auto", capped, "causal-lm", plain_only=False) is None

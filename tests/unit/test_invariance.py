@@ -94,8 +94,10 @@ def test_chunked_loss_gives_the_same_step_through_the_loop(ragged):
     chunked.train.loss_chunk_size = 16
     chunk_loss, chunk_weights = one_step(chunked, data, model, micro_batch_size=4, grad_accum=2)
     assert chunk_loss == pytest.approx(loss, rel=1e-6)
+    # fp32 sums in another order (the fp64 gradients are equal to 1e-10: test_chunked_loss); Adam's
+    # m / sqrt(v) turns float rounding in a near-zero gradient into ~1e-6 of a weight
     for name, value in chunk_weights.items():
-        torch.testing.assert_close(value, weights[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=3e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from torch import nn
 
 from lmforge.config import Config, TrainConfig, config_hash, dump_yaml
@@ -18,7 +19,7 @@ from lmforge.data.loader import Prefetcher, StepPlan, step_data
 from lmforge.data.prepare import PreparedData
 from lmforge.engine.checkpoint import load_checkpoint, prune, remove_stale_temporaries, save_checkpoint
 from lmforge.engine.early_stopping import record_eval
-from lmforge.engine.losses import count_targets, loss_step_for
+from lmforge.engine.losses import count_targets, loss_step_for, resolve_loss_chunk_size
 from lmforge.engine.optim import build_optimizer, build_scheduler
 from lmforge.engine.progress import TrainProgress
 from lmforge.engine.signals import StopOnSignal
@@ -132,7 +133,9 @@ def train(
     plan = StepPlan(len(train_set), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes)
     steps = total_steps(cfg, plan)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    loss_step = loss_step_for(config.model.task, cfg.loss_chunk_size)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    chunk_size = resolve_loss_chunk_size(cfg.loss_chunk_size, model, config.model.task, sharded or cfg.compile)
+    loss_step = loss_step_for(config.model.task, chunk_size)
     progress = progress_factory(steps, console, enabled=accelerator.is_main_process)
     state = TrainState(config_hash=config_hash(config), tracker_ids=trackers.ids())
     loop = Loop(config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir)
@@ -307,7 +310,9 @@ def _forward_backward(model, batches, loss_step, accelerator, task: str) -> tupl
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # Gradients are synchronised across processes only after the last micro-batch.
         with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
-            loss_sum, _ = loss_step(model, batch)
+            # the model's forward is autocast already; the loss too, for a chunked loss's head
+            with accelerator.autocast():
+                loss_sum, _ = loss_step(model, batch)
             # DDP averages gradients over processes; * world turns that back into a sum.
             accelerator.backward(loss_sum * world / targets)
         loss_total += loss_sum.detach()

@@ -51,8 +51,11 @@ def chunked_causal_lm_loss_sum(
     hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same sum as `causal_lm_loss_sum`, from the last hidden states, without ever holding the
-    full (B, T, V) logits: only positions with a target are scored, `chunk_size` at a time, and
-    each chunk's logits are recomputed in backward instead of kept (activation checkpointing).
+    full (B, T, V) logits: only positions with a target are scored, `chunk_size` at a time.
+
+    A plain linear head goes through `linear_cross_entropy`, which takes each chunk's gradients in
+    the same pass (nothing is recomputed); any other head (adapters, quantized layers) is
+    checkpointed chunk by chunk, its logits recomputed in backward.
 
     Args:
         hidden: (B, T, H) final hidden states.
@@ -64,6 +67,8 @@ def chunked_causal_lm_loss_sum(
     states = hidden.reshape(-1, hidden.size(-1))  # (B*T, H)
     keep = targets != IGNORE_INDEX
     states, targets = states[keep], targets[keep]  # (N, H), (N,): masked prompts cost nothing
+    if type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks:
+        return linear_cross_entropy(states, head.weight, head.bias, targets, chunk_size), keep.sum()
     total = at_least_fp32(hidden.new_zeros(()))
     for start in range(0, targets.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
@@ -75,20 +80,116 @@ def _chunk_loss(states: torch.Tensor, targets: torch.Tensor, head: nn.Module) ->
     return F.cross_entropy(at_least_fp32(head(states)), targets, reduction="sum")  # (n, V) logits live only here
 
 
+def linear_cross_entropy(
+    states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """sum(cross_entropy(states @ weight.T + bias, targets)) in fp32, `chunk_size` rows at a time.
+
+    The matmuls run in the autocast dtype when autocast is on (as the head would), the softmax in
+    fp32. When gradients are wanted, each chunk's are taken while its logits are at hand: backward
+    then only scales them, so the logits are neither kept nor recomputed, and the log-softmax
+    backward, the one-hot scatter and the casts of (N, V) tensors of the plain loss all go away."""
+    device = states.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(states, weight, bias, targets, chunk_size, dtype, torch.is_grad_enabled())
+
+
+ROWS = 64
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, states, weight, bias, targets, chunk_size, dtype, grads):
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        exact = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32, or fp64 for fp64 models
+        want = [grads and t is not None and t.requires_grad for t in (states, weight, bias)]
+        grad_states = torch.empty_like(states) if want[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=exact) if want[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=exact) if want[2] else None
+        total = torch.zeros((), dtype=exact, device=states.device)
+        for start in range(0, targets.numel(), chunk_size):
+            h, t = states[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
+            n = len(t)
+            # Rows padded to a multiple of ROWS: the number of targets changes every step, and a
+            # new matmul shape costs a new oneDNN primitive on CPU (slow to make, kept forever).
+            h = F.pad(h, (0, 0, 0, -n % ROWS))
+            logits = F.linear(h, w, b).to(exact)  # (n + pad, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse[:n] - logits[:n].gather(1, t[:, None]).squeeze(1)).sum()
+            if not any(want):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # d loss / d logits = softmax - one-hot
+            grad[n:] = 0
+            grad[torch.arange(n, device=t.device), t] -= 1
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            grad = grad.to(dtype)
+            if grad_states is not None:
+                grad_states[start : start + n] = (grad @ w)[:n]
+            if grad_weight is not None:
+                grad_weight += (grad.T @ h).to(exact)
+        ctx.save_for_backward(grad_states, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_states, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_output
+        return (
+            grad_states * scale.to(grad_states.dtype) if grad_states is not None else None,
+            (grad_weight * scale).to(ctx.dtypes[0]) if grad_weight is not None else None,
+            (grad_bias * scale).to(ctx.dtypes[1]) if grad_bias is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+AUTO_CHUNK_LOGITS = 1 << 23  # logits per chunk for loss_chunk_size auto: 32 MB in fp32
+
+
+def resolve_loss_chunk_size(setting: int | str | None, model: nn.Module, task: str, plain_only: bool) -> int | None:
+    """train.loss_chunk_size as a number of tokens, or None for the plain loss. auto chunks a causal
+    LM whose head is a plain linear layer and whose logits are not transformed, unless
+    `plain_only` (the model is sharded or compiled)."""
+    if setting != "auto":
+        return setting
+    base = _unwrapped(model)
+    head = base.get_output_embeddings() if task == "causal-lm" else None
+    if plain_only or type(head) is not nn.Linear or _logit_transform(base):
+        return None
+    return 1 << max(6, (AUTO_CHUNK_LOGITS // head.out_features).bit_length() - 1)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    base = model.module if hasattr(model, "module") else model  # DDP
+    base = getattr(base, "_orig_mod", base)  # torch.compile
+    return base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+
+
+def _logit_transform(base: nn.Module) -> str | None:
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(base.config, name, None) not in (None, 1, 1.0):
+            return name
+    return None
+
+
 @contextmanager
 def hidden_states_out(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, the model's forward returns final hidden states in place of logits (its
     output projection is swapped for an identity); yields that projection. Going through the
     model's own forward keeps distributed wrappers (DDP hooks) and adapters (LoRA) in the path."""
-    base = model.module if hasattr(model, "module") else model  # DDP
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+    base = _unwrapped(model)
     head = base.get_output_embeddings()
-    for name in ("final_logit_softcapping", "logit_scale"):
-        if getattr(base.config, name, None) not in (None, 1, 1.0):
-            raise UserError(
-                f"train.loss_chunk_size: {type(base).__name__} transforms its logits ({name}); "
-                "chunked loss does not support that yet: unset train.loss_chunk_size"
-            )
+    if name := _logit_transform(base):
+        raise UserError(
+            f"train.loss_chunk_size: {type(base).__name__} transforms its logits ({name}); "
+            "chunked loss does not support that yet: set train.loss_chunk_size to auto or null"
+        )
     base.set_output_embeddings(nn.Identity())
     try:
         yield head

@@ -29,18 +29,14 @@ BUCKET_EDGES = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 
 
 
 @dataclass(frozen=True)
-class Bucket:
-    gather: torch.Tensor
-    """(S, L) flat token index of each slot; slots past an example's end repeat its last token."""
-    real: torch.Tensor
-    """Indices into the S x L slots that hold real tokens, in flat-token order within each example."""
-
-
-@dataclass(frozen=True)
 class Plan:
-    buckets: list[Bucket]
+    shapes: list[tuple[int, int]]
+    """(examples, padded length) of each bucket."""
+    gather: torch.Tensor
+    """Flat token index of every slot of every bucket, bucket after bucket (S x L slots each);
+    slots past an example's end repeat its last token."""
     restore: torch.Tensor
-    """Flat token t's output is row restore[t] of the buckets' real outputs, concatenated."""
+    """Flat token t's output is the output of slot restore[t]."""
     whole_rows: bool = False
     """Every row is one example (full blocks of pretraining text): plain causal attention, no gathering."""
 
@@ -58,16 +54,20 @@ def segment_lengths(position_ids: torch.Tensor) -> list[int]:
 
 
 def plan_for(position_ids: torch.Tensor) -> Plan:
-    """How to cut a batch into buckets of examples, computed once per forward and shared by all layers."""
+    """How to cut a batch into buckets of examples, computed once per forward and shared by all
+    layers. All buckets are gathered with one index (and scattered back with one): each gather's
+    backward zero-fills a tensor of the whole batch, so one per bucket cost more than the buckets."""
     lengths = np.asarray(segment_lengths(position_ids))
+    device = position_ids.device
     if len(lengths) == position_ids.shape[0]:
-        return Plan([], torch.empty(0), whole_rows=True)
+        return Plan([], torch.empty(0), torch.empty(0), whole_rows=True)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     edges = np.asarray(BUCKET_EDGES)
     # beyond the last edge, a bucket per length
     keys = np.where(lengths <= edges[-1], edges[np.minimum(np.searchsorted(edges, lengths), len(edges) - 1)], lengths)
-    device = position_ids.device
-    buckets, order = [], []
+    shapes, gathers = [], []
+    restore = np.empty(int(lengths.sum()), dtype=np.int64)
+    offset = 0
     for key in np.unique(keys):
         members = np.flatnonzero(keys == key)
         size, width = len(members), int(lengths[members].max())
@@ -75,13 +75,11 @@ def plan_for(position_ids: torch.Tensor) -> Plan:
         ends = lengths[members][:, None]
         gather = starts[members][:, None] + np.minimum(slots, ends - 1)
         is_real = slots < ends
-        real = (np.arange(size)[:, None] * width + slots)[is_real]
-        buckets.append(Bucket(torch.from_numpy(gather).to(device), torch.from_numpy(real).to(device)))
-        order.append(gather[is_real])
-    order = np.concatenate(order)
-    restore = np.empty_like(order)
-    restore[order] = np.arange(len(order))
-    return Plan(buckets, torch.from_numpy(restore).to(device))
+        restore[gather[is_real]] = offset + (np.arange(size)[:, None] * width + slots)[is_real]
+        shapes.append((size, width))
+        gathers.append(gather.reshape(-1))
+        offset += size * width
+    return Plan(shapes, torch.from_numpy(np.concatenate(gathers)).to(device), torch.from_numpy(restore).to(device))
 
 
 _last_plan: tuple[torch.Tensor, int, Plan] | None = None
@@ -140,15 +138,13 @@ def varlen_attention_forward(
     if plan.whole_rows:
         return _causal_attention(query, key, value, scaling, dropout).transpose(1, 2), None
     flat_q, flat_k, flat_v = (t.transpose(1, 2).reshape(batch * width, heads, -1) for t in (query, key, value))
+    sizes = [size * length for size, length in plan.shapes]
+    slots = [t.index_select(0, plan.gather).split(sizes) for t in (flat_q, flat_k, flat_v)]
     outputs = []
-    for bucket in plan.buckets:
-        size, length = bucket.gather.shape
-        index = bucket.gather.reshape(-1)
-        q, k, v = (
-            t.index_select(0, index).view(size, length, heads, -1).transpose(1, 2) for t in (flat_q, flat_k, flat_v)
-        )
+    for (size, length), q, k, v in zip(plan.shapes, *slots, strict=True):
+        q, k, v = (t.view(size, length, heads, -1).transpose(1, 2) for t in (q, k, v))
         out = _causal_attention(q, k, v, scaling, dropout)
-        outputs.append(out.transpose(1, 2).reshape(size * length, heads, -1).index_select(0, bucket.real))
+        outputs.append(out.transpose(1, 2).reshape(size * length, heads, -1))
     merged = torch.cat(outputs).index_select(0, plan.restore)
     return merged.view(batch, width, heads, -1), None
 

@@ -150,3 +150,20 @@ def test_auto_chunk_size_follows_the_vocabulary_and_steps_aside():
     capped = tiny_llama(tie=False)
     capped.config.final_logit_softcapping = 30.0
     assert resolve_loss_chunk_size("auto", capped, "causal-lm", plain_only=False) is None
+
+
+def test_fused_gradients_under_fp16_keep_small_probabilities():
+    """In fp16 the gradient matmuls run in fp32: softmax probabilities below fp16's range would
+    otherwise vanish from the weight gradient (the grad scaler cannot help, they are taken in forward)."""
+    generator = torch.Generator().manual_seed(4)
+    states = torch.randn(64, 32, generator=generator) * 4  # peaked softmax: many tiny probabilities
+    weight = torch.randn(300, 32, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 300, (64,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.float16):
+        linear_cross_entropy(states, weight, None, targets, 16).backward()
+    reference = weight.detach().clone().requires_grad_(True)
+    _plain_sum(states, reference, None, targets).backward()
+    assert int((weight.grad == 0).sum()) == int((reference.grad == 0).sum()) == 0  # fp16 gradients: 1911 zeros
+    small = reference.grad.abs() < 1e-4
+    relative = (weight.grad - reference.grad).abs() / reference.grad.abs()
+    assert relative[small].median() < 0.05  # the logits themselves are fp16: not exact

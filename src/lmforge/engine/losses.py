@@ -104,6 +104,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         exact = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32, or fp64 for fp64 models
+        # fp16 would flush the small probabilities of the gradient to zero (a grad scaler protects
+        # the plain loss's backward, but these gradients are taken unscaled): fp32 for them
+        grad_dtype = exact if dtype == torch.float16 else dtype
+        grad_w = w if grad_dtype == dtype else weight.to(grad_dtype)
         want = [grads and t is not None and t.requires_grad for t in (states, weight, bias)]
         grad_states = torch.empty_like(states) if want[0] else None
         grad_weight = torch.zeros_like(weight, dtype=exact) if want[1] else None
@@ -125,11 +129,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(n, device=t.device), t] -= 1
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
-            grad = grad.to(dtype)
+            grad = grad.to(grad_dtype)
             if grad_states is not None:
-                grad_states[start : start + n] = (grad @ w)[:n]
+                grad_states[start : start + n] = (grad @ grad_w)[:n]
             if grad_weight is not None:
-                grad_weight += (grad.T @ h).to(exact)
+                grad_weight += (grad.T @ h.to(grad_dtype)).to(exact)
         ctx.save_for_backward(grad_states, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total

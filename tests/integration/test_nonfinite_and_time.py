@@ -9,7 +9,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from lmforge.data.prepare import prepare_data
-from lmforge.engine import losses
+from lmforge.engine import loop, losses
 from lmforge.engine.checkpoint import latest_valid, list_checkpoints, load_trainer_state
 from lmforge.engine.loop import NonFiniteLossError, train
 from lmforge.models.build import build_model
@@ -21,17 +21,21 @@ def nan_on_steps(monkeypatch):
     """Make the loss NaN on chosen optimizer steps (1-based): fault injection into the real loop."""
 
     def install(bad_steps, grad_accum):
-        real = losses.LOSS_STEPS["causal-lm"]
         calls = {"n": 0}
 
-        def step(model, batch):
-            calls["n"] += 1
-            loss, count = real(model, batch)
-            if (calls["n"] - 1) // grad_accum + 1 in bad_steps:
-                loss = loss * float("nan")
-            return loss, count
+        def loss_step_for(task, chunk_size=None):
+            real = losses.loss_step_for(task, chunk_size)  # plain or chunked, as the loop chose
 
-        monkeypatch.setitem(losses.LOSS_STEPS, "causal-lm", step)
+            def step(model, batch):
+                calls["n"] += 1
+                loss, count = real(model, batch)
+                if (calls["n"] - 1) // grad_accum + 1 in bad_steps:
+                    loss = loss * float("nan")
+                return loss, count
+
+            return step
+
+        monkeypatch.setattr(loop, "loss_step_for", loss_step_for)
 
     return install
 

@@ -186,3 +186,21 @@ def test_every_field_has_a_docstring():
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [1, 2], "e": "x"}
+
+
+def test_loss_chunk_size_is_auto_by_default_and_checked():
+    base = ["data.train=x.txt", "model.preset=llama-tiny", "tokenizer.train=true"]
+    assert load_config(None, base, env={}).train.loss_chunk_size == "auto"
+    assert load_config(None, [*base, "train.loss_chunk_size=null"], env={}).train.loss_chunk_size is None
+    with pytest.raises(ConfigError, match="train.loss_chunk_size must be a positive number of tokens, auto or null"):
+        load_config(None, [*base, "train.loss_chunk_size=0"], env={})
+    seq2seq = [
+        "data.train=x.jsonl",
+        "model.task=seq2seq",
+        "data.format=seq2seq",
+        "model.preset=t5-tiny",
+        "tokenizer.train=true",
+    ]
+    assert load_config(None, seq2seq, env={}).train.loss_chunk_size == "auto"  # auto means plain there
+    with pytest.raises(ConfigError, match="train.loss_chunk_size applies to causal LMs"):
+        load_config(None, [*seq2seq, "train.loss_chunk_size=512"], env={})

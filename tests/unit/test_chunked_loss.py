@@ -147,6 +147,10 @@ def test_auto_chunk_size_follows_the_vocabulary_and_steps_aside():
 
     model.lm_head = Adapted(64, 300, bias=False)
     assert resolve_loss_chunk_size("auto", model, "causal-lm", plain_only=False) is None
+    hooked = torch.nn.Linear(64, 300, bias=False)
+    hooked.register_forward_hook(lambda module, args, out: out)  # a hook the fused loss would skip
+    model.lm_head = hooked
+    assert resolve_loss_chunk_size("auto", model, "causal-lm", plain_only=False) is None
     capped = tiny_llama(tie=False)
     capped.config.final_logit_softcapping = 30.0
     assert resolve_loss_chunk_size("auto", capped, "causal-lm", plain_only=False) is None

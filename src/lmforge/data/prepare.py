@@ -155,29 +155,29 @@ class SplitReader:
 
     def routed(self) -> Iterator[tuple[str, Record]]:
         """(split, record) for every record of every split, reading each file once."""
-        for source in self.sources["train"]:
-            for record in read_records(source.path, self.data.txt_documents):
-                split = self._split_of(record)
-                copies = _copies(record, source.weight) if split == "train" else 1
-                for _ in range(copies):
-                    yield split, record
+        yield from self._from_training_files()
         for split in ("validation", "test"):
-            for source in self.sources[split]:
-                for record in read_records(source.path, self.data.txt_documents):
-                    yield split, record
+            for record in self._read(split):
+                yield split, record
 
     def records(self, split: str) -> Iterator[Record]:
         if split != "train" and self.sources[split]:
-            for source in self.sources[split]:
-                yield from read_records(source.path, self.data.txt_documents)
-            return
-        if split != "train" and not self.held_out[split]:
-            return
+            yield from self._read(split)
+        elif split == "train" or self.held_out[split]:
+            yield from (record for s, record in self._from_training_files() if s == split)
+
+    def _from_training_files(self) -> Iterator[tuple[str, Record]]:
+        """(split, record) for the records of the training files, training records as many times
+        as their source's weight says."""
         for source in self.sources["train"]:
             for record in read_records(source.path, self.data.txt_documents):
-                if self._split_of(record) != split:
-                    continue
-                yield from [record] * _copies(record, source.weight) if split == "train" else [record]
+                split = self._split_of(record)
+                for _ in range(_copies(record, source.weight) if split == "train" else 1):
+                    yield split, record
+
+    def _read(self, split: str) -> Iterator[Record]:
+        for source in self.sources[split]:
+            yield from read_records(source.path, self.data.txt_documents)
 
     def _split_of(self, record: Record) -> str:
         if record.problem is not None:

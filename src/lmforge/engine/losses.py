@@ -67,13 +67,19 @@ def chunked_causal_lm_loss_sum(
     states = hidden.reshape(-1, hidden.size(-1))  # (B*T, H)
     keep = targets != IGNORE_INDEX
     states, targets = states[keep], targets[keep]  # (N, H), (N,): masked prompts cost nothing
-    if type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks:
+    if _plain_linear(head):
         return linear_cross_entropy(states, head.weight, head.bias, targets, chunk_size), keep.sum()
     total = at_least_fp32(hidden.new_zeros(()))
     for start in range(0, targets.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
         total = total + checkpoint(_chunk_loss, states[chunk], targets[chunk], head, use_reentrant=False)
     return total, keep.sum()
+
+
+def _plain_linear(head: nn.Module | None) -> bool:
+    """Whether the head is exactly x @ weight.T + bias (no subclass, adapter or hook), which
+    `linear_cross_entropy` can compute without calling it."""
+    return type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
 
 
 def _chunk_loss(states: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -141,11 +147,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_states, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_output
         return (
-            grad_states * scale.to(grad_states.dtype) if grad_states is not None else None,
-            (grad_weight * scale).to(ctx.dtypes[0]) if grad_weight is not None else None,
-            (grad_bias * scale).to(ctx.dtypes[1]) if grad_bias is not None else None,
+            grad_states * grad_output.to(grad_states.dtype) if grad_states is not None else None,
+            (grad_weight * grad_output).to(ctx.dtypes[0]) if grad_weight is not None else None,
+            (grad_bias * grad_output).to(ctx.dtypes[1]) if grad_bias is not None else None,
             None,
             None,
             None,
@@ -164,7 +169,7 @@ def resolve_loss_chunk_size(setting: int | str | None, model: nn.Module, task: s
         return setting
     base = _unwrapped(model)
     head = base.get_output_embeddings() if task == "causal-lm" else None
-    if plain_only or type(head) is not nn.Linear or _logit_transform(base):
+    if plain_only or not _plain_linear(head) or _logit_transform(base):
         return None
     return 1 << max(6, (AUTO_CHUNK_LOGITS // head.out_features).bit_length() - 1)
 

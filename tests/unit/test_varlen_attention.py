@@ -46,6 +46,36 @@ def test_segment_lengths_split_at_restarts_and_row_ends():
     assert attention.segment_lengths(positions) == [3, 2, 1, 6, 4, 2]
 
 
+def test_one_plan_per_forward(monkeypatch):
+    """The layers share one plan: the batch is cut into buckets once per forward, not per layer."""
+    calls = []
+    plan_for = attention.plan_for
+    monkeypatch.setattr(attention, "plan_for", lambda *args: calls.append(1) or plan_for(*args))
+    model = tiny()
+    model.set_attn_implementation(attention.NAME)
+    ids, positions = batch()
+    model(input_ids=ids, position_ids=positions)
+    model(input_ids=ids, position_ids=positions.clone())
+    assert model.config.num_hidden_layers == 2 and len(calls) == 2
+
+
+def test_bf16_plans_use_a_few_fixed_shapes():
+    """For the bf16 kernels, examples up to the limit are bucketed by powers of two (at least 16),
+    padded to them, and cut into groups of a power of four (each matmul shape costs oneDNN a cached
+    primitive); longer ones keep their edges and exact widths."""
+    _, positions = batch()  # lengths 10, 25, 5 | 40 | 1, 2, 3, 34 | 7, 7, 7, 7, 12
+    assert attention.plan_for(positions).shapes == [(10, 12), (1, 25), (2, 40)]
+    assert attention.plan_for(positions, 20).shapes == [(4, 16), (4, 16), (1, 16), (1, 16), (1, 25), (2, 40)]
+    assert attention.plan_for(positions, 64).shapes == [(4, 16), (4, 16), (1, 16), (1, 16), (1, 32), (1, 64), (1, 64)]
+    assert [attention._powers_of_four(n) for n in (1, 3, 4, 13, 70)] == [
+        [1],
+        [1, 1, 1],
+        [4],
+        [4, 4, 4, 1],
+        [64, 4, 1, 1],
+    ]
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_packed_examples_equal_each_example_alone(kind):
     torch.manual_seed(0)
@@ -76,11 +106,14 @@ def test_loss_and_every_gradient_equal_masked_sdpa(kind, segments):
         torch.testing.assert_close(grads_varlen[name], grad, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("math_max", [attention.MATH_MAX_LENGTH, 20, 0], ids=["bf16-matmuls", "both", "flash"])
 @pytest.mark.parametrize("edges", [attention.BUCKET_EDGES, (4, 8)])
-def test_bf16_autocast_matches_sdpa(monkeypatch, edges):
-    """Under CPU bf16 autocast varlen agrees with transformers' sdpa to bf16 precision. Few bucket
-    edges force a bucket per length beyond the last one."""
+def test_bf16_autocast_matches_sdpa(monkeypatch, edges, math_max):
+    """Under CPU bf16 autocast varlen agrees with transformers' sdpa to bf16 precision, whether the
+    buckets go to bf16 matmuls, to torch's flash kernel, or some to each. Few bucket edges force a
+    bucket per length beyond the last one."""
     monkeypatch.setattr(attention, "BUCKET_EDGES", edges)
+    monkeypatch.setattr(attention, "MATH_MAX_LENGTH", math_max)
     torch.manual_seed(0)
     model = tiny()
     ids, positions = batch()
@@ -93,6 +126,58 @@ def test_bf16_autocast_matches_sdpa(monkeypatch, edges):
     for name, grad in grads_sdpa.items():
         scale = grad.abs().max().item()
         assert (grads_varlen[name] - grad).abs().max().item() <= 0.05 * scale + 1e-6, name
+
+
+def reference_causal_attention(q, k, v, scaling):
+    """fp64, written out: scores, causal mask, softmax, weighted values."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) * scaling
+    length = q.shape[-2]
+    scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 130])
+def test_bf16_matmul_attention_is_causal_attention(length):
+    """The bf16 kernel (scale and mask inside one baddbmm, softmax in bf16) against fp64 causal
+    attention: outputs and the gradients of q, k and v, to bf16 precision."""
+    torch.manual_seed(0)
+    shape = (3, 4, length, 32)
+    inputs = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    fast = [t.to(torch.bfloat16).requires_grad_() for t in inputs]
+    out = attention._math_causal_attention(*fast, 32**-0.5, 0.0)
+    out.backward(grad_out.to(torch.bfloat16))
+    exact = [t.clone().requires_grad_() for t in inputs]
+    expected = reference_causal_attention(*exact, 32**-0.5)
+    expected.backward(grad_out)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=0.03)
+    for got, want in zip(fast, exact, strict=True):
+        scale = want.grad.abs().max().item()
+        assert (got.grad.double() - want.grad).abs().max().item() <= 0.03 * scale
+
+
+def test_bf16_autocast_takes_the_matmul_kernel_up_to_its_length(monkeypatch):
+    """Buckets up to MATH_MAX_LENGTH go to the bf16 matmuls, longer ones to the flash kernel; fp32
+    (no autocast) always to the flash kernel."""
+    shapes = []
+    kernel = attention._math_causal_attention
+    monkeypatch.setattr(
+        attention, "_math_causal_attention", lambda q, *a: shapes.append(tuple(q.shape[::2])) or kernel(q, *a)
+    )
+    monkeypatch.setattr(attention, "MATH_MAX_LENGTH", 20)
+    model = tiny()
+    ids, positions = batch()
+    model.set_attn_implementation(attention.NAME)
+    model(input_ids=ids, position_ids=positions)
+    assert shapes == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, position_ids=positions)
+    assert shapes and max(length for _, length in shapes) <= 20
+    short = [shape for shape in attention.plan_for(positions, 20).shapes if shape[1] <= 20]
+    assert short and len(short) < len(attention.plan_for(positions, 20).shapes)  # some go to flash
+    assert sorted(set(shapes)) == sorted(set(short))
 
 
 def test_generation_with_cache_and_padding_is_sdpa_generation():

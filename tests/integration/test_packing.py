@@ -115,6 +115,21 @@ def test_evaluate_gives_the_same_metrics_packed_or_not(setup):
     assert a["token_accuracy"] == b["token_accuracy"]
 
 
+@pytest.mark.parametrize("chunk_size", ["auto", 3])
+def test_evaluate_from_hidden_states_equals_evaluate_from_logits(setup, chunk_size):
+    """Evaluation scores a causal LM's targets from its hidden states (no full logits): the same
+    metrics as from the model's logits."""
+    _, prepared, model, examples = setup
+    pad = prepared.tokenizer.pad_token_id
+    packed = Dataset.from_list(pack(examples, [[0, 1, 2], [3, 4, 5]]))
+    scored = evaluate(model, packed, pad, batch_size=2, loss_chunk_size=chunk_size)
+    from_logits = evaluate(model, packed, pad, batch_size=2, loss_chunk_size=None)
+    assert scored["tokens"] == from_logits["tokens"] > 0
+    assert scored["loss"] == pytest.approx(from_logits["loss"], rel=1e-6)
+    assert scored["token_accuracy"] == from_logits["token_accuracy"]
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is back
+
+
 def test_the_loop_logs_the_same_loss_and_update_packed_or_not(setup):
     config, prepared, model, examples = setup
     # as in the invariance test: eps 1e-6 keeps Adam's first step smooth in near-zero gradients,

@@ -15,7 +15,9 @@ from lmforge.engine.losses import (
     chunked_causal_lm_loss_sum,
     hidden_states_out,
     linear_cross_entropy,
+    linear_cross_entropy_hits,
     resolve_loss_chunk_size,
+    scoring_chunk_size,
 )
 from lmforge.errors import UserError
 
@@ -62,6 +64,33 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(tie, chunk_size):
     for (name, a), (_, b) in zip(plain.named_parameters(), chunked.named_parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=name)
     assert isinstance(chunked.get_output_embeddings(), torch.nn.Linear)  # the head is back in place
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_evaluation_scores_from_hidden_states_equal_full_logits(chunk_size):
+    """linear_cross_entropy_hits: the summed loss and the argmax hits of the full logits, chunk by
+    chunk, with a bias, and ties broken as argmax breaks them (the first highest score)."""
+    torch.manual_seed(0)
+    states, weight, bias = torch.randn(70, 16).double(), torch.randn(40, 16).double(), torch.randn(40).double()
+    weight[7] = weight[3]  # rows 3 and 7 always tie
+    bias[7] = bias[3]
+    targets = torch.randint(0, 40, (70,))
+    logits = states @ weight.T + bias
+    targets[:10] = logits[:10].argmax(-1)  # some hits for certain
+    targets[10:20] = 7  # a tie's second row: hit only if argmax said 7
+    loss, hits = linear_cross_entropy_hits(states, weight, bias, targets, chunk_size)
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert int(hits) == int((logits.argmax(-1) == targets).sum()) >= 10
+
+
+def test_evaluation_scores_plain_linear_heads_of_causal_lms_only():
+    model = tiny_llama(tie=False)
+    assert scoring_chunk_size("auto", model, "causal-lm") == resolve_loss_chunk_size("auto", model, "causal-lm", False)
+    assert scoring_chunk_size(None, model, "causal-lm") is None
+    assert scoring_chunk_size("auto", model, "seq2seq") is None
+    model.lm_head.register_forward_hook(lambda *args: None)  # an explicit size, but a head to call
+    assert scoring_chunk_size(128, model, "causal-lm") is None
 
 
 def test_only_target_positions_are_scored():

@@ -99,6 +99,8 @@ class Loop:
     progress: TrainProgress
     state: TrainState
     checkpoint_dir: Path | None
+    loss_chunk_size: int | None = None
+    """What train.loss_chunk_size resolved to: evaluation scores targets the same way."""
     window_loss: torch.Tensor | None = None
     """Loss summed on device since the last log point: no host sync per step."""
 
@@ -138,7 +140,9 @@ def train(
     loss_step = loss_step_for(config.model.task, chunk_size)
     progress = progress_factory(steps, console, enabled=accelerator.is_main_process)
     state = TrainState(config_hash=config_hash(config), tracker_ids=trackers.ids())
-    loop = Loop(config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir)
+    loop = Loop(
+        config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir, chunk_size
+    )
     state = _start(loop, resume_from)
 
     model.train()
@@ -195,7 +199,9 @@ def _start(loop: Loop, resume_from: Path | None) -> TrainState:
 def _evaluate(loop: Loop) -> bool:
     """Evaluate on validation, log, update best/early stopping; True if this is a new best."""
     config, state = loop.config, loop.state
-    metrics = evaluate_split(loop.model, loop.data, "validation", config, loop.accelerator)
+    metrics = evaluate_split(
+        loop.model, loop.data, "validation", config, loop.accelerator, loss_chunk_size=loop.loss_chunk_size
+    )
     state.eval_history.append({"step": state.step, **metrics})
     loop.trackers.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, state.step)
     loop.progress.message(f"eval @ step {state.step}: {describe(metrics)}")

@@ -104,6 +104,44 @@ def linear_cross_entropy(
 ROWS = 64
 
 
+def _cross_entropy_in_place(
+    logits: torch.Tensor, targets: torch.Tensor, softmax: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed cross-entropy of the first len(targets) rows of `logits` (fp32, (n + pad, V)), and
+    with `softmax` every row's softmax, written over the logits. One exponential serves both: half
+    the passes over the logits of torch.logsumexp followed by exp(logits - lse)."""
+    n = len(targets)
+    peak = logits.amax(dim=-1, keepdim=True)
+    picked = logits[:n].gather(1, targets[:, None])
+    probs = logits.sub_(peak).exp_()
+    norm = probs.sum(dim=-1, keepdim=True)
+    loss = (norm[:n].log() + peak[:n] - picked).sum()
+    return loss, probs.mul_(norm.reciprocal()) if softmax else None
+
+
+@torch.no_grad()
+def linear_cross_entropy_hits(
+    states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For evaluation: the summed cross-entropy of states @ weight.T + bias against `targets` (as
+    `linear_cross_entropy`) and the number of rows whose highest score is their target, `chunk_size`
+    rows at a time: no (tokens x vocab) logits for the whole batch."""
+    device = states.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    exact = torch.promote_types(dtype, torch.float32)
+    w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
+    total = torch.zeros((), dtype=exact, device=states.device)
+    hits = torch.zeros((), dtype=torch.long, device=states.device)
+    with torch.autocast(device, enabled=False):
+        for start in range(0, targets.numel(), chunk_size):
+            h, t = states[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
+            h = F.pad(h, (0, 0, 0, -len(t) % ROWS))  # as in training: few matmul shapes
+            logits = F.linear(h, w, b).to(exact)
+            hits += (logits[: len(t)].argmax(-1) == t).sum()
+            total += _cross_entropy_in_place(logits, t, softmax=False)[0]
+    return total, hits
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states, weight, bias, targets, chunk_size, dtype, grads):
@@ -126,11 +164,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # new matmul shape costs a new oneDNN primitive on CPU (slow to make, kept forever).
             h = F.pad(h, (0, 0, 0, -n % ROWS))
             logits = F.linear(h, w, b).to(exact)  # (n + pad, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse[:n] - logits[:n].gather(1, t[:, None]).squeeze(1)).sum()
+            loss, probs = _cross_entropy_in_place(logits, t, softmax=any(want))
+            total += loss
             if not any(want):
                 continue
-            grad = logits.sub_(lse[:, None]).exp_()  # d loss / d logits = softmax - one-hot
+            grad = probs  # d loss / d logits = softmax - one-hot
             grad[n:] = 0
             grad[torch.arange(n, device=t.device), t] -= 1
             if grad_bias is not None:
@@ -172,6 +210,15 @@ def resolve_loss_chunk_size(setting: int | str | None, model: nn.Module, task: s
     if plain_only or not _plain_linear(head) or _logit_transform(base):
         return None
     return 1 << max(6, (AUTO_CHUNK_LOGITS // head.out_features).bit_length() - 1)
+
+
+def scoring_chunk_size(setting: int | str | None, model: nn.Module, task: str) -> int | None:
+    """Rows an evaluation scores at once from hidden states (`linear_cross_entropy_hits`), or None
+    to take the model's logits: a causal LM whose head is a plain linear layer, as for training."""
+    if task != "causal-lm":
+        return None
+    size = resolve_loss_chunk_size(setting, model, task, plain_only=False)
+    return size if size is not None and _plain_linear(_unwrapped(model).get_output_embeddings()) else None
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

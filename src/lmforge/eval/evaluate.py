@@ -7,6 +7,7 @@ Classifiers: loss per example, accuracy, macro-F1, and the confusion matrix.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -14,7 +15,14 @@ from datasets import Dataset
 from torch import nn
 
 from lmforge.data.loader import IGNORE_INDEX, eval_batches, fetch
-from lmforge.engine.losses import at_least_fp32, next_token_targets, seq2seq_logits
+from lmforge.engine.losses import (
+    at_least_fp32,
+    hidden_states_out,
+    linear_cross_entropy_hits,
+    next_token_targets,
+    scoring_chunk_size,
+    seq2seq_logits,
+)
 
 
 @torch.no_grad()
@@ -28,16 +36,22 @@ def evaluate(
     task: str = "causal-lm",
     num_labels: int | None = None,
     details: dict[str, Any] | None = None,
+    loss_chunk_size: int | str | None = "auto",
 ) -> dict[str, float]:
     """Metrics of `model` on a prepared dataset.
 
-    Only running sums stay between batches: one batch's logits exist at a time. Under several
-    processes each evaluates its share of batches and the sums are added up.
+    Only running sums stay between batches. A causal LM with a plain linear head is scored from the
+    hidden states of its targets, `loss_chunk_size` rows at a time (as train.loss_chunk_size; the
+    training loop passes what it resolved), so a batch's full logits never exist; other models hold
+    one batch's logits at a time. Under several processes each evaluates its share of batches and
+    the sums are added up.
 
     Args:
         details: if given, receives extras that are not single numbers (the confusion matrix).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    autocast = accelerator.autocast if accelerator else nullcontext  # the head runs outside the model's forward
+    chunk_size = scoring_chunk_size(loss_chunk_size, model, task)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -57,8 +71,19 @@ def evaluate(
             logits, targets = at_least_fp32(seq2seq_logits(model, batch)), batch["labels"]  # (B, T, V), (B, T)
         else:
             # as in training: no attention mask and no KV cache, so packed examples stay isolated
-            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-            logits, targets = at_least_fp32(out.logits), next_token_targets(batch["labels"])  # (B, T, V), (B, T)
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+            targets = next_token_targets(batch["labels"])  # (B, T)
+            if chunk_size is not None:  # scored from the hidden states of the targets, chunk by chunk
+                keep = (targets != IGNORE_INDEX).reshape(-1)
+                with hidden_states_out(model) as head, autocast():
+                    hidden = model(**inputs).logits  # (B, T, H): the identity head passed them through
+                    states = hidden.reshape(-1, hidden.size(-1))[keep]
+                    loss, correct = linear_cross_entropy_hits(
+                        states, head.weight, head.bias, targets.reshape(-1)[keep], chunk_size
+                    )
+                totals += torch.stack([loss.double(), correct.double(), keep.sum().double()])
+                continue
+            logits = at_least_fp32(model(**inputs).logits)  # (B, T, V)
         mask = targets != IGNORE_INDEX
         loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         correct = ((logits.argmax(-1) == targets) & mask).sum()
@@ -89,7 +114,9 @@ def evaluate(
     }
 
 
-def evaluate_split(model: nn.Module, data, split: str, config, accelerator=None, details=None) -> dict[str, float]:
+def evaluate_split(
+    model: nn.Module, data, split: str, config, accelerator=None, details=None, loss_chunk_size="auto"
+) -> dict[str, float]:
     """`evaluate` on one split of prepared data (a PreparedData) as the config sets it up."""
     labels = data.labels
     return evaluate(
@@ -102,6 +129,7 @@ def evaluate_split(model: nn.Module, data, split: str, config, accelerator=None,
         task=config.model.task,
         num_labels=len(labels) if labels else None,
         details=details,
+        loss_chunk_size=loss_chunk_size,
     )
 
 

@@ -66,7 +66,8 @@ class ModelConfig(Section):
     attention: Literal["auto", "varlen", "sdpa", "eager"] = "auto"
     """Attention kernel of causal LMs. varlen: each packed example attends within itself at its own
     cost (sum of n^2, not rows x max_length^2), through torch's unmasked causal kernels on buckets
-    of examples of similar length. sdpa/eager: transformers' own, with a block-diagonal mask for packed rows.
+    of examples of similar length (under CPU bf16, bf16 matmuls up to 512 tokens, as transformers'
+    eager attention computes them). sdpa/eager: transformers' own, with a block-diagonal mask for packed rows.
     auto: varlen where the architecture allows it (no sliding window or soft-capping) and
     train.compile is off, else sdpa."""
     trust_remote_code: bool = False

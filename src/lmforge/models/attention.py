@@ -109,6 +109,7 @@ def _powers_of_four(n: int) -> list[int]:
 _last_plan: tuple[torch.Tensor, int, int, int, Plan] | None = None
 
 
+@torch.compiler.disable  # the identity and version checks must run at every call, not once when traced
 def _cached_plan(position_ids: torch.Tensor, batch: int, fixed_up_to: int) -> Plan:
     """Every layer of one forward gets the same position_ids tensor: plan once per forward."""
     global _last_plan

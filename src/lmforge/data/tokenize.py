@@ -7,6 +7,7 @@ a packed row the token before it belongs to another example.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,14 +146,7 @@ def _trained_spans(segments: list[Segment], encoding, trained: np.ndarray) -> No
 
 def _first_above(encoding, n: int, side: int, value: int) -> int:
     """The first token whose offset start (side 0) or end (side 1) exceeds value, or n."""
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if encoding.token_to_chars(mid)[side] > value:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    return bisect.bisect_right(range(n), value, key=lambda token: encoding.token_to_chars(token)[side])
 
 
 def adds_bos(tokenizer) -> bool:

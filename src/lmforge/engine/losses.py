@@ -95,13 +95,32 @@ def linear_cross_entropy(
     fp32. When gradients are wanted, each chunk's are taken while its logits are at hand: backward
     then only scales them, so the logits are neither kept nor recomputed, and the log-softmax
     backward, the one-hot scatter and the casts of (N, V) tensors of the plain loss all go away."""
-    device = states.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(states, weight, bias, targets, chunk_size, dtype, torch.is_grad_enabled())
+    with torch.autocast(states.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(
+            states, weight, bias, targets, chunk_size, _compute_dtype(weight), torch.is_grad_enabled()
+        )
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's when it is on, else the weight's."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 ROWS = 64
+
+
+def _chunk_logits(
+    states: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor, chunk_size: int, exact
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(start, targets, rows, logits) of each chunk of `chunk_size` rows: the rows in w's dtype and
+    padded to a multiple of ROWS, the logits (rows x V) in `exact`. The number of targets changes
+    every step, and a new matmul shape costs a new oneDNN primitive on CPU (slow to make, kept
+    forever): the padding keeps the shapes few."""
+    for start in range(0, targets.numel(), chunk_size):
+        t = targets[start : start + chunk_size]
+        h = F.pad(states[start : start + chunk_size].to(w.dtype), (0, 0, 0, -len(t) % ROWS))
+        yield start, t, h, F.linear(h, w, b).to(exact)
 
 
 def _cross_entropy_in_place(
@@ -126,17 +145,13 @@ def linear_cross_entropy_hits(
     """For evaluation: the summed cross-entropy of states @ weight.T + bias against `targets` (as
     `linear_cross_entropy`) and the number of rows whose highest score is their target, `chunk_size`
     rows at a time: no (tokens x vocab) logits for the whole batch."""
-    device = states.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    dtype = _compute_dtype(weight)
     exact = torch.promote_types(dtype, torch.float32)
     w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
     total = torch.zeros((), dtype=exact, device=states.device)
     hits = torch.zeros((), dtype=torch.long, device=states.device)
-    with torch.autocast(device, enabled=False):
-        for start in range(0, targets.numel(), chunk_size):
-            h, t = states[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
-            h = F.pad(h, (0, 0, 0, -len(t) % ROWS))  # as in training: few matmul shapes
-            logits = F.linear(h, w, b).to(exact)
+    with torch.autocast(states.device.type, enabled=False):
+        for _, t, _, logits in _chunk_logits(states, w, b, targets, chunk_size, exact):
             hits += (logits[: len(t)].argmax(-1) == t).sum()
             total += _cross_entropy_in_place(logits, t, softmax=False)[0]
     return total, hits
@@ -157,13 +172,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=exact) if want[1] else None
         grad_bias = torch.zeros_like(bias, dtype=exact) if want[2] else None
         total = torch.zeros((), dtype=exact, device=states.device)
-        for start in range(0, targets.numel(), chunk_size):
-            h, t = states[start : start + chunk_size].to(dtype), targets[start : start + chunk_size]
+        for start, t, h, logits in _chunk_logits(states, w, b, targets, chunk_size, exact):
             n = len(t)
-            # Rows padded to a multiple of ROWS: the number of targets changes every step, and a
-            # new matmul shape costs a new oneDNN primitive on CPU (slow to make, kept forever).
-            h = F.pad(h, (0, 0, 0, -n % ROWS))
-            logits = F.linear(h, w, b).to(exact)  # (n + pad, V)
             loss, probs = _cross_entropy_in_place(logits, t, softmax=any(want))
             total += loss
             if not any(want):
@@ -215,10 +225,9 @@ def resolve_loss_chunk_size(setting: int | str | None, model: nn.Module, task: s
 def scoring_chunk_size(setting: int | str | None, model: nn.Module, task: str) -> int | None:
     """Rows an evaluation scores at once from hidden states (`linear_cross_entropy_hits`), or None
     to take the model's logits: a causal LM whose head is a plain linear layer, as for training."""
-    if task != "causal-lm":
+    if task != "causal-lm" or not _plain_linear(_unwrapped(model).get_output_embeddings()):
         return None
-    size = resolve_loss_chunk_size(setting, model, task, plain_only=False)
-    return size if size is not None and _plain_linear(_unwrapped(model).get_output_embeddings()) else None
+    return resolve_loss_chunk_size(setting, model, task, plain_only=False)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -95,10 +95,9 @@ def linear_cross_entropy(
     fp32. When gradients are wanted, each chunk's are taken while its logits are at hand: backward
     then only scales them, so the logits are neither kept nor recomputed, and the log-softmax
     backward, the one-hot scatter and the casts of (N, V) tensors of the plain loss all go away."""
+    dtype = _compute_dtype(weight)  # before autocast is switched off for the function's own casts
     with torch.autocast(states.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(
-            states, weight, bias, targets, chunk_size, _compute_dtype(weight), torch.is_grad_enabled()
-        )
+        return _LinearCrossEntropy.apply(states, weight, bias, targets, chunk_size, dtype, torch.is_grad_enabled())
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:

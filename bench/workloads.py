@@ -5,6 +5,8 @@ in a workspace directory so that every tool trains exactly the same thing.
   function's docstring, the completion is the function's source without its docstring. Lengths
   spread widely (a one-line helper to a page of code), which is what makes padding expensive.
 - Pretraining text: the King James Pentateuch shipped in data/.
+- Tokenizer: byte-level BPE trained on both; for vocabularies past what they give (~17k), on the
+  standard library's module sources too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,14 @@ def stdlib_pairs(max_chars: int = 4000) -> list[dict]:
     pairs = [{"prompt": f"# {summary}\n", "completion": code + "\n"} for _, summary, code in functions]
     random.Random(0).shuffle(pairs)
     return pairs
+
+
+def stdlib_sources() -> list[str]:
+    """The source of every standard-library module outside the tests (~13 MB): enough text for a
+    32k-token vocabulary."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(p for p in root.rglob("*.py") if not {"site-packages", "test", "tests"} & set(p.parts))
+    return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
 
 
 @dataclass
@@ -77,6 +88,8 @@ def _save_base(ws: Workspace, pairs: list[dict], chapters: list[str], preset: st
     from lmforge.models.tokenizer import train_bpe_tokenizer
 
     texts = [p["prompt"] + p["completion"] for p in pairs] + chapters
+    if vocab_size > 16_384:  # about what these texts give (16,993 merges at most): add whole modules
+        texts += stdlib_sources()
     tokenizer = train_bpe_tokenizer(texts, vocab_size)
     config = Config.model_validate(
         {"model": {"preset": preset}, "tokenizer": {"train": True}, "data": {"train": str(ws.sft_train)}}

@@ -62,6 +62,20 @@ def test_data_prep_smoke(tmp_path):
     assert lines[-2].startswith("summary (medians of 1, best num_proc): sft ")
 
 
+def test_mfu_smoke(tmp_path):
+    """The tiny Llama trains in lmforge's loop; its FLOPs are counted by the PaLM formula."""
+    lines = run_bench("mfu.py", "--smoke", "--workspace", str(tmp_path))
+    assert lines[0].startswith("mfu on cpu, bf16:")
+    params, mflops, tokens_per_s, tflops, peak, matmul = lines[2].split()
+    # llama-tiny, vocab 512: 2 layers x (4 x 64^2 + 3 x 64 x 256) + the 512 x 64 head; the input
+    # embedding is a lookup, not counted
+    assert int(params.replace(",", "")) == 2 * (4 * 64**2 + 3 * 64 * 256) + 512 * 64
+    assert float(mflops) == pytest.approx((6 * 163_840 + 12 * 2 * 64 * 64) / 1e6, abs=1e-3)  # 6N + 12 L T d
+    assert float(tokens_per_s) > 0 and float(tflops) > 0 and peak == "-" and float(matmul) > 0
+    assert lines[-1].startswith("summary (cpu, bf16, medians of 1): MFU -; ")
+    assert "% of the " in lines[-1] and "measured matmul peak" in lines[-1]
+
+
 @pytest.mark.slow
 def test_vs_peers_sft_smoke(tmp_path):
     """Every tool trains the tiny workload; the table and the summary come out."""

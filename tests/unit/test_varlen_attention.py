@@ -76,6 +76,48 @@ def test_bf16_plans_use_a_few_fixed_shapes():
     ]
 
 
+def test_flat_plan_gives_the_examples_offsets():
+    """For the CUDA varlen kernel: no buckets, the offsets of the examples in the flat tokens."""
+    _, positions = batch()  # lengths 10, 25, 5 | 40 | 1, 2, 3, 34 | 7, 7, 7, 7, 12
+    plan = attention.plan_for(positions, flat=True)
+    lengths = [10, 25, 5, 40, 1, 2, 3, 34, 7, 7, 7, 7, 12]
+    assert plan.cu_seqlens.dtype == torch.int32 and plan.shapes == []
+    assert plan.cu_seqlens.tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist()
+    assert plan.max_length == 40
+    assert attention.plan_for(torch.arange(40).expand(3, -1), flat=True).whole_rows
+
+
+def flash_varlen_usable() -> bool:
+    return (
+        torch.cuda.is_available()
+        and torch.cuda.get_device_capability() >= (8, 0)
+        and attention._flash_varlen_kernel() is not None
+    )
+
+
+@pytest.mark.skipif(not flash_varlen_usable(), reason="needs an Ampere+ GPU and torch.nn.attention.varlen")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cuda_flat_kernel_matches_masked_sdpa(monkeypatch, kind):
+    """On CUDA in bf16 the packed batch goes to torch's FlashAttention-2 varlen kernel in one call
+    (grouped key/value heads included) and agrees with transformers' masked sdpa to bf16 precision."""
+    used = []
+    flat_kernel = attention._flat_kernel
+    monkeypatch.setattr(attention, "_flat_kernel", lambda *a: used.append(flat_kernel(*a)) or used[-1])
+    torch.manual_seed(0)
+    model = tiny(kind).cuda()
+    ids, positions = (t.cuda() for t in batch())
+    results = {}
+    for impl in ("sdpa", attention.NAME):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results[impl] = forward_backward(model, impl, ids, positions)
+    assert used and all(used)
+    (logits_sdpa, grads_sdpa), (logits_varlen, grads_varlen) = results["sdpa"], results[attention.NAME]
+    torch.testing.assert_close(logits_varlen.float(), logits_sdpa.float(), rtol=0.02, atol=0.02)
+    for name, grad in grads_sdpa.items():
+        scale = grad.abs().max().item()
+        assert (grads_varlen[name] - grad).abs().max().item() <= 0.05 * scale + 1e-6, name
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_packed_examples_equal_each_example_alone(kind):
     torch.manual_seed(0)

@@ -7,6 +7,10 @@ buckets of similar length, each bucket is one causal (unmasked) sdpa call, and t
 back in place: the cost follows sum(n_i^2) over the examples instead of B x T^2, and nothing of
 size T x T is stored.
 
+On a CUDA GPU (Ampere or newer, fp16/bf16) the buckets are not needed: torch's own FlashAttention-2
+varlen kernel (torch 2.10+) takes the flat tokens and the examples' offsets in one call, with no
+padding at all. Where that kernel is missing, the buckets go to sdpa's CUDA kernels.
+
 An example is a maximal run of consecutive position ids, so lmforge's packed rows (positions restart
 at 0 for each example) and ordinary unpacked batches are both handled. Anything else (a KV cache, a
 padding mask, output_attentions) falls back to transformers' sdpa, with the mask sdpa would get.
@@ -15,6 +19,7 @@ padding mask, output_attentions) falls back to transformers' sdpa, with the mask
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +45,11 @@ class Plan:
     """Flat token t's output is the output of slot restore[t]."""
     whole_rows: bool = False
     """Every row is one example (full blocks of pretraining text): plain causal attention, no gathering."""
+    cu_seqlens: torch.Tensor | None = None
+    """For the flat kernel (`_flash_varlen`) instead of buckets: (examples + 1,) int32 offsets of the
+    examples in the flat tokens."""
+    max_length: int = 0
+    """The longest example, with `cu_seqlens`."""
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -54,7 +64,7 @@ def segment_lengths(position_ids: torch.Tensor) -> list[int]:
     return [end - start for start, end in zip(first, first[1:] + [batch * width], strict=True)]
 
 
-def plan_for(position_ids: torch.Tensor, fixed_up_to: int = 0) -> Plan:
+def plan_for(position_ids: torch.Tensor, fixed_up_to: int = 0, flat: bool = False) -> Plan:
     """How to cut a batch into buckets of examples, computed once per forward and shared by all
     layers. All buckets are gathered with one index (and scattered back with one): each gather's
     backward zero-fills a tensor of the whole batch, so one per bucket cost more than the buckets.
@@ -63,11 +73,16 @@ def plan_for(position_ids: torch.Tensor, fixed_up_to: int = 0) -> Plan:
     each bucket is cut into groups of a power of four examples, so that the shapes come from a small
     fixed set: the bf16 matmul kernels (oneDNN) build and keep a primitive per shape, ~0.6 MB each.
     With a new shape at every step the process grew by 1.2 GB in 50 steps of the SFT benchmark;
-    these shapes are 11 over the same steps."""
+    these shapes are 11 over the same steps.
+
+    With `flat`, no buckets: the examples' offsets for a kernel that takes the flat tokens as they are."""
     lengths = np.asarray(segment_lengths(position_ids))
     device = position_ids.device
     if len(lengths) == position_ids.shape[0]:
         return Plan([], torch.empty(0), torch.empty(0), whole_rows=True)
+    if flat:
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        return Plan([], torch.empty(0), torch.empty(0), cu_seqlens=offsets.to(device), max_length=int(lengths.max()))
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     edges = np.asarray(BUCKET_EDGES)
     # beyond the last edge, a bucket per length
@@ -106,17 +121,17 @@ def _powers_of_four(n: int) -> list[int]:
     return parts
 
 
-_last_plan: tuple[torch.Tensor, int, int, int, Plan] | None = None
+_last_plan: tuple[torch.Tensor, int, int, int, bool, Plan] | None = None
 
 
 @torch.compiler.disable  # the identity and version checks must run at every call, not once when traced
-def _cached_plan(position_ids: torch.Tensor, batch: int, fixed_up_to: int) -> Plan:
+def _cached_plan(position_ids: torch.Tensor, batch: int, fixed_up_to: int, flat: bool) -> Plan:
     """Every layer of one forward gets the same position_ids tensor: plan once per forward."""
     global _last_plan
-    key = (position_ids, position_ids._version, batch, fixed_up_to)
-    if _last_plan is None or _last_plan[0] is not key[0] or _last_plan[1:4] != key[1:]:
-        _last_plan = (*key, plan_for(position_ids.expand(batch, -1), fixed_up_to))
-    return _last_plan[4]
+    key = (position_ids, position_ids._version, batch, fixed_up_to, flat)
+    if _last_plan is None or _last_plan[0] is not key[0] or _last_plan[1:5] != key[1:]:
+        _last_plan = (*key, plan_for(position_ids.expand(batch, -1), fixed_up_to, flat))
+    return _last_plan[5]
 
 
 MATH_MAX_LENGTH = 512
@@ -170,6 +185,44 @@ def _causal_bias(size: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.full((size, size), float("-inf"), device=device).triu(1).to(dtype)
 
 
+@functools.cache
+def _flash_varlen_kernel():
+    """torch's own FlashAttention-2 varlen kernel (`torch.nn.attention.varlen`, torch 2.10+, CUDA),
+    as (attend, takes_scale), attend(q, k, v, cu_seqlens, max_length, scale) on (tokens, heads, dim)
+    tensors; None where this torch has none. Its keywords changed between releases (is_causal in
+    2.10, window_size after; scale and enable_gqa arrived later): they are read off its signature."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    takes_scale, takes_gqa = "scale" in params, "enable_gqa" in params
+
+    def attend(q, k, v, cu_seqlens, max_length, scale):
+        extra = dict(causal, scale=scale) if takes_scale else dict(causal)
+        if k.shape[1] != q.shape[1]:
+            if takes_gqa:
+                extra["enable_gqa"] = True
+            else:  # query head h reads key/value head h // groups, as repeat_kv arranges them
+                k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, **extra)
+
+    return attend, takes_scale
+
+
+def _flat_kernel(query: torch.Tensor, dropout: float, scaling: float) -> bool:
+    """Whether this call can go to `_flash_varlen_kernel`: fp16/bf16 on an Ampere or newer GPU, a
+    head size FlashAttention-2 takes, no attention dropout (the kernel has none) and, where the
+    kernel takes no scale, the default one."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or dropout:
+        return False
+    kernel, dim = _flash_varlen_kernel(), query.shape[-1]
+    if kernel is None or dim > 256 or dim % 8 or torch.cuda.get_device_capability(query.device) < (8, 0):
+        return False
+    return kernel[1] or scaling == dim**-0.5
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -192,9 +245,14 @@ def varlen_attention_forward(
     ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, heads, width, dim = query.shape
-    plan = _cached_plan(position_ids, batch, MATH_MAX_LENGTH if _bf16_matmuls(query) else 0)
     if scaling is None:
         scaling = dim**-0.5
+    flat = _flat_kernel(query, dropout, scaling)
+    plan = _cached_plan(position_ids, batch, MATH_MAX_LENGTH if _bf16_matmuls(query) else 0, flat)
+    if plan.cu_seqlens is not None:  # no buckets, no padding: the kernel takes the examples' offsets
+        q, k, v = (t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value))
+        out = _flash_varlen_kernel()[0](q, k, v, plan.cu_seqlens, plan.max_length, scaling)
+        return out.view(batch, width, heads, dim), None
     groups = heads // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if plan.whole_rows:

@@ -70,6 +70,7 @@ def test_outputs_and_resolved_config(trained_run):
     report = json.loads((run_dir / "data_report.json").read_text())
     assert set(report["splits"]) == {"train", "validation", "test"}
     assert str(run_dir / "final") in stdout and "mlflow ui --backend-store-uri" in stdout
+    assert "loss: fused cross-entropy from hidden states, " in stdout  # the plan says how the loss is taken
 
 
 def test_final_loads_with_plain_transformers_and_generates(trained_run):

@@ -13,6 +13,7 @@ from lmforge.engine.losses import (
     at_least_fp32,
     causal_lm_step,
     chunked_causal_lm_loss_sum,
+    describe_loss,
     hidden_states_out,
     linear_cross_entropy,
     linear_cross_entropy_hits,
@@ -183,6 +184,15 @@ def test_auto_chunk_size_follows_the_vocabulary_and_steps_aside():
     capped = tiny_llama(tie=False)
     capped.config.final_logit_softcapping = 30.0
     assert resolve_loss_chunk_size("auto", capped, "causal-lm", plain_only=False) is None
+
+
+def test_the_plan_says_which_loss_runs():
+    model = tiny_llama(tie=True)
+    assert describe_loss(512, model, "causal-lm").startswith("fused cross-entropy from hidden states, 512 targets")
+    assert describe_loss(None, model, "causal-lm") == "plain cross-entropy on full logits"
+    model.lm_head = type("Adapted", (torch.nn.Linear,), {})(64, 300, bias=False)  # an explicit size, adapted head
+    assert describe_loss(1024, model, "causal-lm").startswith("cross-entropy in checkpointed chunks of 1,024")
+    assert describe_loss(None, model, "classification") is None
 
 
 def test_fused_gradients_under_fp16_keep_small_probabilities():

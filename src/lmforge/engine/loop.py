@@ -19,7 +19,7 @@ from lmforge.data.loader import Prefetcher, StepPlan, step_data
 from lmforge.data.prepare import PreparedData
 from lmforge.engine.checkpoint import load_checkpoint, prune, remove_stale_temporaries, save_checkpoint
 from lmforge.engine.early_stopping import record_eval
-from lmforge.engine.losses import count_targets, loss_step_for, resolve_loss_chunk_size
+from lmforge.engine.losses import count_targets, describe_loss, loss_step_for, resolve_loss_chunk_size
 from lmforge.engine.optim import build_optimizer, build_scheduler
 from lmforge.engine.progress import TrainProgress
 from lmforge.engine.signals import StopOnSignal
@@ -138,6 +138,9 @@ def train(
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     chunk_size = resolve_loss_chunk_size(cfg.loss_chunk_size, model, config.model.task, sharded or cfg.compile)
     loss_step = loss_step_for(config.model.task, chunk_size)
+    loss_line = describe_loss(chunk_size, model, config.model.task)
+    if console is not None and loss_line and accelerator.is_main_process:
+        console.print(f"loss: {loss_line}", highlight=False)
     progress = progress_factory(steps, console, enabled=accelerator.is_main_process)
     state = TrainState(config_hash=config_hash(config), tracker_ids=trackers.ids())
     loop = Loop(

@@ -221,6 +221,17 @@ def resolve_loss_chunk_size(setting: int | str | None, model: nn.Module, task: s
     return 1 << max(6, (AUTO_CHUNK_LOGITS // head.out_features).bit_length() - 1)
 
 
+def describe_loss(chunk_size: int | None, model: nn.Module, task: str) -> str | None:
+    """How a causal LM's loss is computed, for the run's plan (None for other tasks)."""
+    if task != "causal-lm":
+        return None
+    if chunk_size is None:
+        return "plain cross-entropy on full logits"
+    if _plain_linear(_unwrapped(model).get_output_embeddings()):
+        return f"fused cross-entropy from hidden states, {chunk_size:,} targets per chunk, no full logits"
+    return f"cross-entropy in checkpointed chunks of {chunk_size:,} targets, no full logits"
+
+
 def scoring_chunk_size(setting: int | str | None, model: nn.Module, task: str) -> int | None:
     """Rows an evaluation scores at once from hidden states (`linear_cross_entropy_hits`), or None
     to take the model's logits: a causal LM whose head is a plain linear layer, as for training."""

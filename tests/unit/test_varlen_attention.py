@@ -96,21 +96,24 @@ def flash_varlen_usable() -> bool:
 
 
 @pytest.mark.skipif(not flash_varlen_usable(), reason="needs an Ampere+ GPU and torch.nn.attention.varlen")
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["fp32-autocast", "bf16-weights"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_cuda_flat_kernel_matches_masked_sdpa(monkeypatch, kind):
-    """On CUDA in bf16 the packed batch goes to torch's FlashAttention-2 varlen kernel in one call
-    (grouped key/value heads included) and agrees with transformers' masked sdpa to bf16 precision."""
+def test_cuda_flat_kernel_matches_masked_sdpa(monkeypatch, kind, weights):
+    """On CUDA in bf16 (autocast over fp32 weights, or bf16 weights) the packed batch goes to
+    torch's FlashAttention-2 varlen kernel in one call (grouped key/value heads included) and
+    agrees with transformers' masked sdpa to bf16 precision."""
     used = []
-    flat_kernel = attention._flat_kernel
-    monkeypatch.setattr(attention, "_flat_kernel", lambda *a: used.append(flat_kernel(*a)) or used[-1])
+    flat_dtype = attention._flat_kernel_dtype
+    monkeypatch.setattr(attention, "_flat_kernel_dtype", lambda *a: used.append(flat_dtype(*a)) or used[-1])
     torch.manual_seed(0)
-    model = tiny(kind).cuda()
+    model = tiny(kind).to("cuda", weights)
     ids, positions = (t.cuda() for t in batch())
     results = {}
     for impl in ("sdpa", attention.NAME):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=weights == torch.float32):
             results[impl] = forward_backward(model, impl, ids, positions)
-    assert used and all(used)
+    # with fp32 weights query and key come in fp32 (rotary cos/sin in the embeddings' dtype)
+    assert used and all(dtype == torch.bfloat16 for dtype in used)
     (logits_sdpa, grads_sdpa), (logits_varlen, grads_varlen) = results["sdpa"], results[attention.NAME]
     torch.testing.assert_close(logits_varlen.float(), logits_sdpa.float(), rtol=0.02, atol=0.02)
     for name, grad in grads_sdpa.items():

@@ -211,16 +211,23 @@ def _flash_varlen_kernel():
     return attend, takes_scale
 
 
-def _flat_kernel(query: torch.Tensor, dropout: float, scaling: float) -> bool:
-    """Whether this call can go to `_flash_varlen_kernel`: fp16/bf16 on an Ampere or newer GPU, a
-    head size FlashAttention-2 takes, no attention dropout (the kernel has none) and, where the
-    kernel takes no scale, the default one."""
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or dropout:
-        return False
+def _flat_kernel_dtype(query: torch.Tensor, dropout: float, scaling: float) -> torch.dtype | None:
+    """The dtype this call runs `_flash_varlen_kernel` in, or None if it cannot: fp16/bf16 (the
+    weights', or autocast's) on an Ampere or newer GPU, a head size FlashAttention-2 takes, no
+    attention dropout (the kernel has none) and, where the kernel takes no scale, the default one.
+
+    Under autocast with fp32 weights, query and key arrive in fp32 (Llama's rotary cos/sin take the
+    embeddings' dtype) and value in the autocast dtype: sdpa casts them under autocast, and so must
+    this, as the kernel is not an autocast op."""
+    if not query.is_cuda or dropout:
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     kernel, dim = _flash_varlen_kernel(), query.shape[-1]
-    if kernel is None or dim > 256 or dim % 8 or torch.cuda.get_device_capability(query.device) < (8, 0):
-        return False
-    return kernel[1] or scaling == dim**-0.5
+    if dtype not in (torch.float16, torch.bfloat16) or kernel is None or dim > 256 or dim % 8:
+        return None
+    if torch.cuda.get_device_capability(query.device) < (8, 0) or not (kernel[1] or scaling == dim**-0.5):
+        return None
+    return dtype
 
 
 def varlen_attention_forward(
@@ -247,10 +254,12 @@ def varlen_attention_forward(
     batch, heads, width, dim = query.shape
     if scaling is None:
         scaling = dim**-0.5
-    flat = _flat_kernel(query, dropout, scaling)
-    plan = _cached_plan(position_ids, batch, MATH_MAX_LENGTH if _bf16_matmuls(query) else 0, flat)
+    flat_dtype = _flat_kernel_dtype(query, dropout, scaling)
+    plan = _cached_plan(position_ids, batch, MATH_MAX_LENGTH if _bf16_matmuls(query) else 0, flat_dtype is not None)
     if plan.cu_seqlens is not None:  # no buckets, no padding: the kernel takes the examples' offsets
-        q, k, v = (t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value))
+        q, k, v = (
+            t.transpose(1, 2).reshape(batch * width, t.shape[1], dim).to(flat_dtype) for t in (query, key, value)
+        )
         out = _flash_varlen_kernel()[0](q, k, v, plan.cu_seqlens, plan.max_length, scaling)
         return out.view(batch, width, heads, dim), None
     groups = heads // key.shape[1]

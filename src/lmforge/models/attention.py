@@ -46,7 +46,7 @@ class Plan:
     whole_rows: bool = False
     """Every row is one example (full blocks of pretraining text): plain causal attention, no gathering."""
     cu_seqlens: torch.Tensor | None = None
-    """For the flat kernel (`_flash_varlen`) instead of buckets: (examples + 1,) int32 offsets of the
+    """For the flat kernel (`_flash_varlen_kernel`) instead of buckets: (examples + 1,) int32 offsets of the
     examples in the flat tokens."""
     max_length: int = 0
     """The longest example, with `cu_seqlens`."""

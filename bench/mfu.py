@@ -134,7 +134,6 @@ def run(root: Path, s: dict, precision: str, compile_model: bool, smoke: bool) -
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "params": params,
         "flops_per_token": per_token,
-        "tokens": n1 - n0,
         "tokens_per_s": (n1 - n0) / (t1 - t0),
         "datasheet_tflops": datasheet_peak(device, precision),
         "measured_tflops": measured_peak(device, dtype),

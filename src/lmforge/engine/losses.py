@@ -227,7 +227,7 @@ def describe_loss(chunk_size: int | None, model: nn.Module, task: str) -> str | 
         return None
     if chunk_size is None:
         return "plain cross-entropy on full logits"
-    if _plain_linear(_unwrapped(model).get_output_embeddings()):
+    if _plain_head(model):
         return f"fused cross-entropy from hidden states, {chunk_size:,} targets per chunk, no full logits"
     return f"cross-entropy in checkpointed chunks of {chunk_size:,} targets, no full logits"
 
@@ -235,9 +235,14 @@ def describe_loss(chunk_size: int | None, model: nn.Module, task: str) -> str | 
 def scoring_chunk_size(setting: int | str | None, model: nn.Module, task: str) -> int | None:
     """Rows an evaluation scores at once from hidden states (`linear_cross_entropy_hits`), or None
     to take the model's logits: a causal LM whose head is a plain linear layer, as for training."""
-    if task != "causal-lm" or not _plain_linear(_unwrapped(model).get_output_embeddings()):
+    if task != "causal-lm" or not _plain_head(model):
         return None
     return resolve_loss_chunk_size(setting, model, task, plain_only=False)
+
+
+def _plain_head(model: nn.Module) -> bool:
+    """Whether the (unwrapped) model's output projection is a plain linear layer."""
+    return _plain_linear(_unwrapped(model).get_output_embeddings())
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

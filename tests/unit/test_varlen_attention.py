@@ -151,14 +151,14 @@ def test_loss_and_every_gradient_equal_masked_sdpa(kind, segments):
         torch.testing.assert_close(grads_varlen[name], grad, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("math_max", [attention.MATH_MAX_LENGTH, 20, 0], ids=["bf16-matmuls", "both", "flash"])
+@pytest.mark.parametrize("block", [attention.BLOCK, 8], ids=["one-block", "blockwise"])
 @pytest.mark.parametrize("edges", [attention.BUCKET_EDGES, (4, 8)])
-def test_bf16_autocast_matches_sdpa(monkeypatch, edges, math_max):
-    """Under CPU bf16 autocast varlen agrees with transformers' sdpa to bf16 precision, whether the
-    buckets go to bf16 matmuls, to torch's flash kernel, or some to each. Few bucket edges force a
-    bucket per length beyond the last one."""
+def test_bf16_autocast_matches_sdpa(monkeypatch, edges, block):
+    """Under CPU bf16 autocast varlen agrees with transformers' sdpa to bf16 precision, whether every
+    bucket is one block of bf16 matmuls or longer ones go blockwise. Few bucket edges force a bucket
+    per length beyond the last one."""
     monkeypatch.setattr(attention, "BUCKET_EDGES", edges)
-    monkeypatch.setattr(attention, "MATH_MAX_LENGTH", math_max)
+    monkeypatch.setattr(attention, "BLOCK", block)
     torch.manual_seed(0)
     model = tiny()
     ids, positions = batch()
@@ -182,47 +182,61 @@ def reference_causal_attention(q, k, v, scaling):
     return scores.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("length", [1, 7, 64, 130])
-def test_bf16_matmul_attention_is_causal_attention(length):
-    """The bf16 kernel (scale and mask inside one baddbmm, softmax in bf16) against fp64 causal
-    attention: outputs and the gradients of q, k and v, to bf16 precision."""
+@pytest.mark.parametrize(
+    "kernel, length",
+    [("_math_causal_attention", n) for n in (1, 7, 16)] + [("_blockwise_causal_attention", n) for n in (17, 48, 130)],
+)
+def test_bf16_matmul_attention_is_causal_attention(monkeypatch, kernel, length):
+    """The bf16 kernels (scale and mask inside one baddbmm, softmax in bf16; one block, or blocks of
+    16 query rows with their probabilities recomputed in backward, over lengths that are and are not
+    whole blocks) against fp64 causal attention: outputs and the gradients of q, k and v, to bf16
+    precision."""
+    monkeypatch.setattr(attention, "BLOCK", 16)
     torch.manual_seed(0)
     shape = (3, 4, length, 32)
     inputs = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
     grad_out = torch.randn(shape, dtype=torch.float64)
     fast = [t.to(torch.bfloat16).requires_grad_() for t in inputs]
-    out = attention._math_causal_attention(*fast, 32**-0.5, 0.0)
+    args = (32**-0.5, 0.0) if kernel == "_math_causal_attention" else (32**-0.5,)
+    out = getattr(attention, kernel)(*fast, *args)
     out.backward(grad_out.to(torch.bfloat16))
     exact = [t.clone().requires_grad_() for t in inputs]
     expected = reference_causal_attention(*exact, 32**-0.5)
     expected.backward(grad_out)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and out.shape == shape
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=0.03)
     for got, want in zip(fast, exact, strict=True):
         scale = want.grad.abs().max().item()
+        assert got.grad.dtype == torch.bfloat16
         assert (got.grad.double() - want.grad).abs().max().item() <= 0.03 * scale
 
 
-def test_bf16_autocast_takes_the_matmul_kernel_up_to_its_length(monkeypatch):
-    """Buckets up to MATH_MAX_LENGTH go to the bf16 matmuls, longer ones to the flash kernel; fp32
-    (no autocast) always to the flash kernel."""
-    shapes = []
-    kernel = attention._math_causal_attention
-    monkeypatch.setattr(
-        attention, "_math_causal_attention", lambda q, *a: shapes.append(tuple(q.shape[::2])) or kernel(q, *a)
-    )
-    monkeypatch.setattr(attention, "MATH_MAX_LENGTH", 20)
+def test_bf16_autocast_attends_in_one_block_then_blockwise(monkeypatch):
+    """Under CPU bf16 autocast, buckets up to BLOCK go to one block of bf16 matmuls, longer ones
+    blockwise; attention dropout on longer ones, and fp32 (no autocast) always, to the flash kernel."""
+    calls = {"_math_causal_attention": [], "_blockwise_causal_attention": []}
+    for name, shapes in calls.items():
+        kernel = getattr(attention, name)
+        monkeypatch.setattr(
+            attention, name, lambda q, *a, k=kernel, s=shapes: s.append(tuple(q.shape[::2])) or k(q, *a)
+        )
+    monkeypatch.setattr(attention, "BLOCK", 20)
     model = tiny()
     ids, positions = batch()
     model.set_attn_implementation(attention.NAME)
     model(input_ids=ids, position_ids=positions)
-    assert shapes == []
+    assert calls == {"_math_causal_attention": [], "_blockwise_causal_attention": []}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, position_ids=positions)
-    assert shapes and max(length for _, length in shapes) <= 20
-    short = [shape for shape in attention.plan_for(positions, 20).shapes if shape[1] <= 20]
-    assert short and len(short) < len(attention.plan_for(positions, 20).shapes)  # some go to flash
-    assert sorted(set(shapes)) == sorted(set(short))
+    shapes = attention.plan_for(positions, attention.FIXED_SHAPES_UP_TO).shapes
+    assert sorted(set(calls["_math_causal_attention"])) == sorted({s for s in shapes if s[1] <= 20})
+    assert sorted(set(calls["_blockwise_causal_attention"])) == sorted({s for s in shapes if s[1] > 20})
+    blockwise = len(calls["_blockwise_causal_attention"])
+    assert blockwise
+    q = torch.randn(2, 4, 21, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dropped = attention._causal_attention(q, q, q, 0.25, dropout=0.5)
+    assert dropped.dtype == torch.bfloat16 and len(calls["_blockwise_causal_attention"]) == blockwise
 
 
 def test_generation_with_cache_and_padding_is_sdpa_generation():

@@ -152,7 +152,8 @@ def _causal_attention(q, k, v, scaling: float, dropout: float) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(kind)
         with torch.autocast(kind, enabled=False):
             if dtype == torch.bfloat16 and (length <= BLOCK or not dropout):
-                q, k, v = (t.to(dtype) for t in (q, k, v))
+                # contiguous in the same pass: the kernels' reshapes are then views, not copies
+                q, k, v = (t.to(dtype, memory_format=torch.contiguous_format) for t in (q, k, v))
                 if length <= BLOCK:
                     return _math_causal_attention(q, k, v, scaling, dropout)
                 return _blockwise_causal_attention(q, k, v, scaling)
@@ -197,7 +198,9 @@ def _blockwise_causal_attention(q, k, v, scaling: float) -> torch.Tensor:
     that the matmul shapes come from a small set (oneDNN keeps a primitive per shape)."""
     size, heads, length, dim = q.shape
     padded = length + -length % BLOCK
-    q, k, v = (F.pad(t, (0, 0, 0, padded - length)).reshape(size * heads, padded, dim) for t in (q, k, v))
+    if padded > length:
+        q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))
+    q, k, v = (t.reshape(size * heads, padded, dim) for t in (q, k, v))
     out = _BlockwiseCausalAttention.apply(q, k, v, scaling)
     return out.view(size, heads, padded, dim)[:, :, :length]
 

@@ -3,9 +3,9 @@
 transformers keeps the examples of a packed row apart with a block-diagonal mask. Every row then
 pays for the full T x T attention, in the masked kernels, which cannot skip the blocks above the
 diagonal. Here the examples of a batch are cut out of the flat (batch x time) tokens, grouped into
-buckets of similar length, each bucket is one causal (unmasked) sdpa call, and the outputs are put
-back in place: the cost follows sum(n_i^2) over the examples instead of B x T^2, and nothing of
-size T x T is stored.
+buckets of similar length, each bucket is one causal (unmasked) attention call (`_causal_attention`:
+sdpa, or bf16 matmuls under CPU bf16 autocast), and the outputs are put back in place: the cost
+follows sum(n_i^2) over the examples instead of B x T^2, and nothing of size T x T is stored.
 
 On a CUDA GPU (Ampere or newer, fp16/bf16) the buckets are not needed: torch's own FlashAttention-2
 varlen kernel (torch 2.10+) takes the flat tokens and the examples' offsets in one call, with no
@@ -223,9 +223,9 @@ class _BlockwiseCausalAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         scaling = ctx.scaling
         grad_q = torch.empty_like(q)
-        grad_k, grad_v = (
-            torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)
-        )  # summed over blocks
+        # key and value rows are seen by every block from theirs on: summed over blocks in fp32
+        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        grad_v = torch.zeros_like(grad_k)
         for start in range(0, q.shape[1], BLOCK):
             end = start + BLOCK
             rows, keys, values, grad_rows = q[:, start:end], k[:, :end], v[:, :end], grad_out[:, start:end]

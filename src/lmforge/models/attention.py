@@ -69,11 +69,12 @@ def plan_for(position_ids: torch.Tensor, fixed_up_to: int = 0, flat: bool = Fals
     layers. All buckets are gathered with one index (and scattered back with one): each gather's
     backward zero-fills a tensor of the whole batch, so one per bucket cost more than the buckets.
 
-    Examples up to `fixed_up_to` tokens are bucketed by powers of two instead, padded to them, and
-    each bucket is cut into groups of a power of four examples, so that the shapes come from a small
-    fixed set: the bf16 matmul kernels (oneDNN) build and keep a primitive per shape, ~0.6 MB each.
-    With a new shape at every step the process grew by 1.2 GB in 50 steps of the SFT benchmark;
-    these shapes are 11 over the same steps.
+    With `fixed_up_to` (the bf16 matmul kernels), examples up to that many tokens are bucketed by
+    powers of two instead, padded to them, and every bucket is cut into groups of a power of four
+    examples, so that the shapes come from a small set: the bf16 matmul kernels (oneDNN) build and
+    keep a primitive per shape, ~0.6 MB each. With a new shape at every step the process grew by
+    1.2 GB in 50 steps of the SFT benchmark; these shapes are 11 over the same steps. Longer buckets
+    keep their widths, which the blockwise kernel pads to whole blocks.
 
     With `flat`, no buckets: the examples' offsets for a kernel that takes the flat tokens as they are."""
     lengths = np.asarray(segment_lengths(position_ids))
@@ -94,10 +95,8 @@ def plan_for(position_ids: torch.Tensor, fixed_up_to: int = 0, flat: bool = Fals
     offset = 0
     for key in np.unique(keys):
         members = np.flatnonzero(keys == key)
-        if key <= fixed_up_to:
-            width, groups = int(key), np.split(members, np.cumsum(_powers_of_four(len(members)))[:-1])
-        else:
-            width, groups = int(lengths[members].max()), [members]
+        width = int(key) if key <= fixed_up_to else int(lengths[members].max())
+        groups = np.split(members, np.cumsum(_powers_of_four(len(members)))[:-1]) if fixed_up_to else [members]
         for group in groups:
             slots = np.arange(width)[None, :]
             ends = lengths[group][:, None]

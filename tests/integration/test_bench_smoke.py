@@ -88,3 +88,11 @@ def test_vs_peers_sft_smoke(tmp_path):
         assert tokens_per_s > 0 and tokens > 0 and 0 < val_loss < 20, tool
     assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s ")
     assert "x vs trl-packed" in lines[-1]
+
+
+def test_long_examples_smoke():
+    lines = run_bench("long_examples.py", "--smoke")
+    assert lines[1].split() == ["attention", "seconds", "RSS", "1/3", "MB", "2/3", "MB", "end", "MB", "peak", "MB"]
+    assert [line.split()[0] for line in lines[2:4]] == ["varlen", "sdpa"]
+    assert all(float(mb) > 0 for line in lines[2:4] for mb in line.split()[2:])  # seconds print as 0.0 here
+    assert lines[-1].startswith("summary (cpu, bf16, medians of 1): varlen ") and "x the speed of sdpa" in lines[-1]

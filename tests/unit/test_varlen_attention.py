@@ -184,14 +184,16 @@ def reference_causal_attention(q, k, v, scaling):
 
 @pytest.mark.parametrize(
     "kernel, length",
-    [("_math_causal_attention", n) for n in (1, 7, 16)] + [("_blockwise_causal_attention", n) for n in (17, 48, 130)],
+    [("_math_causal_attention", n) for n in (1, 7, 16)]
+    + [("_blockwise_causal_attention", n) for n in (17, 32, 33, 48, 130)],
 )
 def test_bf16_matmul_attention_is_causal_attention(monkeypatch, kernel, length):
     """The bf16 kernels (scale and mask inside one baddbmm, softmax in bf16; one block, or blocks of
-    16 query rows with their probabilities recomputed in backward, over lengths that are and are not
-    whole blocks) against fp64 causal attention: outputs and the gradients of q, k and v, to bf16
-    precision."""
+    16 query rows with their probabilities kept (up to 32 tokens) or recomputed in backward, over
+    lengths that are and are not whole blocks) against fp64 causal attention: outputs and the
+    gradients of q, k and v, to bf16 precision."""
     monkeypatch.setattr(attention, "BLOCK", 16)
+    monkeypatch.setattr(attention, "KEEP_PROBABILITIES_UP_TO", 32)
     torch.manual_seed(0)
     shape = (3, 4, length, 32)
     inputs = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]

@@ -143,6 +143,10 @@ block (`_math_causal_attention`) up to this length, then `_blockwise_causal_atte
 backward of 12 heads of 64 against torch's CPU flash kernel (in fp32, its fastest): 2.5x faster up to
 256 tokens, 2.2x at 512 and 1024, 1.7x at 2048 and 4096. 256 rows beat 128 and 512 from 1024 on."""
 
+KEEP_PROBABILITIES_UP_TO = 512
+"""Blockwise attention up to this length keeps its blocks' probabilities for backward (plain
+autograd: 23 against 32 ms for 4 x 512 tokens, 12 heads), longer recomputes them."""
+
 
 def _causal_attention(q, k, v, scaling: float, dropout: float) -> torch.Tensor:
     """(S, H, L, D) causal attention of each of S independent sequences."""
@@ -190,18 +194,28 @@ def _math_causal_attention(q, k, v, scaling: float, dropout: float) -> torch.Ten
 
 def _blockwise_causal_attention(q, k, v, scaling: float) -> torch.Tensor:
     """What `_math_causal_attention` computes, BLOCK query rows at a time against the keys up to each
-    block's last row: the blocks above the diagonal are never computed, and nothing of size L x L is
-    kept for backward, which recomputes each block's probabilities (one matmul more than keeping
-    them, and as fast from 1024 tokens on, where keeping them would cost L^2 x heads x 2 bytes a
-    layer). The length is padded to a whole number of blocks (keys after a row are masked anyway), so
-    that the matmul shapes come from a small set (oneDNN keeps a primitive per shape)."""
+    block's last row: the blocks above the diagonal are never computed. Past KEEP_PROBABILITIES_UP_TO
+    tokens nothing of size L x L is kept for backward, which recomputes each block's probabilities
+    (one matmul more than keeping them, and as fast from 1024 tokens on, where keeping them would
+    cost L^2 / 2 x heads x 2 bytes a layer). The length is padded to a whole number of blocks (keys
+    after a row are masked anyway), so that the matmul shapes come from a small set (oneDNN keeps a
+    primitive per shape)."""
     size, heads, length, dim = q.shape
     padded = length + -length % BLOCK
     if padded > length:
         q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))
     q, k, v = (t.reshape(size * heads, padded, dim) for t in (q, k, v))
-    out = _BlockwiseCausalAttention.apply(q, k, v, scaling)
+    if padded <= KEEP_PROBABILITIES_UP_TO:
+        out = _attend_blocks(q, k, v, scaling)  # autograd keeps each block's probabilities
+    else:
+        out = _BlockwiseCausalAttention.apply(q, k, v, scaling)
     return out.view(size, heads, padded, dim)[:, :, :length]
+
+
+def _attend_blocks(q, k, v, scaling: float) -> torch.Tensor:
+    """(N, L, D) bf16 causal attention, L a multiple of BLOCK, block after block."""
+    blocks = range(0, q.shape[1], BLOCK)
+    return torch.cat([torch.bmm(_block_probs(q, k, start, scaling), v[:, : start + BLOCK]) for start in blocks], dim=1)
 
 
 class _BlockwiseCausalAttention(torch.autograd.Function):
@@ -211,11 +225,7 @@ class _BlockwiseCausalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scaling):
         ctx.save_for_backward(q, k, v)
         ctx.scaling = scaling
-        outputs = [
-            torch.bmm(_block_probs(q, k, start, scaling), v[:, : start + BLOCK])
-            for start in range(0, q.shape[1], BLOCK)
-        ]
-        return torch.cat(outputs, dim=1)
+        return _attend_blocks(q, k, v, scaling)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -183,10 +183,7 @@ def _math_causal_attention(q, k, v, scaling: float, dropout: float) -> torch.Ten
     BLOCK tokens: the (L x L) probabilities are kept for backward."""
     size, heads, length, dim = q.shape
     q, k, v = (t.reshape(size * heads, length, dim) for t in (q, k, v))
-    scores = torch.baddbmm(
-        _causal_bias(BLOCK, q.dtype, q.device)[:length, :length], q, k.transpose(1, 2), alpha=scaling
-    )
-    probs = torch.softmax(scores, dim=-1)
+    probs = _block_probs(q, k, 0, scaling)  # one block: length <= BLOCK
     if dropout:
         probs = F.dropout(probs, dropout)
     return torch.bmm(probs, v).view(size, heads, length, dim)
@@ -248,10 +245,14 @@ class _BlockwiseCausalAttention(torch.autograd.Function):
 
 
 def _block_probs(q: torch.Tensor, k: torch.Tensor, start: int, scaling: float) -> torch.Tensor:
-    """Attention probabilities of query rows start..start + BLOCK over keys 0..start + BLOCK."""
-    end = start + BLOCK
-    mask = F.pad(_causal_bias(BLOCK, q.dtype, q.device), (start, 0))  # (BLOCK, end): earlier blocks are all seen
-    return torch.softmax(torch.baddbmm(mask, q[:, start:end], k[:, :end].transpose(1, 2), alpha=scaling), dim=-1)
+    """Attention probabilities of query rows start..start + BLOCK (fewer where q ends sooner) over
+    the keys up to the last of them, (N, rows, start + rows)."""
+    rows = q[:, start : start + BLOCK]
+    n = rows.shape[1]
+    mask = _causal_bias(BLOCK, q.dtype, q.device)[:n, :n]
+    if start:
+        mask = F.pad(mask, (start, 0))  # earlier blocks are all seen
+    return torch.softmax(torch.baddbmm(mask, rows, k[:, : start + n].transpose(1, 2), alpha=scaling), dim=-1)
 
 
 @functools.cache

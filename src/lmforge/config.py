@@ -66,9 +66,10 @@ class ModelConfig(Section):
     attention: Literal["auto", "varlen", "sdpa", "eager"] = "auto"
     """Attention kernel of causal LMs. varlen: each packed example attends within itself at its own
     cost (sum of n^2, not rows x max_length^2), through torch's unmasked causal kernels on buckets
-    of examples of similar length (under CPU bf16, bf16 matmuls up to 512 tokens, as transformers'
-    eager attention computes them; on Ampere+ GPUs in fp16/bf16, torch's FlashAttention-2 varlen
-    kernel on the flat tokens, no buckets). sdpa/eager: transformers' own, with a block-diagonal mask for packed rows.
+    of examples of similar length (under CPU bf16, bf16 matmuls as transformers' eager attention
+    computes them, in blocks of 256 query rows past 256 tokens; on Ampere+ GPUs in fp16/bf16,
+    torch's FlashAttention-2 varlen kernel on the flat tokens, no buckets). sdpa/eager:
+    transformers' own, with a block-diagonal mask for packed rows.
     auto: varlen where the architecture allows it (no sliding window or soft-capping) and
     train.compile is off, else sdpa."""
     trust_remote_code: bool = False

@@ -256,8 +256,9 @@ class TrainConfig(Section):
     """Causal LMs: compute the loss from hidden states, this many target tokens at a time, never
     holding full-vocabulary logits for the whole batch (a large memory saving at big vocabularies
     and long sequences, and faster: each chunk's gradients are taken with its logits, and positions
-    without a target are skipped). The same loss and gradients. auto: chunks of about 8M logits
-    (1024 tokens at vocab 8k, 256 at 32k), or the plain loss where chunking does not apply
+    without a target are skipped). The same loss and gradients. auto: chunks of about 8M logits on
+    CPU (1024 tokens at vocab 8k, 256 at 32k) and 64M on CUDA (2048 at 32k, where fewer, larger chunks
+    keep the GPU ahead of Python's kernel launches), or the plain loss where chunking does not apply
     (soft-capped or scaled logits, adapter or quantized heads, FSDP/DeepSpeed, train.compile).
     null: the plain loss."""
     max_bad_steps: int = Field(default=5, ge=1)

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lmforge.data.loader import IGNORE_INDEX
 from lmforge.engine.losses import (
     at_least_fp32,
+    auto_chunk_size,
     causal_lm_step,
     chunked_causal_lm_loss_sum,
     describe_loss,
@@ -171,6 +172,9 @@ def test_auto_chunk_size_follows_the_vocabulary_and_steps_aside():
     assert resolve_loss_chunk_size("auto", model, "causal-lm", plain_only=True) is None  # sharded or compiled
     assert resolve_loss_chunk_size(7, model, "causal-lm", plain_only=True) == 7  # an explicit size is kept
     assert resolve_loss_chunk_size(None, model, "causal-lm", plain_only=False) is None
+    # CUDA takes 8 times more logits a chunk (fewer kernel launches per target), still a power of two
+    assert [auto_chunk_size(v, "cuda") for v in (32_000, 50_257, 128_256)] == [2048, 1024, 512]
+    assert [auto_chunk_size(v, "cpu") for v in (8192, 32_000, 128_256)] == [1024, 256, 64]
 
     class Adapted(torch.nn.Linear):  # e.g. a LoRA-wrapped or quantized head
         pass

@@ -3,6 +3,7 @@ blocks of 2048 tokens, the figure the issue's GPU goal is stated in (>= 40% in b
 
     python bench/mfu.py            # llama-120m (vocab 32000, tied), sequence 2048, bf16
     python bench/mfu.py --smoke    # tiny model, sequence 64, a few steps: keeps the script alive
+    python bench/mfu.py --set train.loss_chunk_size=512 model.attention=sdpa   # any config override
 
 The run is lmforge's own `train()` on the KJV text of bench/workloads.py, packed into full blocks,
 so data loading, the optimizer, clipping and logging are all inside the timed steps. Throughput is
@@ -86,46 +87,53 @@ def flops_per_token(model: nn.Module, seq: int) -> tuple[int, float]:
     return linear, 6 * linear + 12 * config.num_hidden_layers * seq * width
 
 
-def run(root: Path, s: dict, precision: str, compile_model: bool, smoke: bool) -> dict:
+def run(root: Path, s: dict, precision: str, compile_model: bool, smoke: bool, overrides: list[str]) -> dict:
+    import yaml
     from rich.console import Console
 
-    from lmforge.config import Config
+    from lmforge.config import load_config
     from lmforge.data.prepare import prepare_data
     from lmforge.engine.loop import train
+    from lmforge.engine.losses import describe_loss, resolve_loss_chunk_size
     from lmforge.models.build import build_model
     from lmforge.tracking.base import Trackers
 
     ws = make_workspace(root, preset=s["preset"], vocab_size=s["vocab_size"], smoke=smoke)
-    config = Config.model_validate(
-        {
-            "seed": 0,
-            "output_dir": str(root / "runs"),
-            "model": {"name_or_path": str(ws.base)},
-            "data": {
-                "train": str(ws.text_train),
-                "validation": str(ws.text_validation),
-                "format": "text",
-                "max_length": s["seq"],
-                "cache_dir": str(root / "cache"),
-            },
-            "train": {
-                "max_steps": s["steps"],
-                "micro_batch_size": s["batch"],
-                "lr": 3e-4,
-                "warmup_steps": 2,
-                "precision": precision,
-                "compile": compile_model,
-                "log_every": s["warmup"],
-            },
-            "eval": {"max_batches": 1},
-            "tracking": {"backends": ["none"]},
-        }
+    settings = root / "mfu.yaml"
+    settings.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 0,
+                "output_dir": str(root / "runs"),
+                "model": {"name_or_path": str(ws.base)},
+                "data": {
+                    "train": str(ws.text_train),
+                    "validation": str(ws.text_validation),
+                    "format": "text",
+                    "max_length": s["seq"],
+                    "cache_dir": str(root / "cache"),
+                },
+                "train": {
+                    "max_steps": s["steps"],
+                    "micro_batch_size": s["batch"],
+                    "lr": 3e-4,
+                    "warmup_steps": 2,
+                    "precision": precision,
+                    "compile": compile_model,
+                    "log_every": s["warmup"],
+                },
+                "eval": {"max_batches": 1},
+                "tracking": {"backends": ["none"]},
+            }
+        )
     )
+    config = load_config(settings, overrides, env={})  # validated, as `lmforge train` would
     prepared = prepare_data(config, log=lambda _: None)
     model = build_model(config, prepared.tokenizer)
     params, per_token = flops_per_token(model, s["seq"])
     record = Points()
-    train(model, prepared, config, Trackers(record, [], None, print), console=Console(quiet=True))
+    result = train(model, prepared, config, Trackers(record, [], None, print), console=Console(quiet=True))
+    chunk = resolve_loss_chunk_size(config.train.loss_chunk_size, result.model, "causal-lm", config.train.compile)
     logged = [(stamp, m["train/tokens_seen"]) for _, stamp, m in record.points if "train/tokens_seen" in m]
     (t0, n0), (t1, n1) = logged[0], logged[-1]
     device = next(model.parameters()).device
@@ -133,6 +141,7 @@ def run(root: Path, s: dict, precision: str, compile_model: bool, smoke: bool) -
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "params": params,
+        "loss": describe_loss(chunk, result.model, "causal-lm"),
         "flops_per_token": per_token,
         "tokens_per_s": (n1 - n0) / (t1 - t0),
         "datasheet_tflops": datasheet_peak(device, precision),
@@ -149,6 +158,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps, warm-up included")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the timing, and the log interval")
     parser.add_argument("--compile", action="store_true", help="train.compile: true")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as on lmforge train's command line"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, if not known here")
     parser.add_argument("--workspace", type=Path, default=None, help="default: a directory under /tmp, reused")
     args = parser.parse_args()
@@ -162,18 +174,19 @@ def main() -> None:
         )
     name = "lmforge-bench-mfu-smoke" if args.smoke else "lmforge-bench-mfu"
     root = args.workspace or Path(tempfile.gettempdir()) / name
-    runs = [run(root, s, args.precision, args.compile, args.smoke) for _ in range(args.repeats)]
-    report(runs, s, args.precision, args.peak_tflops)
+    runs = [run(root, s, args.precision, args.compile, args.smoke, args.set) for _ in range(args.repeats)]
+    report(runs, s, args.precision, args.peak_tflops, args.set)
 
 
-def report(runs: list[dict], s: dict, precision: str, peak_override: float | None) -> None:
+def report(runs: list[dict], s: dict, precision: str, peak_override: float | None, overrides: list[str]) -> None:
     first = runs[0]
     speed = statistics.median(r["tokens_per_s"] for r in runs)
     achieved = speed * first["flops_per_token"] / 1e12
     datasheet = peak_override or first["datasheet_tflops"]
     measured = statistics.median(r["measured_tflops"] for r in runs)
     settings = {k: s[k] for k in ("preset", "vocab_size", "seq", "batch", "steps", "warmup")}
-    print(f"mfu on {first['device']}, {precision}: {json.dumps(settings)}")
+    print(f"mfu on {first['device']}, {precision}: {json.dumps(settings)} {' '.join(overrides)}".rstrip())
+    print(f"loss: {first['loss']}")
     print(f"{'params (linear)':>16} {'MFLOP/token':>12} {'tok/s':>10} {'TFLOP/s':>9} {'peak':>8} {'matmul':>8}")
     peak = f"{datasheet:.1f}" if datasheet else "-"
     print(

@@ -64,9 +64,10 @@ def test_data_prep_smoke(tmp_path):
 
 def test_mfu_smoke(tmp_path):
     """The tiny Llama trains in lmforge's loop; its FLOPs are counted by the PaLM formula."""
-    lines = run_bench("mfu.py", "--smoke", "--workspace", str(tmp_path))
-    assert lines[0].startswith("mfu on cpu, bf16:")
-    params, mflops, tokens_per_s, tflops, peak, matmul = lines[2].split()
+    lines = run_bench("mfu.py", "--smoke", "--workspace", str(tmp_path), "--set", "train.loss_chunk_size=64")
+    assert lines[0].startswith("mfu on cpu, bf16:") and lines[0].endswith(" train.loss_chunk_size=64")
+    assert lines[1] == "loss: fused cross-entropy from hidden states, 64 targets per chunk, no full logits"
+    params, mflops, tokens_per_s, tflops, peak, matmul = lines[3].split()
     # llama-tiny, vocab 512: 2 layers x (4 x 64^2 + 3 x 64 x 256) + the 512 x 64 head; the input
     # embedding is a lookup, not counted
     linear = 2 * (4 * 64**2 + 3 * 64 * 256) + 512 * 64

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 7's GPU measurements (item 6) on a lent machine (the `device` tool), one part per call so
+# that each stays well under its 10-minute limit:
+#
+#   bash bench/gpu_session.sh tests   # the CUDA tests: flat varlen kernel, chunked loss, compile
+#   bash bench/gpu_session.sh mfu     # bench/mfu.py: defaults, loss chunk sizes, sdpa, compile
+#   bash bench/gpu_session.sh peers   # bench/vs_peers.py sft and pretrain in bf16, one repeat
+#
+# The machine has torch, transformers and pytest but not every package lmforge needs: the
+# missing ones travel as wheels in .whl (ignored; the device tool's `carry: [".whl"]`). Logs go
+# to $OUT (the device tool's folder that comes back), else /tmp/gpu-session. Record the figures in
+# bench/RESULTS.md with the hardware and the date.
+set -euo pipefail
+case "${1:-}" in
+tests | mfu | peers) ;;
+*)
+    echo "usage: bash bench/gpu_session.sh tests|mfu|peers" >&2
+    exit 2
+    ;;
+esac
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu-session}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=src
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=src:/tmp/site
+fi
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} | tee "$out/machine.txt"
+
+case "${1:-}" in
+tests)
+    python3 -m pytest -q -p no:cacheprovider tests/unit/test_varlen_attention.py tests/unit/test_chunked_loss.py \
+        tests/unit/test_model_and_optim.py 2>&1 | tee "$out/tests.log"
+    ;;
+mfu)
+    # the default (auto chunks: 2048 targets at vocab 32k on CUDA), the CPU's chunk size, Liger's,
+    # transformers' sdpa with its block-diagonal mask instead of the flat varlen kernel, compiled
+    for args in "" "--set train.loss_chunk_size=256" "--set train.loss_chunk_size=512" \
+        "--set model.attention=sdpa" "--compile"; do
+        # shellcheck disable=SC2086
+        python3 bench/mfu.py $args
+    done 2>&1 | tee "$out/mfu.log"
+    ;;
+peers)
+    for workload in sft pretrain; do
+        python3 bench/vs_peers.py --workload "$workload" --precision bf16 --repeats 1
+    done 2>&1 | tee "$out/peers.log"
+    ;;
+esac

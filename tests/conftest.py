@@ -126,7 +126,9 @@ def lmforge_command(*args: str) -> list[str]:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_")}
+    """This environment without lmforge's variables or a preloaded allocator: the CLI decides."""
+    dropped = ("LD_PRELOAD", "_LMFORGE_MALLOC_PRELOADED")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_") and k not in dropped}
     env.update(extra)
     return env
 

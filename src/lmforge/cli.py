@@ -177,8 +177,16 @@ def config_validate(config: Path = typer.Argument(...), overrides: list[str] = O
     console.print(f"{config}: valid")
 
 
+HEAVY_COMMANDS = ("train", "eval")
+"""Commands that preload tcmalloc where it is installed (lmforge.malloc): minutes of tensor work."""
+
+
 def main() -> None:
     """Entry point: user errors are one clear message and exit code 2, never a traceback."""
+    if sys.argv[1:2] and sys.argv[1] in HEAVY_COMMANDS:
+        from lmforge.malloc import preload_tcmalloc
+
+        preload_tcmalloc()  # re-executes this command with tcmalloc where it is installed
     try:
         app()
     except UserError as exc:

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lmforge.errors import ConfigError
 
 ENV_PREFIX = "LMFORGE_"
+ENV_RESERVED = frozenset({"LMFORGE_MALLOC"})
+"""LMFORGE_ variables that are not config overrides: the allocator choice (lmforge.malloc)."""
 EXTRAS = {"wandb": "wandb", "comet": "comet_ml", "tensorboard": "tensorboard"}
 """Optional tracking backends: the extra that installs each, and the module it needs."""
 
@@ -411,7 +413,7 @@ def load_config(
     origins: dict[str, str] = {}
     env = os.environ if env is None else env
     for name, value in sorted(env.items()):
-        if name.startswith(ENV_PREFIX) and name != ENV_PREFIX:
+        if name.startswith(ENV_PREFIX) and name != ENV_PREFIX and name not in ENV_RESERVED:
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             _apply_override(raw, dotted, value, f"environment variable {name}", origins, problems)
     for item in overrides:

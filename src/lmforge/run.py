@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, set_seed
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from safetensors.torch import load_model
 
+from lmforge import malloc
 from lmforge.atomic import atomic_dir
 from lmforge.config import Config, dump_yaml, resume_differences
 from lmforge.data.loader import StepPlan
@@ -356,13 +358,16 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
     console.print(
         f"plan: {steps:,} steps ({plan.steps_per_epoch:,} per epoch), up to {per_step:,} tokens per step, "
         f"precision {precision if precision != 'no' else 'fp32'}"
-        + (f", attention {attention.removeprefix('lmforge_')}" if attention else ""),
+        + (f", attention {attention.removeprefix('lmforge_')}" if attention else "")
+        + f", {malloc.active()}",
         highlight=False,
     )
     if precision == "no" and config.train.precision == "auto" and cpu_has_native_bf16():
         console.print(
             "[dim]this CPU computes bf16 natively: train.precision=bf16 trains about 2x faster[/dim]", highlight=False
         )
+    if not torch.cuda.is_available() and (tip := malloc.advice()):
+        console.print(f"[dim]{tip}[/dim]", highlight=False)
 
 
 def _print_pause(console, run_dir: Path, state, config_path: str | None) -> None:

@@ -9,6 +9,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, lmforge_command, subprocess_env, tiny_config_dict
+from lmforge.malloc import find_tcmalloc
 
 STEPS = 30
 
@@ -94,12 +95,17 @@ def test_final_loads_with_plain_transformers_and_generates(trained_run):
 def test_mlflow_run_holds_the_metrics(trained_run):
     from mlflow.tracking import MlflowClient
 
-    run_dir, _, tmp = trained_run
+    run_dir, stdout, tmp = trained_run
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "default"]
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.micro_batch_size"] == "8"
+    # the CLI re-executed itself with tcmalloc where it is installed, and says which allocator ran
+    allocator = "tcmalloc" if find_tcmalloc() else "glibc malloc"
+    assert run.data.tags["lmforge.malloc"] == allocator
+    (plan,) = [line for line in stdout.splitlines() if line.startswith("plan: ")]
+    assert plan.endswith(f", {allocator}")
     history = client.get_metric_history(run.info.run_id, "train/loss")
     jsonl = [p for p in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in p]
     assert [(m.step, m.value) for m in history] == [(p["step"], pytest.approx(p["train/loss"])) for p in jsonl]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import lmforge
+from lmforge import malloc
 from lmforge.config import Config, flatten, redacted_dict
 from lmforge.secrets import redact, redact_text
 
@@ -68,6 +69,7 @@ def run_tags(config: Config, run_dir: Path, project_dir: Path | None = None) -> 
         "lmforge.version": lmforge.__version__,
         "lmforge.run_dir": str(run_dir.resolve()),
         "host": platform.node(),
+        "lmforge.malloc": malloc.active(),  # tcmalloc or not changes CPU speed (lmforge.malloc)
     }
     tags.update(git_state(project_dir or Path.cwd()))
     if config.tracking.study:

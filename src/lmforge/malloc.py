@@ -1,0 +1,88 @@
+"""tcmalloc for CPU training: `lmforge train` and `lmforge eval` preload it when it is installed.
+
+glibc's malloc serves every allocation above its mmap threshold (at most 32 MB) with fresh pages
+from the kernel and returns them on free, so the large tensors PyTorch allocates at every step on
+a CPU (activations, logits, gradients) pay their page faults again at every step. tcmalloc keeps
+freed memory for reuse. Measured on a 2-core CPU (bench/RESULTS.md, session 8): 120M Llama bf16
++35% tokens/s, 20M pretraining in fp32 +23% and SFT in bf16 +5-24%, each with a lower peak RSS
+(jemalloc, with its defaults, was 20% slower than glibc). Its speed-up is the same for any
+PyTorch program: `Trainer` gets it too when preloaded by hand.
+
+An allocator must be in place before the process allocates anything, so it cannot be switched on
+from Python: the command re-executes itself once (same process id, arguments and environment)
+with LD_PRELOAD naming tcmalloc. Nothing happens when LD_PRELOAD is already set (the user chose),
+when LMFORGE_MALLOC=system, off Linux, or when no tcmalloc is installed (Debian and Ubuntu:
+`apt install libtcmalloc-minimal4`; Fedora: `dnf install gperftools-libs`).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+from collections.abc import Mapping
+
+OPT_OUT = "LMFORGE_MALLOC"
+"""LMFORGE_MALLOC=system keeps glibc's malloc. Not a config override (config.ENV_RESERVED)."""
+
+_REEXECUTED = "_LMFORGE_MALLOC_PRELOADED"
+"""Set in the re-executed process: it never re-executes again, whatever the loader did."""
+
+LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
+"""gperftools' allocator without and with its profilers; the minimal one is all that is needed."""
+
+
+def find_tcmalloc() -> str | None:
+    """The installed tcmalloc's file name as the dynamic loader finds it, or None."""
+    for name in LIBRARIES:
+        if found := ctypes.util.find_library(name):
+            return found
+    return None
+
+
+def preload_plan(env: Mapping[str, str], platform: str, library: str | None) -> dict[str, str] | None:
+    """The environment to re-execute with, or None to go on as we are."""
+    if platform != "linux" or library is None or env.get(_REEXECUTED) or env.get("LD_PRELOAD"):
+        return None
+    if env.get(OPT_OUT, "").strip().lower() == "system":
+        return None
+    # gperftools builds that report allocations over 1 GB on stderr would do so at every step of a big model
+    return {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 50), **env, "LD_PRELOAD": library, _REEXECUTED: "1"}
+
+
+def preload_tcmalloc() -> None:
+    """Re-execute this process with tcmalloc preloaded where `preload_plan` says so; return
+    otherwise. For the command-line entry point only: it replaces the running program."""
+    env = preload_plan(os.environ, sys.platform, find_tcmalloc() if sys.platform == "linux" else None)
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
+def active() -> str:
+    """The allocator this process runs on: tcmalloc or jemalloc where one is loaded, else the C
+    library's malloc (read from the process's own memory map on Linux)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            mapped = maps.read()
+    except OSError:
+        return "system malloc"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in mapped:
+            return name
+    return "glibc malloc" if sys.platform == "linux" else "system malloc"
+
+
+def advice(env: Mapping[str, str] | None = None) -> str | None:
+    """What to do for a faster CPU run, when this process runs on glibc's malloc; None otherwise."""
+    env = os.environ if env is None else env
+    if sys.platform != "linux" or active() != "glibc malloc" or env.get(OPT_OUT, "").strip().lower() == "system":
+        return None
+    if library := find_tcmalloc():
+        return f"this process runs on glibc's malloc: start it with LD_PRELOAD={library} for faster CPU training"
+    return (
+        "install tcmalloc (Debian/Ubuntu: apt install libtcmalloc-minimal4) and lmforge train preloads it: "
+        "CPU training ran 5-35% faster with it"
+    )

@@ -1,0 +1,47 @@
+"""When lmforge train re-executes itself with tcmalloc preloaded, and when it leaves the process alone.
+The re-execution itself runs in tests/integration/test_cli_train.py (the real CLI)."""
+
+from __future__ import annotations
+
+import os
+
+from lmforge import malloc
+from lmforge.config import load_config
+
+LIB = "libtcmalloc_minimal.so.4"
+
+
+def test_preloads_tcmalloc_once_where_nothing_else_is_chosen():
+    env = malloc.preload_plan({"PATH": "/bin"}, "linux", LIB)
+    quiet = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 50)}  # no stderr line per allocation over 1 GB
+    assert env == {"PATH": "/bin", "LD_PRELOAD": LIB, "_LMFORGE_MALLOC_PRELOADED": "1", **quiet}
+    mine = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1024"}
+    assert malloc.preload_plan(mine, "linux", LIB)["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "1024"
+    assert malloc.preload_plan(env, "linux", LIB) is None  # the re-executed process goes on
+
+
+def test_leaves_the_process_alone_otherwise():
+    assert malloc.preload_plan({}, "linux", None) is None  # not installed
+    assert malloc.preload_plan({}, "darwin", LIB) is None
+    assert malloc.preload_plan({"LD_PRELOAD": "libjemalloc.so.2"}, "linux", LIB) is None  # the user chose
+    assert malloc.preload_plan({"LMFORGE_MALLOC": "system"}, "linux", LIB) is None
+    assert malloc.preload_plan({"LMFORGE_MALLOC": " System "}, "linux", LIB) is None
+    assert malloc.preload_plan({"_LMFORGE_MALLOC_PRELOADED": "1"}, "linux", LIB) is None  # loader ignored it
+
+
+def test_the_opt_out_is_not_a_config_override(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {preset: llama-tiny}\ntokenizer: {train: true}\ndata: {train: t.txt, format: text}\n")
+    loaded = load_config(config, env={"LMFORGE_MALLOC": "system", "LMFORGE_TRAIN__LR": "0.01"})
+    assert loaded.train.lr == 0.01  # other LMFORGE_ variables still are
+
+
+def test_names_the_allocator_in_use():
+    expected = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
+    assert malloc.active() == expected
+    tip = malloc.advice({})
+    if expected == "tcmalloc":
+        assert tip is None
+    else:
+        assert "tcmalloc" in tip and ("LD_PRELOAD=" in tip if malloc.find_tcmalloc() else "apt install" in tip)
+    assert malloc.advice({"LMFORGE_MALLOC": "system"}) is None

@@ -15,6 +15,9 @@ Model FLOPs per token follow the PaLM paper (appendix B), as nanoGPT and most MF
 not: it is a lookup), L layers, T the sequence length, d the attention width. Attention is counted
 in full although a causal kernel skips half of it, and activation recomputation is not counted.
 
+Like `lmforge train`, the script re-executes itself with tcmalloc preloaded where it is installed
+(lmforge/malloc.py; LMFORGE_MALLOC=system keeps glibc's malloc): the first line names the allocator.
+
 Two utilisations are printed: against the device's datasheet dense peak for the precision (known
 GPUs only, or --peak-tflops), and against the peak of a large matmul measured here in the same
 dtype, which is what the device actually delivers (also the only reference on a CPU).
@@ -32,6 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from lmforge import malloc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_peers import Points  # noqa: E402
@@ -150,6 +155,7 @@ def run(root: Path, s: dict, precision: str, compile_model: bool, smoke: bool, o
 
 
 def main() -> None:
+    malloc.preload_tcmalloc()  # as lmforge train does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model and sequence, a few steps")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
@@ -185,7 +191,8 @@ def report(runs: list[dict], s: dict, precision: str, peak_override: float | Non
     datasheet = peak_override or first["datasheet_tflops"]
     measured = statistics.median(r["measured_tflops"] for r in runs)
     settings = {k: s[k] for k in ("preset", "vocab_size", "seq", "batch", "steps", "warmup")}
-    print(f"mfu on {first['device']}, {precision}: {json.dumps(settings)} {' '.join(overrides)}".rstrip())
+    head = f"mfu on {first['device']}, {precision}, {malloc.active()}: {json.dumps(settings)} {' '.join(overrides)}"
+    print(head.rstrip())
     print(f"loss: {first['loss']}")
     print(f"{'params (linear)':>16} {'MFLOP/token':>12} {'tok/s':>10} {'TFLOP/s':>9} {'peak':>8} {'matmul':>8}")
     peak = f"{datasheet:.1f}" if datasheet else "-"

@@ -17,12 +17,19 @@ Figures per tool (medians over repeats):
   held-out data, computed by one shared function here, example by example, with no packing.
 
 Data preparation (tokenising, packing, caching) is outside the timed call for every tool.
+
+The memory allocator changes CPU speed for every tool alike (tcmalloc: +15-35% here, see
+lmforge/malloc.py). `--malloc as-shipped` (the default) runs each tool as its users get it:
+lmforge with tcmalloc where it is installed (`lmforge train` preloads it), the peers on the C
+library's malloc; `system` and `tcmalloc` give every tool the same one. The table names each
+tool's allocator.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -32,6 +39,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lmforge import malloc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import Workspace, make_workspace  # noqa: E402
@@ -347,6 +356,7 @@ def run_one(tool: str, workload: str, ws: Workspace, s: dict) -> dict:
         "tokens_per_s": targets / wall,
         "peak_rss_mb": peak_mb,
         "val_loss": validation_loss(model, held_out),
+        "malloc": malloc.active(),
     }
     if workload == "time-to-loss":
         figures["curve"] = curve
@@ -365,6 +375,12 @@ def main() -> None:
     parser.add_argument("--tools", nargs="*", default=None, help="a subset of the tools")
     parser.add_argument(
         "--precision", choices=["fp32", "bf16"], default="fp32", help="for every tool (bf16: autocast, fp32 weights)"
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=["as-shipped", "system", "tcmalloc"],
+        default="as-shipped",
+        help="as-shipped: lmforge preloads tcmalloc where installed, the peers do not; else the same for all",
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -388,35 +404,52 @@ def main() -> None:
             command += ["--precision", args.precision]
             if args.smoke:
                 command.append("--smoke")
-            out = subprocess.run(command, capture_output=True, text=True)
+            out = subprocess.run(command, capture_output=True, text=True, env=tool_env(tool, args.malloc))
             if out.returncode != 0:
                 raise SystemExit(f"{tool} failed:\n{out.stderr[-3000:]}")
             results[tool].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print_table(args.workload, settings, results, repeats)
+    print_table(args.workload, settings, results, repeats, args.malloc)
     if args.workload == "time-to-loss":
         print_time_to_loss(results, repeats)
 
 
-def print_table(workload: str, settings: dict, results: dict[str, list[dict]], repeats: int) -> None:
+def tool_env(tool: str, choice: str) -> dict[str, str]:
+    """The environment a tool's process starts with, for --malloc `choice`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_LMFORGE_MALLOC_PRELOADED")}
+    if choice == "system" or (choice == "as-shipped" and not tool.startswith("lmforge")):
+        return env
+    library = malloc.find_tcmalloc()
+    if library is None:
+        if choice == "tcmalloc":
+            raise SystemExit("--malloc tcmalloc: no tcmalloc installed (apt install libtcmalloc-minimal4)")
+        return env
+    return {**env, "LD_PRELOAD": library}
+
+
+def print_table(workload: str, settings: dict, results: dict[str, list[dict]], repeats: int, choice: str) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"workload {workload} on {device}: {json.dumps(settings)}")
-    columns = f"{'trained tok/s':>14} {'spread':>13} {'peak RSS MB':>12} {'wall s':>8} {'tokens':>9} {'val loss':>9}"
+    columns = (
+        f"{'trained tok/s':>14} {'spread':>13} {'peak RSS MB':>12} {'wall s':>8} {'tokens':>9} {'val loss':>9}  malloc"
+    )
     print(f"{'tool':<18} {columns}")
     median = {}
     for tool, runs in results.items():
         speeds = [r["tokens_per_s"] for r in runs]
-        median[tool] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("tool", "curve")}
+        median[tool] = {
+            k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("tool", "curve", "malloc")
+        }
         m = median[tool]
         spread = f"{min(speeds):.0f}-{max(speeds):.0f}"
         print(
             f"{tool:<18} {m['tokens_per_s']:>14.0f} {spread:>13} {m['peak_rss_mb']:>12.0f} {m['wall_s']:>8.1f} "
-            f"{m['trained_tokens']:>9.0f} {m['val_loss']:>9.3f}"
+            f"{m['trained_tokens']:>9.0f} {m['val_loss']:>9.3f}  {'/'.join(sorted({r['malloc'] for r in runs}))}"
         )
     base = next(t for t in results if t.startswith("lmforge"))
     ours, others = median[base], [t for t in results if t != base]
     speed = ", ".join(f"{ours['tokens_per_s'] / median[t]['tokens_per_s']:.2f}x vs {t}" for t in others)
     memory = ", ".join(f"{ours['peak_rss_mb'] / median[t]['peak_rss_mb']:.2f}x vs {t}" for t in others)
-    print(f"summary ({device}, medians of {repeats}): {base} trained tok/s {speed}; peak RSS {memory}")
+    print(f"summary ({device}, medians of {repeats}, malloc {choice}): {base} trained tok/s {speed}; peak RSS {memory}")
 
 
 def print_time_to_loss(results: dict[str, list[dict]], repeats: int) -> None:

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT, subprocess_env
+from lmforge.malloc import find_tcmalloc
 
 
 def test_memory_benchmark_smoke():
@@ -40,10 +41,13 @@ def run_bench(script: str, *args: str) -> list[str]:
 @pytest.mark.slow
 def test_vs_peers_pretrain_and_time_to_loss_smoke(tmp_path):
     lines = run_bench(
-        "vs_peers.py", "--workload", "pretrain", "--smoke", "--precision", "bf16", "--workspace", str(tmp_path)
-    )
+        "vs_peers.py", "--workload", "pretrain", "--smoke", "--precision", "bf16", "--workspace", str(tmp_path),
+        "--malloc", "system",
+    )  # fmt: skip
     assert [line.split()[0] for line in lines[2:-1]] == ["lmforge", "trainer"]
-    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s ") and "x vs trainer" in lines[-1]
+    assert all(line.endswith("  glibc malloc") for line in lines[2:-1])  # the same allocator for both
+    assert lines[-1].startswith("summary (cpu, medians of 1, malloc system): lmforge trained tok/s ")
+    assert "x vs trainer" in lines[-1]
 
     lines = run_bench("vs_peers.py", "--workload", "time-to-loss", "--smoke", "--workspace", str(tmp_path))
     starts = {line.split()[0]: float(line.split()[1]) for line in lines[-3:-1]}
@@ -65,7 +69,8 @@ def test_data_prep_smoke(tmp_path):
 def test_mfu_smoke(tmp_path):
     """The tiny Llama trains in lmforge's loop; its FLOPs are counted by the PaLM formula."""
     lines = run_bench("mfu.py", "--smoke", "--workspace", str(tmp_path), "--set", "train.loss_chunk_size=64")
-    assert lines[0].startswith("mfu on cpu, bf16:") and lines[0].endswith(" train.loss_chunk_size=64")
+    allocator = "tcmalloc" if find_tcmalloc() else "glibc malloc"  # preloaded as lmforge train does
+    assert lines[0].startswith(f"mfu on cpu, bf16, {allocator}:") and lines[0].endswith(" train.loss_chunk_size=64")
     assert lines[1] == "loss: fused cross-entropy from hidden states, 64 targets per chunk, no full logits"
     params, mflops, tokens_per_s, tflops, peak, matmul = lines[3].split()
     # llama-tiny, vocab 512: 2 layers x (4 x 64^2 + 3 x 64 x 256) + the 512 x 64 head; the input
@@ -87,7 +92,10 @@ def test_vs_peers_sft_smoke(tmp_path):
     for tool, row in rows.items():
         tokens_per_s, tokens, val_loss = float(row[1]), float(row[5]), float(row[6])
         assert tokens_per_s > 0 and tokens > 0 and 0 < val_loss < 20, tool
-    assert lines[-1].startswith("summary (cpu, medians of 1): lmforge trained tok/s ")
+        # --malloc as-shipped: lmforge preloads tcmalloc where installed, as `lmforge train` does
+        shipped = "tcmalloc" if tool.startswith("lmforge") and find_tcmalloc() else "glibc malloc"
+        assert " ".join(row[7:]) == shipped, tool
+    assert lines[-1].startswith("summary (cpu, medians of 1, malloc as-shipped): lmforge trained tok/s ")
     assert "x vs trl-packed" in lines[-1]
 
 

@@ -18,7 +18,7 @@ Figures per tool (medians over repeats):
 
 Data preparation (tokenising, packing, caching) is outside the timed call for every tool.
 
-The memory allocator changes CPU speed for every tool alike (tcmalloc: +15-35% here, see
+The memory allocator changes CPU speed for every tool alike (tcmalloc: +5-35% here, see
 lmforge/malloc.py). `--malloc as-shipped` (the default) runs each tool as its users get it:
 lmforge with tcmalloc where it is installed (`lmforge train` preloads it), the peers on the C
 library's malloc; `system` and `tcmalloc` give every tool the same one. The table names each

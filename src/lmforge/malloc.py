@@ -3,10 +3,11 @@
 glibc's malloc serves every allocation above its mmap threshold (at most 32 MB) with fresh pages
 from the kernel and returns them on free, so the large tensors PyTorch allocates at every step on
 a CPU (activations, logits, gradients) pay their page faults again at every step. tcmalloc keeps
-freed memory for reuse. Measured on a 2-core CPU (bench/RESULTS.md, session 8): 120M Llama bf16
-+35% tokens/s, 20M pretraining in fp32 +23% and SFT in bf16 +5-24%, each with a lower peak RSS
-(jemalloc, with its defaults, was 20% slower than glibc). Its speed-up is the same for any
-PyTorch program: `Trainer` gets it too when preloaded by hand.
+freed memory for reuse. Measured on a 2-core CPU (bench/RESULTS.md, session 8), tcmalloc against
+glibc: the 120M Llama in bf16 +35% tokens/s and SFT of the 20M model in bf16 +5-24% (alternating
+runs), `Trainer` pretraining the 20M model in fp32 about +7% (two runs half an hour apart), each
+with a lower peak RSS; jemalloc, with its defaults, was 20% slower than glibc. Any PyTorch
+program gains alike: `Trainer` too, when preloaded by hand.
 
 An allocator must be in place before the process allocates anything, so it cannot be switched on
 from Python: the command re-executes itself once (same process id, arguments and environment)

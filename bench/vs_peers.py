@@ -415,15 +415,15 @@ def main() -> None:
 
 def tool_env(tool: str, choice: str) -> dict[str, str]:
     """The environment a tool's process starts with, for --malloc `choice`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_LMFORGE_MALLOC_PRELOADED")}
+    env = malloc.without_preload(os.environ)
     if choice == "system" or (choice == "as-shipped" and not tool.startswith("lmforge")):
         return env
-    library = malloc.find_tcmalloc()
-    if library is None:
-        if choice == "tcmalloc":
-            raise SystemExit("--malloc tcmalloc: no tcmalloc installed (apt install libtcmalloc-minimal4)")
-        return env
-    return {**env, "LD_PRELOAD": library}
+    preloaded = malloc.preload_plan(env, sys.platform)  # what `lmforge train` starts with
+    if preloaded is None and choice == "tcmalloc":
+        raise SystemExit(
+            "--malloc tcmalloc: no tcmalloc installed (apt install libtcmalloc-minimal4), or LMFORGE_MALLOC=system"
+        )
+    return preloaded or env
 
 
 def print_table(workload: str, settings: dict, results: dict[str, list[dict]], repeats: int, choice: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lmforge import malloc
 from lmforge.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +128,7 @@ def lmforge_command(*args: str) -> list[str]:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This environment without lmforge's variables or a preloaded allocator: the CLI decides."""
-    dropped = ("LD_PRELOAD", "_LMFORGE_MALLOC_PRELOADED")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_") and k not in dropped}
+    env = {k: v for k, v in malloc.without_preload(os.environ).items() if not k.startswith("LMFORGE_")}
     env.update(extra)
     return env
 

@@ -19,9 +19,10 @@ when LMFORGE_MALLOC=system, off Linux, or when no tcmalloc is installed (Debian 
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 OPT_OUT = "LMFORGE_MALLOC"
 """LMFORGE_MALLOC=system keeps glibc's malloc. Not a config override (config.ENV_RESERVED)."""
@@ -41,20 +42,34 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def preload_plan(env: Mapping[str, str], platform: str, library: str | None) -> dict[str, str] | None:
-    """The environment to re-execute with, or None to go on as we are."""
-    if platform != "linux" or library is None or env.get(_REEXECUTED) or env.get("LD_PRELOAD"):
+def _opted_out(env: Mapping[str, str]) -> bool:
+    return env.get(OPT_OUT, "").strip().lower() == "system"
+
+
+def preload_plan(
+    env: Mapping[str, str], platform: str, find: Callable[[], str | None] = find_tcmalloc
+) -> dict[str, str] | None:
+    """The environment to re-execute with, or None to go on as we are. The library is looked up
+    (`find`, which asks ldconfig) only once everything else says yes: the re-executed process, and
+    one with an LD_PRELOAD of its own, return at once."""
+    if platform != "linux" or env.get(_REEXECUTED) or env.get("LD_PRELOAD") or _opted_out(env):
         return None
-    if env.get(OPT_OUT, "").strip().lower() == "system":
+    if (library := find()) is None:
         return None
     # gperftools builds that report allocations over 1 GB on stderr would do so at every step of a big model
     return {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 50), **env, "LD_PRELOAD": library, _REEXECUTED: "1"}
 
 
+def without_preload(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with no preloaded library and no mark of a re-execution: a child started with it
+    makes its own choice (`preload_plan`)."""
+    return {k: v for k, v in env.items() if k not in ("LD_PRELOAD", _REEXECUTED)}
+
+
 def preload_tcmalloc() -> None:
     """Re-execute this process with tcmalloc preloaded where `preload_plan` says so; return
     otherwise. For the command-line entry point only: it replaces the running program."""
-    env = preload_plan(os.environ, sys.platform, find_tcmalloc() if sys.platform == "linux" else None)
+    env = preload_plan(os.environ, sys.platform)
     if env is None:
         return
     sys.stdout.flush()
@@ -62,6 +77,7 @@ def preload_tcmalloc() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
+@functools.cache  # fixed for the life of the process
 def active() -> str:
     """The allocator this process runs on: tcmalloc or jemalloc where one is loaded, else the C
     library's malloc (read from the process's own memory map on Linux)."""
@@ -79,7 +95,7 @@ def active() -> str:
 def advice(env: Mapping[str, str] | None = None) -> str | None:
     """What to do for a faster CPU run, when this process runs on glibc's malloc; None otherwise."""
     env = os.environ if env is None else env
-    if sys.platform != "linux" or active() != "glibc malloc" or env.get(OPT_OUT, "").strip().lower() == "system":
+    if active() != "glibc malloc" or _opted_out(env):  # glibc: Linux only
         return None
     if library := find_tcmalloc():
         return f"this process runs on glibc's malloc: start it with LD_PRELOAD={library} for faster CPU training"

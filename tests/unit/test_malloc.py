@@ -11,22 +11,31 @@ from lmforge.config import load_config
 LIB = "libtcmalloc_minimal.so.4"
 
 
+def found() -> str:
+    return LIB
+
+
+def never() -> str:
+    raise AssertionError("the library was looked up although nothing would preload it")
+
+
 def test_preloads_tcmalloc_once_where_nothing_else_is_chosen():
-    env = malloc.preload_plan({"PATH": "/bin"}, "linux", LIB)
+    env = malloc.preload_plan({"PATH": "/bin"}, "linux", found)
     quiet = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 50)}  # no stderr line per allocation over 1 GB
     assert env == {"PATH": "/bin", "LD_PRELOAD": LIB, "_LMFORGE_MALLOC_PRELOADED": "1", **quiet}
     mine = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1024"}
-    assert malloc.preload_plan(mine, "linux", LIB)["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "1024"
-    assert malloc.preload_plan(env, "linux", LIB) is None  # the re-executed process goes on
+    assert malloc.preload_plan(mine, "linux", found)["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "1024"
+    assert malloc.preload_plan(env, "linux", never) is None  # the re-executed process goes on
+    assert malloc.without_preload(env) == {"PATH": "/bin", **quiet}  # a child of it chooses afresh
 
 
 def test_leaves_the_process_alone_otherwise():
-    assert malloc.preload_plan({}, "linux", None) is None  # not installed
-    assert malloc.preload_plan({}, "darwin", LIB) is None
-    assert malloc.preload_plan({"LD_PRELOAD": "libjemalloc.so.2"}, "linux", LIB) is None  # the user chose
-    assert malloc.preload_plan({"LMFORGE_MALLOC": "system"}, "linux", LIB) is None
-    assert malloc.preload_plan({"LMFORGE_MALLOC": " System "}, "linux", LIB) is None
-    assert malloc.preload_plan({"_LMFORGE_MALLOC_PRELOADED": "1"}, "linux", LIB) is None  # loader ignored it
+    assert malloc.preload_plan({}, "linux", lambda: None) is None  # not installed
+    assert malloc.preload_plan({}, "darwin", never) is None
+    assert malloc.preload_plan({"LD_PRELOAD": "libjemalloc.so.2"}, "linux", never) is None  # the user chose
+    assert malloc.preload_plan({"LMFORGE_MALLOC": "system"}, "linux", never) is None
+    assert malloc.preload_plan({"LMFORGE_MALLOC": " System "}, "linux", never) is None
+    assert malloc.preload_plan({"_LMFORGE_MALLOC_PRELOADED": "1"}, "linux", never) is None  # loader ignored it
 
 
 def test_the_opt_out_is_not_a_config_override(tmp_path):

@@ -35,6 +35,7 @@ fi
 case "${1:-}" in
 tests)
     python3 -m pytest -q -p no:cacheprovider tests/unit/test_varlen_attention.py tests/unit/test_chunked_loss.py \
+        tests/unit/test_no_device_reads.py \
         tests/unit/test_model_and_optim.py 2>&1 | tee "$out/tests.log"
     ;;
 mfu)

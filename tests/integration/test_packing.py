@@ -14,14 +14,16 @@ from conftest import RecordingTracker
 from lmforge.data.loader import IGNORE_INDEX, collate
 from lmforge.data.prepare import PreparedData, prepare_data
 from lmforge.engine.loop import train
+from lmforge.engine.losses import causal_lm_inputs
 from lmforge.eval.evaluate import evaluate
 from lmforge.models.build import build_model
 from lmforge.tracking.base import Trackers
 
 
 def token_losses(model, batch):
-    """(B, T-1) per-token losses, 0 where there is no target."""
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    """(B, T-1) per-token losses, 0 where there is no target, from the inputs training gives the model."""
+    with causal_lm_inputs(model, batch) as inputs:
+        out = model(**inputs)
     logits, targets = out.logits[:, :-1].float(), batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return loss, targets != IGNORE_INDEX

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lmforge.data.loader import IGNORE_INDEX, StepPlan, collate, epoch_order, padding_fraction, row_order
 from lmforge.data.packing import best_fit_decreasing, position_ids
@@ -92,6 +93,32 @@ def test_collate_positions_restart_per_example_and_padding_is_ignored():
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 0, 1, 2]]
     assert int(batch["num_tokens"]) == 7
     assert position_ids([2, 3]) == [0, 1, 0, 1, 2]
+    # what the host knows, so that no GPU is asked: the examples' lengths in flat order (the padding
+    # of a row is one), and the flat positions with a next token to predict
+    assert batch["segments"].tolist() == [2, 3, 2, 3]
+    assert batch["target_index"].tolist() == [0, 2, 3, 5]
+
+
+def test_collated_segments_are_what_the_position_ids_show():
+    """`segments` stands in for reading the position ids back (attention.segment_lengths)."""
+    from lmforge.models.attention import segment_lengths
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rows = []
+        for _ in range(int(rng.integers(1, 5))):
+            lengths = [int(n) for n in rng.integers(1, 9, size=int(rng.integers(1, 4)))]
+            ids = [int(t) for t in rng.integers(2, 50, size=sum(lengths))]
+            rows.append({"input_ids": ids, "labels": ids, "lengths": lengths})
+        batch = collate(rows, pad_id=1)
+        assert batch["segments"].tolist() == segment_lengths(batch["position_ids"])
+        assert (
+            batch["target_index"].tolist()
+            == (batch["labels"][:, 1:] != IGNORE_INDEX)
+            .nonzero()
+            .matmul(torch.tensor([batch["labels"].shape[1], 1]))
+            .tolist()
+        )
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():

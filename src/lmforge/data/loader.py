@@ -110,26 +110,50 @@ class StepPlan:
         return [order[m * self.micro_batch_size : (m + 1) * self.micro_batch_size] for m in mine]
 
 
+HOST_KEYS = frozenset({"num_tokens", "segments"})
+"""Batch entries that stay on the host: read there, never copied to the device."""
+
+
 def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows into (B, T) input_ids, labels and position_ids.
+    """Right-pad rows into (B, T) input_ids, labels and position_ids, with what the host knows of them.
 
     position_ids restart at 0 for each packed example: with no attention mask and no KV cache,
     transformers turns that into block-diagonal causal attention, so examples sharing a row never
     see each other. No attention mask is needed for the padding either: with causal attention a
     real token never attends to the padding after it, and padded positions carry no loss.
+
+    Also, so that a GPU never has to be asked: `segments`, the lengths of the examples in flat
+    (row-major) order, the padding of a row counting as one (what `attention.segment_lengths` reads
+    off the position ids; stays on the host); `target_index`, the flat positions that have a next
+    token to predict (the rows a chunked loss scores); `num_tokens`, the real tokens.
     """
     width = max(sum(r["lengths"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segments: list[int] = []
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.as_tensor(np.asarray(row["input_ids"]), dtype=torch.long)
         labels[i, :n] = torch.as_tensor(np.asarray(row["labels"]), dtype=torch.long)
         positions[i, :n] = torch.as_tensor(position_ids(row["lengths"]))
         positions[i, n:] = torch.arange(width - n)  # padding: a sequence of its own
-    num_tokens = torch.tensor(sum(len(r["input_ids"]) for r in rows))  # real tokens, padding excluded
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "num_tokens": num_tokens}
+        segments += [*row["lengths"], width - n] if width > n else row["lengths"]
+    has_target = torch.zeros_like(labels, dtype=torch.bool)
+    has_target[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": positions,
+        "target_index": has_target.reshape(-1).nonzero().squeeze(1),
+        "segments": torch.tensor(segments, dtype=torch.long),
+        "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows)),  # real tokens, padding excluded
+    }
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch with its tensors on `device` (asynchronously from pinned memory), HOST_KEYS left where they are."""
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def collate_encoder(rows: Sequence[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
@@ -197,7 +221,7 @@ def step_data(
         rows = plan.step_rows(order, step_in_epoch, rank)
         batches = [fetch(dataset, r, pad_id, task) for r in rows]
         if pin:
-            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+            batches = [{k: v if k in HOST_KEYS else v.pin_memory() for k, v in b.items()} for b in batches]
         yield StepData(epoch, step_in_epoch, rows, batches)
         step_in_epoch += 1
 

@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from lmforge.config import Config, TrainConfig, config_hash, dump_yaml
-from lmforge.data.loader import Prefetcher, StepPlan, step_data
+from lmforge.data.loader import Prefetcher, StepPlan, step_data, to_device
 from lmforge.data.prepare import PreparedData
 from lmforge.engine.checkpoint import load_checkpoint, prune, remove_stale_temporaries, save_checkpoint
 from lmforge.engine.early_stopping import record_eval
@@ -316,7 +316,7 @@ def _forward_backward(model, batches, loss_step, accelerator, task: str) -> tupl
         targets, tokens = (int(c) for c in counts.tolist())
     loss_total = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, device)
         # Gradients are synchronised across processes only after the last micro-batch.
         with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
             # the model's forward is autocast already; the loss too, for a chunked loss's head

@@ -8,7 +8,7 @@ processes), so every token weighs the same however the tokens are spread over mi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.data.loader import IGNORE_INDEX
 from lmforge.errors import UserError
+from lmforge.models import attention
 
 
 def at_least_fp32(scores: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,11 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 
 
 def chunked_causal_lm_loss_sum(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Module,
+    chunk_size: int,
+    target_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same sum as `causal_lm_loss_sum`, from the last hidden states, without ever holding the
     full (B, T, V) logits: only positions with a target are scored, `chunk_size` at a time.
@@ -62,18 +67,24 @@ def chunked_causal_lm_loss_sum(
         labels: (B, T) token ids, IGNORE_INDEX where there is nothing to predict.
         head: the output projection (H -> V).
         chunk_size: target positions scored at once; peak extra memory ~ chunk_size x V x 4 bytes.
+        target_index: the flat (B*T) positions that have a target, as the collator gives them
+            (`target_index`); without it they are found on the device, which a GPU must then report
+            back (the number of rows to score decides the shapes that follow).
     """
     targets = next_token_targets(labels).reshape(-1)  # (B*T,)
-    states = hidden.reshape(-1, hidden.size(-1))  # (B*T, H)
-    keep = targets != IGNORE_INDEX
-    states, targets = states[keep], targets[keep]  # (N, H), (N,): masked prompts cost nothing
+    if target_index is None:
+        target_index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    # (N, H), (N,): masked prompts cost nothing
+    states = hidden.reshape(-1, hidden.size(-1)).index_select(0, target_index)
+    targets = targets.index_select(0, target_index)
+    count = torch.full((), len(target_index), device=hidden.device)
     if _plain_linear(head):
-        return linear_cross_entropy(states, head.weight, head.bias, targets, chunk_size), keep.sum()
+        return linear_cross_entropy(states, head.weight, head.bias, targets, chunk_size), count
     total = at_least_fp32(hidden.new_zeros(()))
     for start in range(0, targets.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
         total = total + checkpoint(_chunk_loss, states[chunk], targets[chunk], head, use_reentrant=False)
-    return total, keep.sum()
+    return total, count
 
 
 def _plain_linear(head: nn.Module | None) -> bool:
@@ -96,14 +107,20 @@ def linear_cross_entropy(
     then only scales them, so the logits are neither kept nor recomputed, and the log-softmax
     backward, the one-hot scatter and the casts of (N, V) tensors of the plain loss all go away."""
     dtype = _compute_dtype(weight)  # before autocast is switched off for the function's own casts
-    with torch.autocast(states.device.type, enabled=False):
+    with _no_autocast(states.device.type):
         return _LinearCrossEntropy.apply(states, weight, bias, targets, chunk_size, dtype, torch.is_grad_enabled())
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype the head's matmul runs in: autocast's when it is on, else the weight's."""
     device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if autocast else weight.dtype
+
+
+def _no_autocast(device: str):
+    """Autocast off for `device` (nothing to switch off on one that has none, such as meta)."""
+    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
 
 
 ROWS = 64
@@ -149,7 +166,7 @@ def linear_cross_entropy_hits(
     w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
     total = torch.zeros((), dtype=exact, device=states.device)
     hits = torch.zeros((), dtype=torch.long, device=states.device)
-    with torch.autocast(states.device.type, enabled=False):
+    with _no_autocast(states.device.type):
         for _, t, _, logits in _chunk_logits(states, w, b, targets, chunk_size, exact):
             hits += (logits[: len(t)].argmax(-1) == t).sum()
             total += _cross_entropy_in_place(logits, t, softmax=False)[0]
@@ -299,16 +316,35 @@ def count_targets(batch: dict[str, torch.Tensor], task: str = "causal-lm") -> to
     return (labels != IGNORE_INDEX).sum()
 
 
+@contextmanager
+def causal_lm_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[dict]:
+    """The forward inputs of a collated causal LM batch, for a forward inside the block.
+
+    No attention mask and no KV cache: that is what keeps packed examples apart (see collate). With
+    lmforge's varlen attention and the examples' lengths known on the host (the collator's
+    `segments`), the attention is planned from those, and an all-True mask that the varlen attention
+    knows stands in for transformers' packing check: the forward never reads the device back."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    base = _unwrapped(model)
+    if "segments" not in batch or base.config._attn_implementation != attention.NAME:
+        yield inputs
+        return
+    compiled = hasattr(model.module if hasattr(model, "module") else model, "_orig_mod")
+    with attention.known_segments(batch["segments"], batch["position_ids"], mask=not compiled) as full_mask:
+        if full_mask is not None:
+            inputs["attention_mask"] = full_mask
+        yield inputs
+
+
 def causal_lm_step(
     model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # No attention mask and no KV cache: that is what keeps packed examples apart (see collate).
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    if chunk_size is None:
-        return causal_lm_loss_sum(model(**inputs).logits, batch["labels"])
-    with hidden_states_out(model) as head:
-        hidden = model(**inputs).logits  # (B, T, H): the identity head passed the hidden states through
-    return chunked_causal_lm_loss_sum(hidden, batch["labels"], head, chunk_size)
+    with causal_lm_inputs(model, batch) as inputs:
+        if chunk_size is None:
+            return causal_lm_loss_sum(model(**inputs).logits, batch["labels"])
+        with hidden_states_out(model) as head:
+            hidden = model(**inputs).logits  # (B, T, H): the identity head passed the hidden states through
+    return chunked_causal_lm_loss_sum(hidden, batch["labels"], head, chunk_size, batch.get("target_index"))
 
 
 def seq2seq_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

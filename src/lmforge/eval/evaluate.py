@@ -14,9 +14,10 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from lmforge.data.loader import IGNORE_INDEX, eval_batches, fetch
+from lmforge.data.loader import IGNORE_INDEX, eval_batches, fetch, to_device
 from lmforge.engine.losses import (
     at_least_fp32,
+    causal_lm_inputs,
     hidden_states_out,
     linear_cross_entropy_hits,
     next_token_targets,
@@ -58,7 +59,7 @@ def evaluate(
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, targets
     confusion = torch.zeros((num_labels or 1, num_labels or 1), dtype=torch.float64, device=device)
     for indices in eval_batches(dataset, batch_size, max_batches, rank, world):
-        batch = {k: v.to(device) for k, v in fetch(dataset, indices, pad_id, task).items()}
+        batch = to_device(fetch(dataset, indices, pad_id, task), device)
         if task == "classification":
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"]
@@ -70,20 +71,19 @@ def evaluate(
         if task == "seq2seq":
             logits, targets = at_least_fp32(seq2seq_logits(model, batch)), batch["labels"]  # (B, T, V), (B, T)
         else:
-            # as in training: no attention mask and no KV cache, so packed examples stay isolated
-            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
             targets = next_token_targets(batch["labels"])  # (B, T)
             if chunk_size is not None:  # scored from the hidden states of the targets, chunk by chunk
-                keep = (targets != IGNORE_INDEX).reshape(-1)
-                with hidden_states_out(model) as head, autocast():
+                keep = batch["target_index"]  # (N,) flat positions with a target
+                with causal_lm_inputs(model, batch) as inputs, hidden_states_out(model) as head, autocast():
                     hidden = model(**inputs).logits  # (B, T, H): the identity head passed them through
-                    states = hidden.reshape(-1, hidden.size(-1))[keep]
+                    states = hidden.reshape(-1, hidden.size(-1)).index_select(0, keep)
                     loss, correct = linear_cross_entropy_hits(
-                        states, head.weight, head.bias, targets.reshape(-1)[keep], chunk_size
+                        states, head.weight, head.bias, targets.reshape(-1).index_select(0, keep), chunk_size
                     )
-                totals += torch.stack([loss.double(), correct.double(), keep.sum().double()])
+                totals += torch.stack([loss.double(), correct.double(), torch.full_like(loss, len(keep)).double()])
                 continue
-            logits = at_least_fp32(model(**inputs).logits)  # (B, T, V)
+            with causal_lm_inputs(model, batch) as inputs:  # as in training: packed examples stay isolated
+                logits = at_least_fp32(model(**inputs).logits)  # (B, T, V)
         mask = targets != IGNORE_INDEX
         loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         correct = ((logits.argmax(-1) == targets) & mask).sum()

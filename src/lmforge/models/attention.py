@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +67,18 @@ def segment_lengths(position_ids: torch.Tensor) -> list[int]:
 
 
 def plan_for(position_ids: torch.Tensor, fixed_up_to: int = 0, flat: bool = False) -> Plan:
-    """How to cut a batch into buckets of examples, computed once per forward and shared by all
+    """`plan_from_lengths` for the examples the (B, T) position ids show: reading them back from a
+    GPU waits for the device."""
+    return plan_from_lengths(
+        np.asarray(segment_lengths(position_ids)), position_ids.shape[0], position_ids.device, fixed_up_to, flat
+    )
+
+
+def plan_from_lengths(
+    lengths: np.ndarray, rows: int, device: torch.device, fixed_up_to: int = 0, flat: bool = False
+) -> Plan:
+    """How to cut a batch of `rows` rows whose examples have these lengths (flat order, as
+    `segment_lengths` gives them) into buckets of examples, computed once per forward and shared by all
     layers. All buckets are gathered with one index (and scattered back with one): each gather's
     backward zero-fills a tensor of the whole batch, so one per bucket cost more than the buckets.
 
@@ -77,13 +90,11 @@ def plan_for(position_ids: torch.Tensor, fixed_up_to: int = 0, flat: bool = Fals
     keep their widths, which the blockwise kernel pads to whole blocks.
 
     With `flat`, no buckets: the examples' offsets for a kernel that takes the flat tokens as they are."""
-    lengths = np.asarray(segment_lengths(position_ids))
-    device = position_ids.device
-    if len(lengths) == position_ids.shape[0]:
+    if len(lengths) == rows:
         return Plan([], torch.empty(0), torch.empty(0), whole_rows=True)
     if flat:
         offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-        return Plan([], torch.empty(0), torch.empty(0), cu_seqlens=offsets.to(device), max_length=int(lengths.max()))
+        return Plan([], torch.empty(0), torch.empty(0), cu_seqlens=_to(offsets, device), max_length=int(lengths.max()))
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     edges = np.asarray(BUCKET_EDGES)
     # beyond the last edge, a bucket per length
@@ -106,7 +117,15 @@ def plan_for(position_ids: torch.Tensor, fixed_up_to: int = 0, flat: bool = Fals
             shapes.append((len(group), width))
             gathers.append(gather.reshape(-1))
             offset += len(group) * width
-    return Plan(shapes, torch.from_numpy(np.concatenate(gathers)).to(device), torch.from_numpy(restore).to(device))
+    return Plan(shapes, _to(torch.from_numpy(np.concatenate(gathers)), device), _to(torch.from_numpy(restore), device))
+
+
+def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory, queued behind the work already there
+    rather than waiting for it (a copy from pageable memory would)."""
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 def _powers_of_four(n: int) -> list[int]:
@@ -125,12 +144,62 @@ _last_plan: tuple[torch.Tensor, int, int, int, bool, Plan] | None = None
 
 @torch.compiler.disable  # the identity and version checks must run at every call, not once when traced
 def _cached_plan(position_ids: torch.Tensor, batch: int, fixed_up_to: int, flat: bool) -> Plan:
-    """Every layer of one forward gets the same position_ids tensor: plan once per forward."""
+    """Every layer of one forward gets the same position_ids tensor: plan once per forward, from
+    the lengths the host knows (`known_segments`) when it knows them for these position ids."""
     global _last_plan
     key = (position_ids, position_ids._version, batch, fixed_up_to, flat)
     if _last_plan is None or _last_plan[0] is not key[0] or _last_plan[1:5] != key[1:]:
-        _last_plan = (*key, plan_for(position_ids.expand(batch, -1), fixed_up_to, flat))
+        lengths = _known.lengths_for(position_ids, batch) if _known is not None else None
+        if lengths is None:
+            plan = plan_for(position_ids.expand(batch, -1), fixed_up_to, flat)
+        else:
+            plan = plan_from_lengths(lengths, batch, position_ids.device, fixed_up_to, flat)
+        _last_plan = (*key, plan)
     return _last_plan[5]
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What the host knows of the batch being run (`known_segments`)."""
+
+    lengths: np.ndarray
+    positions: torch.Tensor
+    full_mask: torch.Tensor | None
+
+    def lengths_for(self, position_ids: torch.Tensor, batch: int) -> np.ndarray | None:
+        """The examples' lengths, if `position_ids` are those of the known batch (the same memory,
+        which a view or an expand keeps)."""
+        known = self.positions
+        if position_ids.data_ptr() != known.data_ptr() or (batch, position_ids.shape[-1]) != tuple(known.shape):
+            return None
+        return self.lengths
+
+
+_known: _Known | None = None
+
+
+@contextmanager
+def known_segments(
+    segments: torch.Tensor, position_ids: torch.Tensor, mask: bool = True
+) -> Iterator[torch.Tensor | None]:
+    """Within the block, a forward over `position_ids` takes its examples' lengths from `segments`
+    (host memory, flat order, as `segment_lengths` would read them off the device) rather than reading
+    the position ids back from the device, which on a GPU waits for all the work queued before it.
+
+    With `mask`, yields an all-True (B, T) mask for the forward's `attention_mask`: a mask keeps
+    transformers from checking the position ids for packing (another read-back), and `varlen_mask`
+    knows this one and turns it into no mask, which is what the position ids alone would have given.
+    Only for varlen attention (sdpa would take it as "no packing"), and not under torch.compile, where
+    transformers skips that check anyway and the identity test would be traced."""
+    global _known
+    if int(segments.sum()) != position_ids.numel():
+        raise ValueError(f"segments of {int(segments.sum())} tokens for position ids {tuple(position_ids.shape)}")
+    full = torch.ones(position_ids.shape, dtype=torch.bool, device=position_ids.device) if mask else None
+    previous, _known = _known, _Known(segments.numpy(), position_ids, full)
+    try:
+        yield full
+    finally:
+        _known = previous
 
 
 FIXED_SHAPES_UP_TO = 512
@@ -357,7 +426,9 @@ def varlen_attention_forward(
 def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     """No mask when every token is real (examples are told apart by position ids); else sdpa's mask,
     which sends the call to sdpa."""
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None or (_known is not None and attention_mask is _known.full_mask):
+        return None
+    if bool(attention_mask.all()):
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 

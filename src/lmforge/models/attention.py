@@ -14,6 +14,9 @@ padding at all. Where that kernel is missing, the buckets go to sdpa's CUDA kern
 An example is a maximal run of consecutive position ids, so lmforge's packed rows (positions restart
 at 0 for each example) and ordinary unpacked batches are both handled. Anything else (a KV cache, a
 padding mask, output_attentions) falls back to transformers' sdpa, with the mask sdpa would get.
+Where the host knows the examples' lengths (`known_segments`: training and evaluation batches carry
+them from the collator), the plan is made from those, and the position ids are never read back from
+the device: on a GPU such a read waits for all the work queued before it.
 """
 
 from __future__ import annotations

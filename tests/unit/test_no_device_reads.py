@@ -7,7 +7,7 @@ faked: the model, the collator and the loss are the ones training uses."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_varlen_attention import tiny as tiny_llama
 
 from lmforge.data.loader import HOST_KEYS, collate, to_device
 from lmforge.engine.losses import causal_lm_inputs, causal_lm_step
@@ -35,16 +35,7 @@ WHOLE_ROWS = ([40], [40])
 
 def tiny(attn: str = attention.NAME):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_cache=False,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama()  # 2 layers of 64, 4 heads sharing 2 key/value heads, vocabulary 300
     model.set_attn_implementation(attn)
     return model
 

@@ -126,6 +126,11 @@ def lmforge_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmforge", *args]
 
 
+def cli_allocator() -> str:
+    """The allocator `lmforge train` runs on here: it preloads tcmalloc where that is installed."""
+    return "tcmalloc" if malloc.find_tcmalloc() else "glibc malloc"
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This environment without lmforge's variables or a preloaded allocator: the CLI decides."""
     env = {k: v for k, v in malloc.without_preload(os.environ).items() if not k.startswith("LMFORGE_")}

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, subprocess_env
-from lmforge.malloc import find_tcmalloc
+from conftest import ROOT, cli_allocator, subprocess_env
 
 
 def test_memory_benchmark_smoke():
@@ -69,7 +68,7 @@ def test_data_prep_smoke(tmp_path):
 def test_mfu_smoke(tmp_path):
     """The tiny Llama trains in lmforge's loop; its FLOPs are counted by the PaLM formula."""
     lines = run_bench("mfu.py", "--smoke", "--workspace", str(tmp_path), "--set", "train.loss_chunk_size=64")
-    allocator = "tcmalloc" if find_tcmalloc() else "glibc malloc"  # preloaded as lmforge train does
+    allocator = cli_allocator()  # preloaded as lmforge train does
     assert lines[0].startswith(f"mfu on cpu, bf16, {allocator}:") and lines[0].endswith(" train.loss_chunk_size=64")
     assert lines[1] == "loss: fused cross-entropy from hidden states, 64 targets per chunk, no full logits"
     params, mflops, tokens_per_s, tflops, peak, matmul = lines[3].split()
@@ -93,7 +92,7 @@ def test_vs_peers_sft_smoke(tmp_path):
         tokens_per_s, tokens, val_loss = float(row[1]), float(row[5]), float(row[6])
         assert tokens_per_s > 0 and tokens > 0 and 0 < val_loss < 20, tool
         # --malloc as-shipped: lmforge preloads tcmalloc where installed, as `lmforge train` does
-        shipped = "tcmalloc" if tool.startswith("lmforge") and find_tcmalloc() else "glibc malloc"
+        shipped = cli_allocator() if tool.startswith("lmforge") else "glibc malloc"
         assert " ".join(row[7:]) == shipped, tool
     assert lines[-1].startswith("summary (cpu, medians of 1, malloc as-shipped): lmforge trained tok/s ")
     assert "x vs trl-packed" in lines[-1]

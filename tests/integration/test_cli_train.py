@@ -8,8 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, lmforge_command, subprocess_env, tiny_config_dict
-from lmforge.malloc import find_tcmalloc
+from conftest import ROOT, cli_allocator, lmforge_command, subprocess_env, tiny_config_dict
 
 STEPS = 30
 
@@ -102,7 +101,7 @@ def test_mlflow_run_holds_the_metrics(trained_run):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.micro_batch_size"] == "8"
     # the CLI re-executed itself with tcmalloc where it is installed, and says which allocator ran
-    allocator = "tcmalloc" if find_tcmalloc() else "glibc malloc"
+    allocator = cli_allocator()
     assert run.data.tags["lmforge.malloc"] == allocator
     (plan,) = [line for line in stdout.splitlines() if line.startswith("plan: ")]
     assert plan.endswith(f", {allocator}")

@@ -68,16 +68,10 @@ def chunked_causal_lm_loss_sum(
         head: the output projection (H -> V).
         chunk_size: target positions scored at once; peak extra memory ~ chunk_size x V x 4 bytes.
         target_index: the flat (B*T) positions that have a target, as the collator gives them
-            (`target_index`); without it they are found on the device, which a GPU must then report
-            back (the number of rows to score decides the shapes that follow).
+            (see `target_rows`).
     """
-    targets = next_token_targets(labels).reshape(-1)  # (B*T,)
-    if target_index is None:
-        target_index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    # (N, H), (N,): masked prompts cost nothing
-    states = hidden.reshape(-1, hidden.size(-1)).index_select(0, target_index)
-    targets = targets.index_select(0, target_index)
-    count = torch.full((), len(target_index), device=hidden.device)
+    states, targets = target_rows(hidden, labels, target_index)  # masked prompts cost nothing
+    count = torch.full((), targets.numel(), device=hidden.device)
     if _plain_linear(head):
         return linear_cross_entropy(states, head.weight, head.bias, targets, chunk_size), count
     total = at_least_fp32(hidden.new_zeros(()))
@@ -85,6 +79,18 @@ def chunked_causal_lm_loss_sum(
         chunk = slice(start, start + chunk_size)
         total = total + checkpoint(_chunk_loss, states[chunk], targets[chunk], head, use_reentrant=False)
     return total, count
+
+
+def target_rows(
+    hidden: torch.Tensor, labels: torch.Tensor, target_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H) final hidden states of the positions that have a next token to predict, and those (N,)
+    tokens. `target_index` (the collator's) names the positions; without it they are found on the
+    device, which a GPU must then report back (N decides the shapes that follow)."""
+    targets = next_token_targets(labels).reshape(-1)  # (B*T,)
+    if target_index is None:
+        target_index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.size(-1)).index_select(0, target_index), targets.index_select(0, target_index)
 
 
 def _plain_linear(head: nn.Module | None) -> bool:
@@ -277,9 +283,18 @@ def _plain_head(model: nn.Module) -> bool:
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    base = model.module if hasattr(model, "module") else model  # DDP
+    base = _inside_ddp(model)
     base = getattr(base, "_orig_mod", base)  # torch.compile
     return base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+
+
+def _inside_ddp(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether the model (inside any DDP wrapper) is torch.compile's wrapper."""
+    return hasattr(_inside_ddp(model), "_orig_mod")
 
 
 def _logit_transform(base: nn.Module) -> str | None:
@@ -329,8 +344,7 @@ def causal_lm_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterat
     if "segments" not in batch or base.config._attn_implementation != attention.NAME:
         yield inputs
         return
-    compiled = hasattr(model.module if hasattr(model, "module") else model, "_orig_mod")
-    with attention.known_segments(batch["segments"], batch["position_ids"], mask=not compiled) as full_mask:
+    with attention.known_segments(batch["segments"], batch["position_ids"], mask=not _compiled(model)) as full_mask:
         if full_mask is not None:
             inputs["attention_mask"] = full_mask
         yield inputs

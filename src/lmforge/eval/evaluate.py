@@ -23,6 +23,7 @@ from lmforge.engine.losses import (
     next_token_targets,
     scoring_chunk_size,
     seq2seq_logits,
+    target_rows,
 )
 
 
@@ -71,17 +72,14 @@ def evaluate(
         if task == "seq2seq":
             logits, targets = at_least_fp32(seq2seq_logits(model, batch)), batch["labels"]  # (B, T, V), (B, T)
         else:
-            targets = next_token_targets(batch["labels"])  # (B, T)
             if chunk_size is not None:  # scored from the hidden states of the targets, chunk by chunk
-                keep = batch["target_index"]  # (N,) flat positions with a target
                 with causal_lm_inputs(model, batch) as inputs, hidden_states_out(model) as head, autocast():
                     hidden = model(**inputs).logits  # (B, T, H): the identity head passed them through
-                    states = hidden.reshape(-1, hidden.size(-1)).index_select(0, keep)
-                    loss, correct = linear_cross_entropy_hits(
-                        states, head.weight, head.bias, targets.reshape(-1).index_select(0, keep), chunk_size
-                    )
-                totals += torch.stack([loss.double(), correct.double(), torch.full_like(loss, len(keep)).double()])
+                    states, picked = target_rows(hidden, batch["labels"], batch.get("target_index"))  # (N, H), (N,)
+                    loss, correct = linear_cross_entropy_hits(states, head.weight, head.bias, picked, chunk_size)
+                totals += torch.stack([loss.double(), correct.double(), torch.full_like(loss, picked.numel()).double()])
                 continue
+            targets = next_token_targets(batch["labels"])  # (B, T)
             with causal_lm_inputs(model, batch) as inputs:  # as in training: packed examples stay isolated
                 logits = at_least_fp32(model(**inputs).logits)  # (B, T, V)
         mask = targets != IGNORE_INDEX

@@ -47,7 +47,7 @@ from lmforge.engine.loop import (
 from lmforge.engine.progress import format_duration
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
-from lmforge.eval.generation import prompts_and_references, respond
+from lmforge.eval.generation import Prompt, prompts_and_references, respond
 from lmforge.eval.metrics import generation_metrics
 from lmforge.export.export import model_card
 from lmforge.models.build import build_model, count_parameters
@@ -137,11 +137,10 @@ def run_train(
     trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
     status = "FAILED"
     try:
-        pairs = prompts_and_references(data.samples, data.tokenizer, config.eval.generate)
-        prompts = [p for p, _ in pairs]
+        prompts = prompts_and_references(data.samples, data.tokenizer, config.eval.generate)
         if saved is None and main:
             before = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
-            _write_examples(run_dir / "examples.jsonl", pairs, before, "before", 0, append=False)
+            _write_examples(run_dir / "examples.jsonl", prompts, before, "before", 0, append=False)
         result = train(
             model,
             data,
@@ -160,7 +159,7 @@ def run_train(
         if not main:
             status = "FINISHED"
             return RunOutcome(run_dir, {})
-        final_eval = finish_outputs(result, data, config, trackers, run_dir, pairs, console)
+        final_eval = finish_outputs(result, data, config, trackers, run_dir, prompts, console)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -215,7 +214,7 @@ def link_latest(run_dir: Path, name: str) -> Path:
     return link
 
 
-def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir: Path, pairs, console) -> dict:
+def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir: Path, prompts, console) -> dict:
     """Best-weight restore, test evaluation, final/ model, eval.json, samples, artifacts."""
     model, state = result.model, result.state
     stopping = config.train.early_stopping
@@ -233,26 +232,25 @@ def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir:
         trackers.log_metrics({f"test/{k}": v for k, v in final_eval["test"].items()}, state.step)
         if details:
             final_eval["test_confusion_matrix"] = {"labels": data.labels, "matrix": details["confusion_matrix"]}
-    prompts = [p for p, _ in pairs]
     after = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
-    scored = [(p, r) for p, r in pairs if r is not None]
+    scored = [p for p in prompts if p.reference is not None]
     if scored and config.data.format not in ("text", "classification"):  # score greedy answers to held-out prompts
         greedy = config.eval.generate.model_copy(update={"temperature": 0.0})
-        if greedy == config.eval.generate and len(scored) == len(pairs):
+        if greedy == config.eval.generate and len(scored) == len(prompts):
             predictions = after  # the samples already are greedy answers to these prompts
         else:
-            predictions = respond(model, data.tokenizer, [p for p, _ in scored], greedy, seed=config.seed)
-        final_eval["generation"] = generation_metrics(predictions, [r for _, r in scored])
+            predictions = respond(model, data.tokenizer, scored, greedy, seed=config.seed)
+        final_eval["generation"] = generation_metrics(predictions, [p.reference for p in scored])
         trackers.log_metrics({f"generation/{k}": v for k, v in final_eval["generation"].items()}, state.step)
     (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
     card = model_card(run_dir, config, adapter_only=config.lora is not None)
     save_final_model(model, data, run_dir / "final", card)
-    _write_examples(run_dir / "examples.jsonl", pairs, after, "after", state.step, append=True)
+    _write_examples(run_dir / "examples.jsonl", prompts, after, "after", state.step, append=True)
     for name in RUN_ARTIFACTS:
         trackers.log_artifact(run_dir / name)
     trackers.log_model(run_dir)
     joiner = "  ->  " if config.model.task == "classification" else ""
-    final_eval["samples"] = [p + joiner + t for p, t in zip(prompts, after, strict=True)]
+    final_eval["samples"] = [p.text + joiner + t for p, t in zip(prompts, after, strict=True)]
     return final_eval
 
 
@@ -330,13 +328,16 @@ def save_final_model(model, data: PreparedData, final_dir: Path, card: str | Non
             (tmp / "README.md").write_text(card)
 
 
-def _write_examples(path: Path, pairs, texts: list[str], stage: str, step: int, append: bool) -> None:
+def _write_examples(path: Path, prompts: list[Prompt], texts: list[str], stage: str, step: int, append: bool) -> None:
     kept = []
     if append and path.is_file():  # a resumed run may have written "after" rows already
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["stage"] != stage]
     rows = [
-        json.dumps({"stage": stage, "step": step, "prompt": p, "generated": t, "reference": r}, ensure_ascii=False)
-        for (p, r), t in zip(pairs, texts, strict=True)
+        json.dumps(
+            {"stage": stage, "step": step, "prompt": p.text, "generated": t, "reference": p.reference},
+            ensure_ascii=False,
+        )
+        for p, t in zip(prompts, texts, strict=True)
     ]
     path.write_text("".join(line + "\n" for line in kept + rows), encoding="utf-8")
 

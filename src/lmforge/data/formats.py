@@ -7,6 +7,7 @@ using the tokenizer's character offsets, so masks are exact for any tokenizer.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,17 @@ def label_of(record: dict[str, Any], data: DataConfig) -> str | None:
     """The class name of a classification record, or None if it has none."""
     value = record.get(column(data, "label"))
     return None if value is None or str(value).strip() == "" else str(value)
+
+
+def class_names(labels: set[str]) -> list[str]:
+    """Class names in class-id order: numeric order when every label is an integer (so that the
+    argmax index of a model trained on labels 0..N-1 is the label itself), else string order."""
+    if labels and all(_INTEGER.fullmatch(label) for label in labels):
+        return sorted(labels, key=lambda label: (int(label), label))
+    return sorted(labels)
+
+
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 
 
 def field_text(record: dict[str, Any], data: DataConfig, name: str, allow_empty: bool = False) -> str:

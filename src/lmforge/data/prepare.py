@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmforge.atomic import atomic_dir
 from lmforge.config import Config, DataConfig
-from lmforge.data.formats import label_of
+from lmforge.data.formats import class_names, label_of
 from lmforge.data.loader import padding_fraction, training_order
 from lmforge.data.packing import best_fit_decreasing
 from lmforge.data.sources import Record, Source, read_records, resolve_sources, source_digest
@@ -47,7 +47,7 @@ from lmforge.data.tokenize import (
 from lmforge.errors import DataError
 from lmforge.models.tokenizer import load_tokenizer, tokenizer_digest, train_bpe_tokenizer
 
-DATA_VERSION = 2  # bump when the meaning of cached data changes
+DATA_VERSION = 3  # bump when the meaning of cached data changes
 SPLITS = ("train", "validation", "test")
 MAX_SAMPLES = 32  # held-out records kept for generation prompts
 CHUNK = 256  # records per worker task, at most
@@ -242,7 +242,7 @@ def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) ->
     report: dict[str, Any] = {"max_length": data.max_length, "packing": data.packs, "splits": {}}
     label_ids = None
     if data.format == "classification":
-        labels = data.labels or sorted({x for r in splits.records("train") if (x := label_of(r.fields, data))})
+        labels = data.labels or class_names({x for r in splits.records("train") if (x := label_of(r.fields, data))})
         report["labels"] = labels
         label_ids = {name: i for i, name in enumerate(labels)}
     with atomic_dir(directory) as tmp:

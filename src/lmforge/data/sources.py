@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lmforge.errors import DataError
 
@@ -150,29 +150,46 @@ def read_records(path: Path, txt_documents: str = "paragraph") -> Iterator[Recor
 
 
 def _lines(path: Path) -> Iterator[str]:
-    """The lines of a UTF-8 file, read one at a time (files larger than memory work)."""
+    """The lines of a UTF-8 file, read one at a time (files larger than memory work), without the
+    byte-order mark that Excel and Notepad write in front of "UTF-8" files.
+
+    Raises:
+        DataError: at the first byte that is not UTF-8, naming file, line, column and byte offset.
+    """
+    offset = 0
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                yield raw.decode("utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
-                ) from None
+                _not_utf8(path, raw, exc.start, number, exc.start + 1, offset + exc.start)
+            yield line.removeprefix(BOM) if number == 1 else line
+            offset += len(raw)
 
 
 def _decode(path: Path) -> str:
+    """A whole UTF-8 file as text, without a leading byte-order mark.
+
+    Raises:
+        DataError: at the first byte that is not UTF-8, naming file, line, column and byte offset.
+    """
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
-            "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
-        ) from None
+        _not_utf8(path, raw, exc.start, line, column, exc.start)
+
+
+BOM = "\ufeff"
+
+
+def _not_utf8(path: Path, raw: bytes, index: int, line: int, column: int, offset: int) -> NoReturn:
+    raise DataError(
+        f"{path}:{line}: not valid UTF-8: byte 0x{raw[index]:02x} at column {column} (byte offset {offset} of the "
+        "file); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+    )
 
 
 def _text_records(path: Path, lines: Iterator[str], unit: str) -> Iterator[Record]:

@@ -90,7 +90,7 @@ def _marked(
     """(ids, trained) of one text's tokens, from a Rust encoding or from the offsets of every
     token, with BOS in front (when given) and EOS at the end (unless the text ends with it).
     EOS teaches the model to stop: it is trained like the end of the text."""
-    head = int(bos is not None)
+    head = int(_needs_bos(ids, bos))  # a chat template may write BOS itself
     last = ids[-1] if ids else bos
     tail = int(eos is not None and last != eos)
     n = len(ids)
@@ -147,6 +147,67 @@ def _trained_spans(segments: list[Segment], encoding, trained: np.ndarray) -> No
 def _first_above(encoding, n: int, side: int, value: int) -> int:
     """The first token whose offset start (side 0) or end (side 1) exceeds value, or n."""
     return bisect.bisect_right(range(n), value, key=lambda token: encoding.token_to_chars(token)[side])
+
+
+FREE_PROMPT_PROBES = ("x", "a")
+"""What a prompt is assumed to be continued by when its answer is unknown (`lmforge generate`, a
+served request): a word, the usual case."""
+
+
+def prompt_ids(prompt: str, tokenizer, add_bos: bool, continuation: str | None = None) -> tuple[list[int], int]:
+    """The token ids a causal LM is prompted with, and how many characters of `prompt` they cover.
+
+    They are exactly the tokens of the training row of `prompt + continuation` (same call, same
+    BOS rule) before its first trained token, so evaluation, generation and serving see what
+    training saw. A template that ends in a space ("<assistant>: ") is the case this matters for:
+    in training the space is inside the answer's first token (" Paris"), so the prompt stops before
+    it and the model writes it. Without a known continuation the ids are those that every one of
+    FREE_PROMPT_PROBES leaves in place.
+
+    Returns:
+        (ids, covered): covered <= len(prompt); prompt[covered:] is left for the model to write.
+    """
+    continuations = [continuation] if continuation else list(FREE_PROMPT_PROBES)
+    rows = encode_marked([[Segment(prompt, False), Segment(c, True)] for c in continuations], tokenizer, add_bos)
+    first = rows[0][0]
+    kept = min(int(np.argmax(trained)) if trained.any() else len(ids) for ids, trained in rows)
+    for ids, _ in rows[1:]:  # the prefix all probes share
+        kept = next((i for i in range(kept) if ids[i] != first[i]), kept)
+    encoded = tokenizer(prompt + continuations[0], add_special_tokens=False, return_offsets_mapping=True)
+    head = int(_needs_bos(encoded["input_ids"], tokenizer.bos_token_id if add_bos else None))
+    ends = [end for _, end in encoded["offset_mapping"]]
+    if not continuation:  # nor what the tokenizer's pre-tokenizer would join to a word that follows
+        unstable = _last_word_start(prompt, tokenizer)
+        kept = min(kept, head + bisect.bisect_right(ends, unstable))
+    text_tokens = kept - head
+    covered = min(ends[text_tokens - 1], len(prompt)) if text_tokens > 0 else 0
+    return first[:kept].tolist(), covered
+
+
+def _last_word_start(prompt: str, tokenizer) -> int:
+    """Where trailing white space that the pre-tokenizer glues to a following word starts in
+    `prompt` (GPT-2's and SentencePiece's glue one space), else len(prompt). In training such a
+    space is inside the answer's first token wherever the vocabulary has the word with its space."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is None:
+        return len(prompt)
+    start = pre.pre_tokenize_str(prompt + FREE_PROMPT_PROBES[0])[-1][1][0]
+    return start if start < len(prompt) and not prompt[start:].strip() else len(prompt)
+
+
+def _needs_bos(ids, bos: int | None) -> bool:
+    """Whether a row of these text ids gets BOS in front: at most one BOS, whoever writes it."""
+    return bos is not None and (len(ids) == 0 or ids[0] != bos)
+
+
+def source_ids(text: str, tokenizer) -> list[int]:
+    """An encoder's input as seq2seq training encodes it: the tokenizer's special tokens, then EOS
+    unless it is already the last token."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def adds_bos(tokenizer) -> bool:
@@ -244,18 +305,11 @@ def _causal_examples(
     return examples
 
 
-def _encode_with_eos(text: str, tokenizer) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def _seq2seq_example(segments, data: DataConfig, tokenizer, where: str, counts: Counts) -> list[Example]:
     """input_ids: the source for the encoder; labels: the target the decoder learns to produce.
     The decoder's inputs are the labels shifted right, made by the model itself."""
-    source = _encode_with_eos(segments[0].text, tokenizer)
-    target = _encode_with_eos(segments[1].text, tokenizer)
+    source = source_ids(segments[0].text, tokenizer)
+    target = source_ids(segments[1].text, tokenizer)
     target_limit = data.max_target_length or data.max_length
     if len(source) > data.max_length or len(target) > target_limit:
         if data.too_long == "error":

@@ -2,41 +2,77 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lmforge.config import GenerateConfig
+from lmforge.data.formats import Segment
+from lmforge.data.tokenize import adds_bos, encode_marked, prompt_ids, source_ids
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt to sample from: its text and, for a causal LM, the ids training would have put
+    before the answer (`tokenize.prompt_ids`); None for a free prompt or an encoder-decoder."""
+
+    text: str
+    reference: str | None = None
+    ids: tuple[int, ...] | None = None
+    covered: int | None = None
+    """How many characters of `text` the ids hold; the rest is the model's to write."""
 
 
 def prompts_and_references(
     samples: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, cfg: GenerateConfig
-) -> list[tuple[str, str | None]]:
+) -> list[Prompt]:
     """Prompts to sample from: the configured ones, else held-out records: their prompt and true
-    completion, or for plain text the opening tokens of the document and its continuation."""
+    completion, or for plain text the opening tokens of the document and its continuation.
+
+    For a causal LM each held-out prompt's ids are the training row's tokens before the first
+    trained one (the record's own answer decides where the boundary lies)."""
     if cfg.prompts:
-        return [(p, None) for p in cfg.prompts[: cfg.num_examples]]
-    pairs = []
+        return [Prompt(p) for p in cfg.prompts[: cfg.num_examples]]
+    add_bos = adds_bos(tokenizer)
+    prompts = []
     for sample in samples[: cfg.num_examples]:
-        if "prompt" in sample:
-            pairs.append((sample["prompt"], sample["reference"]))
-            continue
-        ids = tokenizer(sample["text"], add_special_tokens=False)["input_ids"]
-        prompt_ids = ids[: cfg.prompt_tokens]
-        reference_ids = ids[cfg.prompt_tokens : cfg.prompt_tokens + cfg.max_new_tokens]
-        pairs.append((tokenizer.decode(prompt_ids), tokenizer.decode(reference_ids)))
-    return pairs
+        if "prompt" not in sample:  # a document: its first tokens as the training row has them
+            ((ids, _),) = encode_marked([[Segment(sample["text"], True)]], tokenizer, add_bos)
+            ids = ids.tolist()
+            cut = cfg.prompt_tokens + (len(ids) > 0 and add_bos and ids[0] == tokenizer.bos_token_id)
+            text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+            reference = tokenizer.decode(ids[cut : cut + cfg.max_new_tokens], skip_special_tokens=True)
+            prompts.append(Prompt(text, reference, tuple(ids[:cut]), len(text)))
+        else:  # (an encoder-decoder or a classifier ignores the ids)
+            ids, covered = prompt_ids(sample["prompt"], tokenizer, add_bos, continuation=sample["reference"])
+            prompts.append(Prompt(sample["prompt"], sample["reference"], tuple(ids), covered))
+    return prompts
+
+
+def model_inputs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: Prompt | str) -> tuple[list[int], int]:
+    """(ids, characters of the prompt text they hold) as the model saw such inputs in training:
+    the encoder's input for a seq2seq model, the training row's prefix for a causal LM."""
+    prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
+    if model.config.is_encoder_decoder:
+        return source_ids(prompt.text, tokenizer), len(prompt.text)
+    if prompt.ids is not None:
+        return list(prompt.ids), len(prompt.text) if prompt.covered is None else prompt.covered
+    return prompt_ids(prompt.text, tokenizer, adds_bos(tokenizer))
 
 
 @torch.no_grad()
 def generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[Prompt | str],
     cfg: GenerateConfig,
     seed: int = 0,
 ) -> list[str]:
-    """Continue each prompt; return only the new text.
+    """Continue each prompt; return only the new text: what follows the prompt's text (a part of
+    the prompt that training put inside the answer's first token, such as a template's trailing
+    space, is written by the model and not repeated).
 
     Runs under a forked RNG seeded by `seed`, so sampling gives the same text every time and leaves
     the random streams of training untouched.
@@ -49,10 +85,10 @@ def generate(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for prompt in prompts:
-            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=model.config.is_encoder_decoder)
-            input_ids = encoded["input_ids"].to(device)
-            if input_ids.shape[1] == 0:  # an empty prompt starts from a document boundary
-                input_ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+            ids, covered = model_inputs(model, tokenizer, prompt)
+            if not ids:  # an empty prompt starts from a document boundary
+                ids = [tokenizer.eos_token_id]
+            input_ids = torch.tensor([ids], device=device)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -65,7 +101,9 @@ def generate(
                 eos_token_id=tokenizer.eos_token_id,
             )
             new = out[0] if model.config.is_encoder_decoder else out[0, input_ids.shape[1] :]
-            outputs.append(tokenizer.decode(new, skip_special_tokens=True))
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            left = (prompt if isinstance(prompt, str) else prompt.text)[covered:]  # the model wrote it
+            outputs.append(text.removeprefix(left) if left and text.startswith(left) else text)
     model.train(was_training)
     return outputs
 
@@ -85,8 +123,8 @@ def predict_labels(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: 
     return names
 
 
-def respond(model, tokenizer, prompts: list[str], cfg: GenerateConfig, seed: int) -> list[str]:
+def respond(model, tokenizer, prompts: list[Prompt | str], cfg: GenerateConfig, seed: int) -> list[str]:
     """What the model makes of each prompt: a continuation, a target sequence, or a class name."""
     if getattr(model.config, "id2label", None) and type(model).__name__.endswith("ForSequenceClassification"):
-        return predict_labels(model, tokenizer, prompts)
+        return predict_labels(model, tokenizer, [p if isinstance(p, str) else p.text for p in prompts])
     return generate(model, tokenizer, prompts, cfg, seed=seed)

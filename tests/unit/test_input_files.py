@@ -1,0 +1,56 @@
+"""Input files as people save them: byte-order marks, bytes that are not UTF-8, numeric labels."""
+
+import json
+
+import pytest
+
+from lmforge.data.formats import class_names
+from lmforge.data.sources import read_records
+from lmforge.errors import DataError
+
+ROWS = [{"prompt": "one?", "completion": "1"}, {"prompt": "two?", "completion": "2"}]
+BOM = b"\xef\xbb\xbf"
+
+
+def _files(tmp_path) -> dict[str, bytes]:
+    return {
+        "d.csv": b"prompt,completion\r\none?,1\r\ntwo?,2\r\n",
+        "d.jsonl": b"".join(json.dumps(r).encode() + b"\n" for r in ROWS),
+        "d.json": json.dumps(ROWS).encode(),
+    }
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl", "d.json"])
+def test_a_utf8_byte_order_mark_is_read_as_utf8(tmp_path, name):
+    """Excel's and Notepad's "UTF-8" puts EF BB BF in front: the first field must not carry it."""
+    path = tmp_path / name
+    path.write_bytes(BOM + _files(tmp_path)[name])
+    assert [r.fields for r in read_records(path)] == ROWS
+
+
+def test_a_text_file_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(BOM + b"first\n\nsecond\n")
+    assert [r.fields["text"] for r in read_records(path, "paragraph")] == ["first", "second"]
+    assert [r.fields["text"] for r in read_records(path, "file")] == ["first\n\nsecond"]
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl", "d.json"])
+def test_a_byte_that_is_not_utf8_names_file_line_and_offset(tmp_path, name):
+    raw = _files(tmp_path)[name]
+    at = raw.index(b"two")  # second record: line 3 of the CSV, 2 of the JSONL, 1 of the JSON
+    path = tmp_path / name
+    path.write_bytes(raw[:at] + b"\xe9" + raw[at + 1 :])  # latin-1 e-acute
+    line = raw.count(b"\n", 0, at) + 1
+    column = at - (raw.rfind(b"\n", 0, at) + 1) + 1
+    with pytest.raises(DataError) as info:
+        list(read_records(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: not valid UTF-8: byte 0xe9 at column {column} (byte offset {at} ")
+
+
+def test_integer_labels_keep_numeric_order():
+    assert class_names({str(i) for i in range(12)}) == [str(i) for i in range(12)]
+    assert class_names({"-1", "1", "0"}) == ["-1", "0", "1"]
+    assert class_names({"10", "2", "b"}) == ["10", "2", "b"]  # not all integers: string order
+    assert class_names({"neg", "pos"}) == ["neg", "pos"]

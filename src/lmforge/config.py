@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -411,27 +412,66 @@ def load_config(
     raw, key_lines = _read_file(Path(path)) if path is not None else ({}, {})
     problems: list[str] = []
     origins: dict[str, str] = {}
+    literal: dict[str, str] = {}  # each override's text as typed
     env = os.environ if env is None else env
     for name, value in sorted(env.items()):
         if name.startswith(ENV_PREFIX) and name != ENV_PREFIX and name not in ENV_RESERVED:
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             _apply_override(raw, dotted, value, f"environment variable {name}", origins, problems)
+            literal[dotted] = value
     for item in overrides:
         if "=" not in item:
             problems.append(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
             continue
         dotted, value = item.split("=", 1)
         _apply_override(raw, dotted.strip(), value, f"override {item!r}", origins, problems)
+        literal[dotted.strip()] = value
     if problems:
         raise ConfigError(problems, source)
     try:
-        config = Config.model_validate(raw)
+        config = _validate_taking_strings_literally(raw, literal)
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, raw, key_lines, origins, source), source) from None
-    problems = check_config(config)
-    if problems:
-        raise ConfigError(problems, source)
+    located = sorted((_located(p, key_lines, origins, source) for p in check_config(config)), key=lambda item: item[0])
+    if located:
+        raise ConfigError([text for _, text in located], source)
     return config
+
+
+def _validate_taking_strings_literally(raw: dict[str, Any], literal: dict[str, str]) -> Config:
+    """Validate; where a string setting was given on the command line or in the environment and
+    YAML read it as something else (`data.template=Q: {prompt}` is a mapping to YAML), take the
+    text as typed and validate again."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        retyped = False
+        for error in exc.errors():
+            dotted = ".".join(str(part) for part in error["loc"])
+            if error["type"] == "string_type" and dotted in literal:
+                _set(raw, dotted, literal[dotted])
+                retyped = True
+        if not retyped:
+            raise
+    return Config.model_validate(raw)
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        raw = raw[key]
+    raw[last] = value
+
+
+def _located(problem: str, key_lines: dict[str, int], origins: dict[str, str], source: str | None) -> tuple[int, str]:
+    """(line, problem): a cross-field problem prefixed with where its first setting was given (file:line
+    or the override), when it was given; the line orders problems as the file does."""
+    match = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)+)", problem)
+    if not match:
+        return 1 << 30, problem
+    dotted = match.group(1)
+    line = next((key_lines[k] for k in _prefixes(dotted) if k in key_lines), 1 << 30)
+    return line, _where(dotted, key_lines, origins, source) + problem
 
 
 def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -620,6 +660,84 @@ def _check_tokenizer(config: Config) -> list[str]:
 
 TASK_OF_FORMAT = {"seq2seq": "seq2seq", "classification": "classification"}
 
+EVAL_METRICS = {
+    "causal-lm": ("loss", "perplexity", "token_accuracy"),
+    "seq2seq": ("loss", "perplexity", "token_accuracy"),
+    "classification": ("loss", "accuracy", "macro_f1"),
+}
+"""What an evaluation of each task produces (eval/<name>, test/<name>); lmforge.eval.evaluate
+returns exactly these, and a test holds it to that."""
+
+FORMAT_FIELDS = {
+    "text": ("text",),
+    "prompt-completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages",),
+    "seq2seq": ("source", "target"),
+    "classification": ("text", "label"),
+}
+"""The fields each data.format reads, which data.columns may map to other record fields."""
+
+TEMPLATE_FIELD = {"prompt-completion": "prompt", "alpaca": "instruction", "seq2seq": "source"}
+"""The formats that take data.template, and the field it must place."""
+
+
+def _check_task_settings(config: Config) -> list[str]:
+    """Settings that name something the task or the format produces or reads, checked against it
+    here rather than found missing mid-run."""
+    data, problems = config.data, []
+    task = config.model.task
+    stopping = config.train.early_stopping
+    produced = [f"eval/{name}" for name in EVAL_METRICS[task]]
+    if stopping is not None and stopping.metric not in produced:
+        problems.append(
+            f"train.early_stopping.metric: a {task} evaluation does not produce {stopping.metric}; "
+            f"use one of {', '.join(produced)}"
+        )
+    fields = FORMAT_FIELDS[data.format]
+    for name in data.columns:
+        if name not in fields:
+            problems.append(
+                f"data.columns.{name}: data.format={data.format} reads no field {name!r}; it reads "
+                f"{', '.join(fields)} (map those to your record's fields)"
+            )
+    problems += _check_template(data)
+    only = {
+        "chat_template": (data.chat_template != "auto", ("chat",)),
+        "text_field": (data.text_field != "text", ("text", "classification")),
+        "max_target_length": (data.max_target_length is not None, ("seq2seq",)),
+        "loss_on": (data.loss_on != "completion", ("prompt-completion", "alpaca", "chat")),
+    }
+    for name, (set_, formats) in only.items():
+        if set_ and data.format not in formats:
+            problems.append(
+                f"data.{name} applies to data.format {' / '.join(formats)} only, not {data.format}; remove it"
+            )
+    if data.labels is not None and len(set(data.labels)) != len(data.labels):
+        repeated = sorted({label for label in data.labels if data.labels.count(label) > 1})
+        problems.append(f"data.labels: each class once; repeated: {', '.join(repeated)}")
+    if config.model.attention == "varlen" and task != "causal-lm":
+        problems.append(f"model.attention=varlen applies to causal LMs; remove it for model.task={task}")
+    return problems
+
+
+def _check_template(data: DataConfig) -> list[str]:
+    if data.template is None:
+        return []
+    if data.format not in TEMPLATE_FIELD:
+        hint = "; chat formats use data.chat_template" if data.format == "chat" else ""
+        return [f"data.template applies to data.format {' / '.join(TEMPLATE_FIELD)} only, not {data.format}{hint}"]
+    import string
+
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(data.template) if name is not None}
+    except ValueError as exc:
+        return [f"data.template: {exc} in {data.template!r}; a literal brace is written {{{{ or }}}}"]
+    field = TEMPLATE_FIELD[data.format]
+    if field not in names:
+        return [f"data.template: {data.template!r} has no {{{field}}}, so the {field} would never be shown"]
+    return []
+
 
 def _check_rest(config: Config) -> list[str]:
     data, problems = config.data, []
@@ -650,7 +768,7 @@ def _check_rest(config: Config) -> list[str]:
         problems.append(
             f"data.on_too_long=split applies to the text format only; for {data.format} use truncate, drop or error"
         )
-    return problems + _check_train(config) + _check_tracking(config)
+    return problems + _check_task_settings(config) + _check_train(config) + _check_tracking(config)
 
 
 def _check_train(config: Config) -> list[str]:

@@ -204,3 +204,78 @@ def test_loss_chunk_size_is_auto_by_default_and_checked():
     assert load_config(None, seq2seq, env={}).train.loss_chunk_size == "auto"  # auto means plain there
     with pytest.raises(ConfigError, match="train.loss_chunk_size applies to causal LMs"):
         load_config(None, [*seq2seq, "train.loss_chunk_size=512"], env={})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["train.eval_every=10", "train.early_stopping.metric=eval/accuracy"],
+            "train.early_stopping.metric: a causal-lm evaluation does not produce eval/accuracy; use one of "
+            "eval/loss, eval/perplexity, eval/token_accuracy",
+        ),
+        (["data.format=prompt-completion", "data.columns.answer=a"], "data.columns.answer: data.format="),
+        (["data.format=prompt-completion", "data.template=Q: {question}"], "has no {prompt}"),
+        (["data.format=prompt-completion", "data.template='Q: {prompt'"], "data.template: expected '}'"),
+        (["data.template=Q: {prompt}"], "data.template applies to data.format prompt-completion / alpaca / seq2seq"),
+        (["data.chat_template=chatml"], "data.chat_template applies to data.format chat only"),
+        (["data.format=chat", "data.text_field=body"], "data.text_field applies to data.format text / classification"),
+        (["data.max_target_length=64"], "data.max_target_length applies to data.format seq2seq only"),
+        (["data.loss_on=all"], "data.loss_on applies to data.format prompt-completion / alpaca / chat only"),
+    ],
+)
+def test_settings_are_checked_against_what_the_task_and_format_produce(config_file, overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, overrides, env={})
+    assert any(expected in p for p in problems_of(info)), problems_of(info)
+
+
+def test_classification_metrics_and_repeated_labels(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model:\n  name_or_path: ./enc\n  task: classification\n"
+        "data:\n  train: d.jsonl\n  format: classification\n  labels: [a, b, a]\n"
+        "train:\n  eval_every: 5\n  early_stopping:\n    metric: eval/perplexity\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert problems_of(info) == [
+        f"{path}:7: data.labels: each class once; repeated: a",
+        f"{path}:11: train.early_stopping.metric: a classification evaluation does not produce eval/perplexity; "
+        "use one of eval/loss, eval/accuracy, eval/macro_f1",
+    ]
+    path.write_text(path.read_text().replace("[a, b, a]", "[a, b]").replace("perplexity", "macro_f1"))
+    assert load_config(path, env={}).train.early_stopping.metric == "eval/macro_f1"
+
+
+def test_every_metric_a_setting_may_name_is_one_evaluation_produces():
+    """EVAL_METRICS is what validation checks against; evaluate() must return those names."""
+    import torch
+    from datasets import Dataset
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from lmforge.config import EVAL_METRICS
+    from lmforge.eval.evaluate import evaluate
+
+    torch.manual_seed(0)
+    tiny = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    causal = LlamaForCausalLM(LlamaConfig(vocab_size=50, **tiny))
+    rows = Dataset.from_list([{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4], "lengths": [4], "num_tokens": 4}])
+    assert set(EVAL_METRICS["causal-lm"]) <= set(evaluate(causal, rows, 0, 1, task="causal-lm"))
+    classifier = BertForSequenceClassification(BertConfig(vocab_size=50, num_labels=2, **tiny))
+    rows = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [1], "lengths": [3], "num_tokens": 3}])
+    assert set(EVAL_METRICS["classification"]) <= set(
+        evaluate(classifier, rows, 0, 1, task="classification", num_labels=2)
+    )
+
+
+def test_a_string_setting_is_taken_as_typed_when_yaml_reads_it_as_something_else(config_file):
+    """`data.template=Q: {prompt}` is a mapping to YAML; a string field takes the text as typed."""
+    typed = ["data.format=prompt-completion", "data.template=Q: {prompt}", "tracking.study=[x]"]
+    config = load_config(config_file, typed, env={})
+    assert (config.data.template, config.tracking.study) == ("Q: {prompt}", "[x]")
+    env = {"LMFORGE_DATA__TEMPLATE": "A: {prompt}"}
+    assert load_config(config_file, ["data.format=prompt-completion"], env=env).data.template == "A: {prompt}"
+    with pytest.raises(ConfigError) as info:  # a number where one belongs is still checked
+        load_config(config_file, ["train.lr=fast"], env={})
+    assert "train.lr" in problems_of(info)[0]

@@ -788,6 +788,8 @@ def _check_tracking(config: Config) -> list[str]:
     problems = []
     if "none" in config.tracking.backends and len(config.tracking.backends) > 1:
         problems.append("tracking.backends: 'none' cannot be combined with other backends")
+    if "mlflow" in config.tracking.backends:
+        problems += _mlflow_name_problems(config)
     mlflow = config.tracking.mlflow
     for field in ("parent_run_id", "log_model", "register_as"):
         if getattr(mlflow, field) and "mlflow" not in config.tracking.backends:
@@ -795,6 +797,30 @@ def _check_tracking(config: Config) -> list[str]:
                 f"tracking.mlflow.{field} needs mlflow in tracking.backends (they are {config.tracking.backends})"
             )
     return problems
+
+
+def _mlflow_name_problems(config: Config) -> list[str]:
+    """The user's names that reach MLflow, checked by MLflow's own rules (its validation
+    functions): each tag becomes a tag and a param (tracking.tags.<key>), register_as a model name."""
+    tags, name = config.tracking.tags, config.tracking.mlflow.register_as
+    if not tags and not name:
+        return []  # (importing MLflow's checks takes a second)
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    checks = []
+    for key, value in tags.items():
+        checks.append((f"tracking.tags.{key}", lambda k=key, v=value: validation._validate_tag(k, str(v))))
+        checks.append((f"tracking.tags.{key}", lambda k=key: validation._validate_param_name(f"tracking.tags.{k}")))
+    if name:
+        checks.append(("tracking.mlflow.register_as", lambda: validation._validate_model_name(name)))
+    problems: dict[str, str] = {}
+    for where, check in checks:
+        try:
+            check()
+        except MlflowException as exc:
+            problems.setdefault(where, f"{where}: MLflow refuses it: {exc.message}")
+    return list(problems.values())
 
 
 def resolved_architecture(config: Config) -> dict[str, Any]:

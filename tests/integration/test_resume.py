@@ -278,3 +278,40 @@ def test_first_sigint_pauses_at_a_step_boundary_second_exits_at_once(tmp_path):
     log = sorted(tmp_path.glob("run.*.log"))[-1].read_text()
     assert "interrupted" in log and "stopped (SIGINT)" not in log and "Traceback" not in log
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_resume_after_sigkill_with_mlflow_unreachable_sends_mlflow_every_point(tmp_path):
+    """MLflow was down for the whole first attempt (SIGKILLed, its queue lost); the resumed run's
+    MLflow run holds every point of metrics.jsonl, and tracking.json counts against that file."""
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    path = write_config(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["tracking"] = {"backends": ["mlflow"], "mlflow": {"tracking_uri": f"http://127.0.0.1:{port}"}}
+    path.write_text(yaml.safe_dump(cfg))
+    proc = start(path)
+    runs = tmp_path / "runs"
+    wait_until(proc, lambda: logged_step(runs.glob("run-2*"), 12))
+    proc.kill()
+    proc.wait(timeout=60)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow is back (here: a store that answers)
+    resumed = finish(path, "--resume", "auto", f"tracking.mlflow.tracking_uri={store}")
+    assert "tracking incomplete" not in resumed.stdout
+    run_dir = run_dir_of(tmp_path, "run")
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    held = {key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}
+    local: dict[str, list[int]] = {}
+    for point in points(run_dir):
+        for key in point.keys() - {"step", "time"}:
+            local.setdefault(key, []).append(point["step"])
+    assert held == {key: sorted(steps) for key, steps in local.items()}  # steps 1.. and every eval, once
+    assert held["train/loss"] == list(range(1, STEPS + 1))
+    record = json.loads((run_dir / "tracking.json").read_text())
+    assert record["backends"]["mlflow"] == {"run_id": run.info.run_id, "missing": 0}

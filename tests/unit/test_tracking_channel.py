@@ -118,3 +118,55 @@ def test_other_processes_of_a_distributed_job_log_nothing(tmp_path, tiny_config)
     trackers.log_metrics({"loss": 1.0}, 1)
     trackers.finish("FINISHED")
     assert trackers.channels == [] and list(run_dir.iterdir()) == []
+
+
+class Refusal(Exception):
+    pass
+
+
+class RefusingBackend(FlakyBackend):
+    """Refuses for good (as MLflow refuses a name it does not allow) the calls named in `refuse`."""
+
+    name = "refusing"
+
+    def __init__(self, refuse: set[str]) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    def rejects(self, exc):
+        return isinstance(exc, Refusal)
+
+    def start(self, run_id):
+        if "start" in self.refuse:
+            raise Refusal("bad tag name")
+        return super().start(run_id)
+
+    def log_params(self, params):
+        if "log_params" in self.refuse:
+            raise Refusal("bad param name 'a, b'")
+        super().log_params(params)
+
+
+def test_a_refused_call_is_dropped_and_reported_and_never_blocks_the_others(tmp_path):
+    backend, warnings = RefusingBackend({"log_params"}), []
+    trackers = Trackers(JsonlTracker(tmp_path / "metrics.jsonl"), [backend], tmp_path, warnings.append, None, 5)
+    trackers.log_params({"a, b": 1})
+    for step in (1, 2):
+        trackers.log_metrics({"loss": 1.0}, step)
+    assert trackers.finish("FINISHED") == {}  # the refusal costs no metric value
+    assert backend.calls == [("start", None), ("metrics", 1, {"loss": 1.0}), ("metrics", 2, {"loss": 1.0})] + [
+        ("finish", "FINISHED")
+    ]
+    assert len(warnings) == 1 and "refused log_params" in warnings[0] and "bad param name 'a, b'" in warnings[0]
+    record = json.loads((tmp_path / "tracking.json").read_text())["backends"]["refusing"]
+    assert record == {"run_id": "run-1", "missing": 0, "rejected": ["log_params: Refusal: bad param name 'a, b'"]}
+
+
+def test_a_refused_start_drops_every_call_at_once_and_reports_the_missing_points(tmp_path):
+    backend, warnings = RefusingBackend({"start"}), []
+    trackers = Trackers(JsonlTracker(tmp_path / "metrics.jsonl"), [backend], tmp_path, warnings.append, None, 60)
+    for step in (1, 2, 3):
+        trackers.log_metrics({"loss": 1.0, "lr": 0.1}, step)
+    assert trackers.finish("FINISHED") == {"refusing": 6}  # at once: nothing is retried
+    assert backend.calls == [] and sum("refused start" in w for w in warnings) == 1
+    assert any("missing 6 metric values" in w for w in warnings)

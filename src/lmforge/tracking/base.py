@@ -34,7 +34,12 @@ TRACKING_FILE = "tracking.json"
 
 
 class Tracker(Protocol):
-    """A tracking backend. Calls come from one thread, in order; any exception means "retry later"."""
+    """A tracking backend. Calls come from one thread, in order. An exception means "retry later",
+    unless the backend's optional `rejects(exc) -> bool` says the backend refused the call for
+    good (a name it does not allow): then the call is dropped and reported, and the others go on.
+    A backend that can tell which points it holds has `lacks(points) -> int`; the values of
+    metrics.jsonl it lacks are what tracking.json reports missing, and `reconcile(points)` sends
+    them (on resume)."""
 
     name: str
 
@@ -144,6 +149,10 @@ def short_error(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class Rejected(Exception):
+    """A call a backend refused for good: retrying it would fail the same way."""
+
+
 class Channel:
     """One backend behind a queue and a worker thread.
 
@@ -169,6 +178,9 @@ class Channel:
         """The last error while the backend is failing; None while it works."""
         self.dropped = 0
         """Metric values dropped from a full queue."""
+        self.rejected: list[str] = []
+        """Calls the backend refused for good (each dropped), as method: error."""
+        self._refused_start = False
         self._warn, self._on_start = warn, on_start
         self._calls: deque[tuple[str, tuple]] = deque()
         self._capacity, self._max_backoff = capacity, max_backoff
@@ -205,8 +217,13 @@ class Channel:
                 method, args = self._calls[0]
                 self._busy = True
             try:
+                if self._refused_start:
+                    raise Rejected("no run: the backend refused to create it")
                 result = getattr(self.tracker, method)(*args)
             except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
+                if isinstance(exc, Rejected) or getattr(self.tracker, "rejects", lambda _: False)(exc):
+                    self._reject(method, args, exc)
+                    continue
                 if self.failing is None:
                     self._warn(
                         f"tracking: {self.name} failed in {method} ({short_error(exc)}); training goes on, "
@@ -227,6 +244,21 @@ class Channel:
                     self._on_start()
                 except OSError as exc:
                     self._warn(f"tracking: cannot record the {self.name} run id ({exc!r})")
+
+    def _reject(self, method: str, args: tuple, exc: Exception) -> None:
+        """Drop a call the backend refused for good; report it, and go on with the next."""
+        if not isinstance(exc, Rejected) or not self._refused_start:
+            self.rejected.append(f"{method}: {short_error(exc)}")
+            self._warn(
+                f"tracking: {self.name} refused {method} ({short_error(exc)}); that call is dropped and the "
+                "others go on (retrying cannot help: fix the name or value it names)"
+            )
+        if method == "log_metrics":
+            self.dropped += len(args[0])
+        self._refused_start = self._refused_start or method == "start"
+        self.failing = None
+        with self._cond:
+            self._calls.popleft()
 
     def missing(self) -> int:
         """Metric values not delivered (queued or dropped)."""
@@ -298,6 +330,15 @@ class Trackers:
         for channel in self.channels:
             channel.put("log_artifact", path)
 
+    def reconcile(self) -> None:
+        """Send each backend that can tell what it holds the points of metrics.jsonl it lacks (a
+        resumed run whose backend was unreachable, or still had calls queued, when it stopped)."""
+        if self.local is None or not self.local.path.is_file():
+            return
+        points = list(read_points(self.local.path))
+        for channel in self.channels:
+            channel.put("reconcile", points)
+
     def log_model(self, run_dir: Path) -> None:
         """The finished run's model, for backends that log models (MLflow)."""
         for channel in self.channels:
@@ -310,14 +351,21 @@ class Trackers:
         for channel in self.channels:
             channel.put("finish", status)
         missing = {}
+        points = list(read_points(self.local.path)) if self.local is not None and self.local.path.is_file() else []
         for channel in self.channels:
-            if not channel.close(self.flush_timeout):
-                missing[channel.name] = channel.missing()
-                self.warn(
-                    f"tracking: {channel.name} is still failing ({channel.failing}); it is missing "
-                    f"{missing[channel.name]} metric values. metrics.jsonl has them all: run "
-                    f"`lmforge sync {self.run_dir}` when {channel.name} is back"
-                )
+            delivered = channel.close(self.flush_timeout)
+            lacks = getattr(channel.tracker, "lacks", None)
+            count = lacks(points) if lacks is not None and channel.started else channel.missing()
+            if not count:
+                continue
+            missing[channel.name] = count
+            why = "it is still failing" if not delivered else "it refused calls"
+            detail = f" ({channel.failing})" if not delivered else ""
+            self.warn(
+                f"tracking: {why}{detail}: {channel.name} is missing {count} metric values. metrics.jsonl has "
+                f"them all: run `lmforge sync {self.run_dir}`"
+                + (f" when {channel.name} is back" if not delivered else "")
+            )
         self._record(status=status, missing=missing)
         return missing
 
@@ -334,6 +382,8 @@ class Trackers:
                 entry["run_id"] = channel.run_id or entry.get("run_id")
                 if missing is not None:
                     entry["missing"] = missing.get(channel.name, 0)
+                    if channel.rejected:
+                        entry["rejected"] = channel.rejected
             record = {"status": status if missing is not None else old.get("status", status), "backends": backends}
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(record, indent=2))
@@ -402,4 +452,6 @@ def open_trackers(
         config.tracking.flush_timeout,
     )
     trackers.log_params(flatten(redacted_dict(config)))  # on resume, backends keep the values they have
+    if keep_lines is not None:  # resumed: each backend gets what metrics.jsonl has and it lacks
+        trackers.reconcile()
     return trackers

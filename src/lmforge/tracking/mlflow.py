@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,11 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
+
+
+REFUSALS = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE")
+"""MLflow error codes of a call refused for what it holds (a name MLflow does not allow, a value
+too long, a finished run): retrying cannot help. Connection errors and server errors can."""
 
 
 def default_tracking_uri(output_dir: str) -> str:
@@ -79,16 +84,52 @@ class MlflowTracker:
             self.logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         self.client.update_run(run_id, status="RUNNING")
 
+    def rejects(self, exc: BaseException) -> bool:
+        """Whether MLflow refused a call for good (see REFUSALS)."""
+        from mlflow.exceptions import MlflowException
+
+        return isinstance(exc, MlflowException) and exc.error_code in REFUSALS
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """New params only: MLflow params are immutable, and a resumed run may change resume-safe
-        settings (those keep their first value here; config.yaml has the current one)."""
+        settings (those keep their first value here; config.yaml has the current one). A batch
+        MLflow refuses is sent again one param at a time, so one bad name costs only itself.
+
+        Raises:
+            MlflowException: the first refusal, once every other param is logged.
+        """
         from mlflow.entities import Param
 
         values = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
         items = [Param(k, v) for k, v in values.items() if k not in self.params]
+        refused: list[Exception] = []
         for i in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + BATCH], synchronous=True)
-            self.params.update((p.key, p.value) for p in items[i : i + BATCH])
+            batch = items[i : i + BATCH]
+            for part in self._deliverable(batch, self._send_params, refused):
+                self.params.update((p.key, p.value) for p in part)
+        if refused:
+            raise refused[0]
+
+    def _send_params(self, params: list) -> None:
+        self.client.log_batch(self.run_id, params=params, synchronous=True)
+
+    def _send_metrics(self, metrics: list) -> None:
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def _deliverable(self, batch: list, send: Callable[[list], None], refused: list[Exception]) -> list[list]:
+        """Send `batch`; if MLflow refuses it, send each half again (down to single items, whose
+        refusals are collected in `refused`). Returns the parts that were delivered."""
+        try:
+            send(batch)
+            return [batch]
+        except Exception as exc:
+            if not self.rejects(exc):
+                raise
+            if len(batch) == 1:
+                refused.append(exc)
+                return []
+        mid = len(batch) // 2
+        return self._deliverable(batch[:mid], send, refused) + self._deliverable(batch[mid:], send, refused)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp: float | None = None) -> None:
         self.log_history([(step, timestamp or time.time(), metrics)])
@@ -103,11 +144,20 @@ class MlflowTracker:
             for k, v in metrics.items()
             if step not in self.logged.get(k, ())
         ]
+        refused: list[Exception] = []
         for i in range(0, len(fresh), METRIC_BATCH):
             batch = fresh[i : i + METRIC_BATCH]
-            self.client.log_batch(self.run_id, metrics=batch)
-            for metric in batch:
-                self.logged.setdefault(metric.key, set()).add(metric.step)
+            for part in self._deliverable(batch, self._send_metrics, refused):
+                for metric in part:
+                    self.logged.setdefault(metric.key, set()).add(metric.step)
+        if refused:
+            raise refused[0]
+
+    reconcile = log_history
+
+    def lacks(self, points: list[tuple[int, float, Mapping[str, float]]]) -> int:
+        """How many metric values of `points` (metrics.jsonl's) the run does not hold."""
+        return sum(step not in self.logged.get(k, ()) for step, _, metrics in points for k in metrics)
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

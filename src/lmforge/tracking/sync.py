@@ -14,8 +14,16 @@ from pathlib import Path
 
 from lmforge.config import Config, config_to_dict, flatten, load_config, redacted_dict
 from lmforge.errors import UserError
-from lmforge.secrets import REDACTED
-from lmforge.tracking.base import RUN_ARTIFACTS, TRACKING_FILE, RunInfo, read_points, run_tags, saved_ids
+from lmforge.secrets import REDACTED, redact_text
+from lmforge.tracking.base import (
+    RUN_ARTIFACTS,
+    TRACKING_FILE,
+    RunInfo,
+    read_points,
+    run_tags,
+    saved_ids,
+    short_error,
+)
 from lmforge.tracking.mlflow import MlflowTracker
 
 OFFLINE_HINTS = {
@@ -35,20 +43,24 @@ def sync_run(run_dir: Path, overrides: Iterable[str], log: Callable[[str], None]
     status = record.get("status", "RUNNING")
     if status == "RUNNING":
         status = "KILLED"  # the process ended without finishing its tracking: killed or crashed
-    held = {}
+    held, lacking = {}, {}
     for name in config.tracking.backends:
         if name == "mlflow":
-            held[name] = _sync_mlflow(config, run_dir, saved_ids(run_dir).get(name), status, log)
+            held[name], lacking[name] = _sync_mlflow(config, run_dir, saved_ids(run_dir).get(name), status, log)
         elif name in OFFLINE_HINTS:
             log(f"{name}: " + OFFLINE_HINTS[name].format(run_dir=run_dir))
-    if held and record:
+    if held:
+        record = json.loads((run_dir / TRACKING_FILE).read_text()) if (run_dir / TRACKING_FILE).is_file() else record
+        record.setdefault("backends", {})
+        record.setdefault("status", status)
         for name in held:
-            record["backends"].setdefault(name, {})["missing"] = 0
+            record["backends"].setdefault(name, {})["missing"] = lacking[name]
         (run_dir / TRACKING_FILE).write_text(json.dumps(record, indent=2))
     return held
 
 
-def _sync_mlflow(config: Config, run_dir: Path, run_id: str | None, status: str, log) -> int:
+def _sync_mlflow(config: Config, run_dir: Path, run_id: str | None, status: str, log) -> tuple[int, int]:
+    """(metric values the MLflow run holds, values of metrics.jsonl it still lacks) after the sync."""
     settings = flatten(config_to_dict(config))
     redacted = [k for k, v in settings.items() if k.startswith("tracking.mlflow") and v == REDACTED]
     if redacted:
@@ -58,26 +70,49 @@ def _sync_mlflow(config: Config, run_dir: Path, run_id: str | None, status: str,
             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN"
         )
     tracker = MlflowTracker(RunInfo(config, run_dir, run_tags(config, run_dir)))
-    tracker.start(run_id)
+    step = _step_runner(tracker, log)
+    step("start the run", lambda: tracker.start(run_id))
+    if tracker.run_id is None:
+        raise UserError(f"mlflow at {tracker.uri} refused to create the run; see the message above")
     if run_id is None:
         log(f"mlflow: the run never started; created run {tracker.run_id}")
         _record_id(run_dir, tracker.run_id)
     before = tracker.points()
-    tracker.log_params(flatten(redacted_dict(config)))
+    step("log the params", lambda: tracker.log_params(flatten(redacted_dict(config))))
     points = list(read_points(run_dir / "metrics.jsonl"))
     local = sum(len(metrics) for _, _, metrics in points)
-    tracker.log_history(points)
+    step("log the metrics", lambda: tracker.log_history(points))
     for name in RUN_ARTIFACTS:
         if (run_dir / name).is_file():
-            tracker.log_artifact(run_dir / name)
+            step(f"upload {name}", lambda name=name: tracker.log_artifact(run_dir / name))
     if (run_dir / "final").is_dir():
-        tracker.log_model(run_dir)
-    tracker.finish(status)
+        step("log the model", lambda: tracker.log_model(run_dir))
+    step(f"set the status {status}", lambda: tracker.finish(status))
     log(
         f"mlflow: sent {tracker.points() - before} missing metric values; run {tracker.run_id} now holds "
         f"{tracker.points()} (metrics.jsonl: {local}), status {status}"
     )
-    return tracker.points()
+    return tracker.points(), tracker.lacks(points)
+
+
+def _step_runner(tracker: MlflowTracker, log: Callable[[str], None]) -> Callable[[str, Callable[[], object]], None]:
+    """Runs one call of the sync: a call MLflow refuses for good is reported and skipped (the rest
+    still goes); any other failure (server down, network) stops the sync with a message saying
+    that running it again sends only what is still missing."""
+
+    def step(what: str, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a message, never a traceback
+            if tracker.rejects(exc):
+                log(f"mlflow refused to {what}: {short_error(exc)}; skipped, the rest is sent")
+                return
+            raise UserError(
+                f"mlflow at {redact_text(tracker.uri)} failed to {what}: {short_error(exc)}. Nothing is lost: "
+                "run lmforge sync again when it is reachable; it sends only what is still missing"
+            ) from None
+
+    return step
 
 
 def _record_id(run_dir: Path, run_id: str) -> None:

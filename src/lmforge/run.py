@@ -51,7 +51,7 @@ from lmforge.eval.generation import Prompt, prompts_and_references, respond
 from lmforge.eval.metrics import generation_metrics
 from lmforge.export.export import model_card
 from lmforge.models.build import build_model, count_parameters
-from lmforge.models.peft import check_quantization
+from lmforge.models.peft import base_record, check_quantization, write_base_record
 from lmforge.tracking.base import RUN_ARTIFACTS, Trackers, open_trackers, saved_ids
 
 
@@ -116,6 +116,7 @@ def run_train(
     with process.main_process_first():  # the main process fills the data cache, the others read it
         data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
+    base = base_record(config.model.name_or_path) if config.lora and config.model.name_or_path else None
     model = build_model(config, data.tokenizer, labels=data.labels)
     trainable, total = count_parameters(model)
     plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
@@ -159,7 +160,7 @@ def run_train(
         if not main:
             status = "FINISHED"
             return RunOutcome(run_dir, {})
-        final_eval = finish_outputs(result, data, config, trackers, run_dir, prompts, console)
+        final_eval = finish_outputs(result, data, config, trackers, run_dir, prompts, console, base)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -214,8 +215,13 @@ def link_latest(run_dir: Path, name: str) -> Path:
     return link
 
 
-def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir: Path, prompts, console) -> dict:
-    """Best-weight restore, test evaluation, final/ model, eval.json, samples, artifacts."""
+def finish_outputs(
+    result: TrainResult, data, config: Config, trackers, run_dir: Path, prompts, console, base: dict | None = None
+) -> dict:
+    """Best-weight restore, test evaluation, final/ model, eval.json, samples, artifacts.
+
+    Args:
+        base: an adapter run's base record (`peft.base_record`), saved beside the adapter."""
     model, state = result.model, result.state
     stopping = config.train.early_stopping
     validation = state.eval_history[-1]
@@ -244,7 +250,7 @@ def finish_outputs(result: TrainResult, data, config: Config, trackers, run_dir:
         trackers.log_metrics({f"generation/{k}": v for k, v in final_eval["generation"].items()}, state.step)
     (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
     card = model_card(run_dir, config, adapter_only=config.lora is not None)
-    save_final_model(model, data, run_dir / "final", card)
+    save_final_model(model, data, run_dir / "final", card, base)
     _write_examples(run_dir / "examples.jsonl", prompts, after, "after", state.step, append=True)
     for name in RUN_ARTIFACTS:
         trackers.log_artifact(run_dir / name)
@@ -310,19 +316,24 @@ def data_metrics(report: dict) -> dict[str, float]:
     return metrics
 
 
-def save_final_model(model, data: PreparedData, final_dir: Path, card: str | None = None) -> None:
+def save_final_model(
+    model, data: PreparedData, final_dir: Path, card: str | None = None, base: dict | None = None
+) -> None:
     """An HF directory that plain `from_pretrained` loads (for an adapter run: the adapter, with the
-    base model's config beside it) and its model card (README.md), written aside and renamed into place."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.config.use_cache = True  # trained without a KV cache; generation wants one
-    if getattr(base, "generation_config", None) is not None and base.can_generate():
-        base.generation_config.eos_token_id = data.tokenizer.eos_token_id
-        base.generation_config.pad_token_id = data.tokenizer.pad_token_id
+    base model's config and `base` record beside it) and its model card (README.md), written aside
+    and renamed into place."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.config.use_cache = True  # trained without a KV cache; generation wants one
+    if getattr(inner, "generation_config", None) is not None and inner.can_generate():
+        inner.generation_config.eos_token_id = data.tokenizer.eos_token_id
+        inner.generation_config.pad_token_id = data.tokenizer.pad_token_id
     with atomic_dir(final_dir) as tmp:
         model.save_pretrained(str(tmp))
-        if base is not model:  # the base's config beside the adapter: its task, labels and class
-            base.config.architectures = [type(base).__name__]
-            base.config.save_pretrained(str(tmp))
+        if inner is not model:  # the base's config beside the adapter: its task, labels and class
+            inner.config.architectures = [type(inner).__name__]
+            inner.config.save_pretrained(str(tmp))
+            if base is not None:
+                write_base_record(tmp, base)
         data.tokenizer.save_pretrained(str(tmp))
         if card is not None:
             (tmp / "README.md").write_text(card)

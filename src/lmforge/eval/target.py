@@ -14,7 +14,7 @@ from lmforge.data.sources import resolve_paths
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import evaluate
 from lmforge.models.build import load_pretrained, task_of
-from lmforge.models.peft import is_adapter_dir
+from lmforge.models.peft import adapter_base, is_adapter_dir
 from lmforge.models.tokenizer import load_tokenizer
 
 
@@ -39,8 +39,7 @@ def load_model_dir(model_dir: Path):
         return load_pretrained(model_dir, task=task_of(model_dir))
     from peft import PeftModel
 
-    adapter = json.loads((model_dir / "adapter_config.json").read_text())
-    base_path = adapter["base_model_name_or_path"]
+    base_path = adapter_base(model_dir)
     task = task_of(model_dir)  # the base's config is saved beside the adapter
     labels = None
     if task == "classification":

@@ -11,7 +11,7 @@ import yaml
 from lmforge.atomic import atomic_dir
 from lmforge.errors import UserError
 from lmforge.eval.target import load_target
-from lmforge.models.peft import is_adapter_dir
+from lmforge.models.peft import BASE_FILE, is_adapter_dir, write_base_record
 
 
 def export_run(run_dir: Path, out: Path, merge_lora: bool = False) -> Path:
@@ -37,6 +37,8 @@ def export_run(run_dir: Path, out: Path, merge_lora: bool = False) -> Path:
             base = model.get_base_model()
             base.config.architectures = [type(base).__name__]
             base.config.save_pretrained(str(tmp))
+            if (run_dir / "final" / BASE_FILE).is_file():
+                write_base_record(tmp, json.loads((run_dir / "final" / BASE_FILE).read_text()))
         tokenizer.save_pretrained(str(tmp))
         for name in ("eval.json", "config.yaml", "data_report.json"):
             if (run_dir / name).is_file():
@@ -50,16 +52,12 @@ def model_card(run_dir: Path, config, adapter_only: bool) -> str:
     final = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
     base = config.model.name_or_path or f"none: trained from scratch ({config.model.preset or 'explicit sizes'})"
     data = config.data
-    auto = _auto_class(config.model.task)
-    if adapter_only:
-        how = f"from peft import AutoPeft{auto[4:]}\nmodel = AutoPeft{auto[4:]}.from_pretrained(PATH)"
-    else:
-        how = f"from transformers import {auto}, AutoTokenizer\nmodel = {auto}.from_pretrained(PATH)"
-    how += "\ntokenizer = AutoTokenizer.from_pretrained(PATH)"
+    how = load_snippet(config.model.task, adapter_only)
+    results = {split: final.get(split, {}) for split in ("validation", "test", "generation")}
     metrics = "\n".join(
         f"| {split} | {name} | {value:.4f} |"
-        for split in ("validation", "test")
-        for name, value in final.get(split, {}).items()
+        for split, values in results.items()
+        for name, value in values.items()
         if isinstance(value, float)
     )
     settings = yaml.safe_dump(
@@ -96,12 +94,75 @@ It inherits the limitations and licence of its base model and data.
 ```python
 {how}
 ```
-
+{prompt_format(config)}
 ## Training settings
 
 ```yaml
 {settings}```
 """
+
+
+CARD_PATH = "path/to/this/directory"
+"""The placeholder the model card's snippet loads from."""
+
+
+def load_snippet(task: str, adapter_only: bool) -> str:
+    """Python that loads the exported directory in plain transformers/peft and uses it once; the
+    tests run it against every kind of export."""
+    auto = _auto_class(task)
+    lines = [f'PATH = "{CARD_PATH}"  # this directory']
+    if adapter_only and task == "classification":
+        lines += [  # peft builds the base with its default 2 classes unless told the run's
+            f"from peft import AutoPeft{auto[4:]}",
+            "from transformers import AutoConfig, AutoTokenizer",
+            "",
+            "labels = AutoConfig.from_pretrained(PATH).id2label  # the class names, saved beside the adapter",
+            f"model = AutoPeft{auto[4:]}.from_pretrained(",
+            "    PATH, num_labels=len(labels), id2label=labels, label2id={name: i for i, name in labels.items()}",
+            ")",
+        ]
+    elif adapter_only:
+        lines += [f"from peft import AutoPeft{auto[4:]}", "from transformers import AutoTokenizer", ""]
+        lines += [f"model = AutoPeft{auto[4:]}.from_pretrained(PATH)  # the base model is found from the adapter"]
+    else:
+        lines += [f"from transformers import {auto}, AutoTokenizer", "", f"model = {auto}.from_pretrained(PATH)"]
+    lines += ["tokenizer = AutoTokenizer.from_pretrained(PATH)", ""]
+    if task == "classification":
+        lines += [
+            'inputs = tokenizer("Your text here", return_tensors="pt")',
+            "print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])",
+        ]
+    else:
+        lines += [
+            'inputs = tokenizer("Your prompt here", return_tensors="pt")',
+            "output = model.generate(**inputs, max_new_tokens=32)",
+            "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+        ]
+    return "\n".join(lines)
+
+
+def prompt_format(config) -> str:
+    """The card's section on the text format the model was trained on (prompts must match it)."""
+    data = config.data
+    if data.format in ("text", "classification"):
+        return ""
+    if data.format == "chat":
+        rendering = (
+            "the tokenizer's own chat template (saved with it: `tokenizer.apply_chat_template(messages, "
+            "add_generation_prompt=True)`)"
+            if data.chat_template == "auto"
+            else f"lmforge's `{data.chat_template}` chat template"
+        )
+        return f"\n## Prompt format\n\nChat messages, rendered with {rendering}.\n"
+    template = (
+        data.template
+        or {"prompt-completion": "{prompt}", "alpaca": "the Alpaca template", "seq2seq": "{source}"}[data.format]
+    )
+    return (
+        f"\n## Prompt format\n\nPrompts were rendered with `{template!r}` (format {data.format}); prompt the "
+        "model the same way, and let it write the answer's first token (a trailing space of the template "
+        "belongs to the answer's first token).\n"
+    )
 
 
 def _auto_class(task: str) -> str:

@@ -200,7 +200,7 @@ def load_pretrained(
         }
     try:
         return AUTO_CLASSES[task].from_pretrained(
-            str(local) if looks_local else str(path),
+            str(local.resolve()) if looks_local else str(path),  # links resolved: an adapter records this
             dtype=dtype or "auto",
             trust_remote_code=trust_remote_code,
             use_safetensors=None,

@@ -54,3 +54,25 @@ def test_integer_labels_keep_numeric_order():
     assert class_names({"-1", "1", "0"}) == ["-1", "0", "1"]
     assert class_names({"10", "2", "b"}) == ["10", "2", "b"]  # not all integers: string order
     assert class_names({"neg", "pos"}) == ["neg", "pos"]
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl", "d.json"])
+def test_a_utf16_file_with_its_byte_order_mark_is_read(tmp_path, name):
+    """Excel's "Unicode text" and Windows' Notepad "Unicode" save UTF-16 with a byte-order mark."""
+    path = tmp_path / name
+    path.write_bytes(_files(tmp_path)[name].decode().encode("utf-16"))
+    assert [r.fields for r in read_records(path)] == ROWS
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("semicolons.csv", "prompt;completion\none?;1\ntwo?;2\n"),  # Excel where the decimal mark is a comma
+        ("tabs.tsv", "prompt\tcompletion\none?\t1\ntwo?\t2\n"),
+        ("quoted.csv", 'prompt,completion\n"one?",1\n"two?",2\n'),
+    ],
+)
+def test_csv_delimiters_as_spreadsheets_write_them(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    assert [r.fields for r in read_records(path)] == ROWS

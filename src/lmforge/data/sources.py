@@ -22,7 +22,7 @@ from lmforge.errors import DataError
 
 HUB_PREFIX = "hub:"  # hub:org/name or hub:org/name:split, read with datasets.load_dataset (needs network)
 TEXT_SUFFIXES = (".txt", ".text")
-SUPPORTED_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".csv", ".parquet")
+SUPPORTED_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def read_records(path: Path, txt_documents: str = "paragraph") -> Iterator[Recor
         text = _decode(path)
         if path.suffix == ".json":
             yield from _json_records(path, text)
-        elif path.suffix == ".csv":
+        elif path.suffix in (".csv", ".tsv"):
             yield from _csv_records(path, text)
         else:
             yield from _text_records(path, iter(text.splitlines(keepends=True)), "file")
@@ -151,11 +151,15 @@ def read_records(path: Path, txt_documents: str = "paragraph") -> Iterator[Recor
 
 def _lines(path: Path) -> Iterator[str]:
     """The lines of a UTF-8 file, read one at a time (files larger than memory work), without the
-    byte-order mark that Excel and Notepad write in front of "UTF-8" files.
+    byte-order mark that Excel and Notepad write in front of "UTF-8" files. A file with a UTF-16
+    byte-order mark (Excel's "Unicode text") is decoded whole.
 
     Raises:
         DataError: at the first byte that is not UTF-8, naming file, line, column and byte offset.
     """
+    if _utf16(path):
+        yield from _decode(path).splitlines(keepends=True)
+        return
     offset = 0
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -174,6 +178,11 @@ def _decode(path: Path) -> str:
         DataError: at the first byte that is not UTF-8, naming file, line, column and byte offset.
     """
     raw = path.read_bytes()
+    if raw.startswith(UTF16_BOMS):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: starts as UTF-16 but byte offset {exc.start} is not; save it as UTF-8") from None
     try:
         return raw.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as exc:
@@ -183,6 +192,12 @@ def _decode(path: Path) -> str:
 
 
 BOM = "\ufeff"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _utf16(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) in UTF16_BOMS
 
 
 def _not_utf8(path: Path, raw: bytes, index: int, line: int, column: int, offset: int) -> NoReturn:
@@ -248,8 +263,18 @@ def _json_records(path: Path, text: str) -> Iterator[Record]:
             yield Record({}, where, f"expected a JSON object, got {type(record).__name__}", "not_an_object")
 
 
+CSV_DELIMITERS = ",;\t|"
+"""What a .csv's header may be separated by: Excel writes ';' where the decimal mark is a comma."""
+
+
 def _csv_records(path: Path, text: str) -> Iterator[Record]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    """Rows of a .csv (or .tsv: tabs), its delimiter read off the header line."""
+    header_line = text.split("\n", 1)[0]
+    if path.suffix == ".tsv":
+        delimiter = "\t"
+    else:  # the candidate the header holds most of; a one-column file has none
+        delimiter = max(CSV_DELIMITERS, key=header_line.count) if any(c in header_line for c in CSV_DELIMITERS) else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = reader.fieldnames or []
     last_line = reader.line_num  # rows may span lines (quoted newlines): a row starts after the last
     for row in reader:

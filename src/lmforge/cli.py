@@ -110,12 +110,15 @@ def export_command(
     run: Path = typer.Argument(..., help="A finished run directory."),
     out: Path = typer.Option(..., "--out", help="Directory to write."),
     merge_lora: bool = typer.Option(False, "--merge-lora", help="Fold a LoRA adapter into the base weights."),
+    force: bool = typer.Option(
+        False, "--force", help="Write into a non-empty directory that is not an export (its other files are kept)."
+    ),
 ) -> None:
     """Write a self-contained Hugging Face directory with a model card."""
     from lmforge.export.export import export_run
 
     _quiet_libraries()
-    path = export_run(run, out, merge_lora=merge_lora)
+    path = export_run(run, out, merge_lora=merge_lora, force=force)
     console.print(f"exported {run} to {path}")
 
 

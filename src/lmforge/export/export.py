@@ -8,19 +8,25 @@ from pathlib import Path
 
 import yaml
 
-from lmforge.atomic import atomic_dir
+from lmforge.atomic import check_target, owned_dir
 from lmforge.errors import UserError
 from lmforge.eval.target import load_target
 from lmforge.models.peft import BASE_FILE, is_adapter_dir, write_base_record
 
 
-def export_run(run_dir: Path, out: Path, merge_lora: bool = False) -> Path:
+def export_run(run_dir: Path, out: Path, merge_lora: bool = False, force: bool = False) -> Path:
     """Write `out/`: weights (safetensors), config, tokenizer, generation config, README.md model card.
 
     A LoRA run is exported as its adapter (loadable with peft on top of the base model) unless
     `merge_lora`, which folds the adapter into the base weights for a plain transformers model.
+    `out` may be new, empty or an earlier export; another directory only with `force`, and nothing
+    lmforge did not write is deleted (`atomic.owned_dir`).
+
+    Raises:
+        UserError: a run that cannot be exported, or an `out` that holds other files.
     """
     run_dir = Path(run_dir)
+    check_target(Path(out), force)  # before minutes of loading, not after
     if not (run_dir / "final").is_dir() or not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a finished run directory (no final/ or config.yaml)")
     adapter = is_adapter_dir(run_dir / "final")
@@ -31,7 +37,7 @@ def export_run(run_dir: Path, out: Path, merge_lora: bool = False) -> Path:
     if adapter and merge_lora:
         model = model.merge_and_unload()
         merged = True
-    with atomic_dir(Path(out)) as tmp:
+    with owned_dir(Path(out), force=force) as tmp:
         model.save_pretrained(str(tmp))
         if adapter and not merged:
             base = model.get_base_model()

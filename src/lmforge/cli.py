@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -27,10 +28,13 @@ console = Console(stderr=False, highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-4 data.max_length=256.")
+TARGET_HELP = "A run directory (finished or paused), a checkpoint (runs/NAME/checkpoints/step-N) or a model directory."
 
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # peft calls a transformers property deprecated in v5; nothing for a user to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     import datasets
     import transformers
 
@@ -70,7 +74,7 @@ def train_command(
 
 @app.command("eval")
 def eval_command(
-    target: Path = typer.Argument(..., help="A run directory or a Hugging Face model directory."),
+    target: Path = typer.Argument(..., help=TARGET_HELP),
     data: list[str] = typer.Option(None, "--data", help="Evaluate on these files instead of a split."),
     split: str = typer.Option("test", "--split", help="validation or test: the run's own split."),
     max_length: int = typer.Option(None, "--max-length", help="Tokens per row (default: the run's)."),
@@ -86,7 +90,7 @@ def eval_command(
 
 @app.command("generate")
 def generate_command(
-    target: Path = typer.Argument(..., help="A run directory or a Hugging Face model directory."),
+    target: Path = typer.Argument(..., help=TARGET_HELP),
     prompt: str = typer.Argument(..., help="Text to continue."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(0.8, "--temperature", help="0 for greedy decoding."),
@@ -107,7 +111,7 @@ def generate_command(
 
 @app.command("export")
 def export_command(
-    run: Path = typer.Argument(..., help="A finished run directory."),
+    run: Path = typer.Argument(..., help="A run (finished or paused) or a checkpoint directory."),
     out: Path = typer.Option(..., "--out", help="Directory to write."),
     merge_lora: bool = typer.Option(False, "--merge-lora", help="Fold a LoRA adapter into the base weights."),
     force: bool = typer.Option(

@@ -51,7 +51,7 @@ from lmforge.eval.generation import Prompt, prompts_and_references, respond
 from lmforge.eval.metrics import generation_metrics
 from lmforge.export.export import model_card
 from lmforge.models.build import build_model, count_parameters
-from lmforge.models.peft import base_record, check_quantization, write_base_record
+from lmforge.models.peft import BASE_FILE, base_record, check_quantization, write_base_record
 from lmforge.tracking.base import RUN_ARTIFACTS, Trackers, open_trackers, saved_ids
 
 
@@ -134,6 +134,8 @@ def run_train(
         saved = load_trainer_state(checkpoint.path)
         console.print(f"resuming from {checkpoint.path} (step {checkpoint.step})")
     main = process.is_main_process
+    if base is not None and main:  # a checkpoint's adapter is exported with it
+        (run_dir / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
     trackers = _open_outputs(config, run_dir, data, saved, main, warn, console, config_path)
     trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
     status = "FAILED"

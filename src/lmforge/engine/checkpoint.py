@@ -61,11 +61,21 @@ def save_checkpoint(
     scheduler: Any,
     scaler: Any | None,
     config_yaml: str,
+    tokenizer: Any | None = None,
 ) -> Checkpoint:
-    """Write a checkpoint of `state.step` atomically and return it."""
+    """Write a checkpoint of `state.step` atomically and return it.
+
+    Besides the resume state it holds the model's Hugging Face config.json and the tokenizer, so
+    that a checkpoint loads as a model (`lmforge generate/eval/export` take it; eval.target)."""
     target = directory / checkpoint_name(state.step)
     with atomic_dir(target, durable=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(inner, "config") and hasattr(inner.config, "save_pretrained"):
+            inner.config.architectures = [type(inner).__name__]
+            inner.config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:

@@ -246,7 +246,16 @@ def _save(loop: Loop) -> None:
         return
     model = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False)
     scaler = loop.accelerator.scaler
-    save_checkpoint(loop.checkpoint_dir, state, model, loop.optimizer, loop.scheduler, scaler, dump_yaml(loop.config))
+    save_checkpoint(
+        loop.checkpoint_dir,
+        state,
+        model,
+        loop.optimizer,
+        loop.scheduler,
+        scaler,
+        dump_yaml(loop.config),
+        tokenizer=loop.data.tokenizer,
+    )
     prune(loop.checkpoint_dir, cfg.keep_last, {state.best_step} if state.best_step is not None else set())
 
 

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from transformers import AutoConfig
 
 from lmforge.config import Config, DataConfig
 from lmforge.data.prepare import prepare_data, tokenize_files
 from lmforge.data.sources import resolve_paths
+from lmforge.engine.checkpoint import MANIFEST, latest_valid, verify
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import evaluate
 from lmforge.models.build import load_pretrained, task_of
@@ -19,17 +21,81 @@ from lmforge.models.tokenizer import load_tokenizer
 
 
 def load_target(target: Path):
-    """(model, tokenizer, run config or None) from a run directory or an HF model directory."""
+    """(model, tokenizer, run config or None) from what a command was pointed at: a finished run
+    (its final/), a paused or crashed run (its newest valid checkpoint), a checkpoint directory,
+    or a Hugging Face model directory (full or adapter).
+
+    Raises:
+        UserError: naming what `target` is and what was expected.
+    """
     target = Path(target)
-    run_config = None
-    model_dir = target
-    if (target / "config.yaml").is_file() and (target / "final").is_dir():
-        model_dir = target / "final"
-        run_config = Config.model_validate(yaml.safe_load((target / "config.yaml").read_text()))
-    elif not (target / "config.json").is_file():
-        raise UserError(f"{target}: neither a run directory (with final/) nor a model directory (with config.json)")
+    kind, model_dir = resolve_target(target)
+    if kind == "checkpoint":
+        return load_checkpoint_dir(model_dir)
+    run_config = _run_config(target / "config.yaml") if kind == "run" else None
     model = load_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir, need_eos=task_of(model_dir) != "classification")
+    return model, tokenizer, run_config
+
+
+def resolve_target(target: Path) -> tuple[str, Path]:
+    """("run", its final/), ("checkpoint", a checkpoint directory) or ("model", the directory).
+
+    Raises:
+        UserError: `target` is none of these.
+    """
+    target = Path(target)
+    if not target.exists():
+        raise UserError(f"{target}: no such file or directory (looked for {target.resolve()})")
+    if (target / "config.yaml").is_file() and (target / "final").is_dir():
+        return "run", target / "final"
+    if (target / MANIFEST).is_file() or target.name.startswith("step-"):
+        problem = verify(target)
+        if problem is not None:
+            raise UserError(f"{target}: not a usable checkpoint: {problem}")
+        if not (target / "config.json").is_file():
+            raise UserError(
+                f"{target}: this checkpoint was written by an older lmforge, without its model config; resume "
+                "the run from it (lmforge train CONFIG --resume ...) or use the run's final/"
+            )
+        return "checkpoint", target
+    if (target / "config.yaml").is_file() and (target / "checkpoints").is_dir():  # paused or crashed
+        checkpoint = latest_valid(target / "checkpoints", lambda message: None)
+        if checkpoint is None:
+            raise UserError(f"{target}: the run has neither final/ nor a valid checkpoint yet")
+        return resolve_target(checkpoint.path)
+    if (target / "config.json").is_file():
+        return "model", target
+    raise UserError(
+        f"{target}: neither a run directory (with final/ or checkpoints/), a checkpoint, nor a model "
+        "directory (with config.json)"
+    )
+
+
+def _run_config(path: Path) -> Config:
+    return Config.model_validate(yaml.safe_load(path.read_text()))
+
+
+def load_checkpoint_dir(path: Path):
+    """(model, tokenizer, run config) of a checkpoint: the architecture from its config.json (with
+    the run's adapters when it trained LoRA), every weight from its model.safetensors; no base
+    model is read, so a moved or changed base cannot slip in."""
+    from safetensors.torch import load_model
+
+    from lmforge.models.build import AUTO_CLASSES
+
+    run_config = _run_config(path / "config.yaml")
+    task = task_of(path)
+    model = AUTO_CLASSES[task].from_config(AutoConfig.from_pretrained(str(path)))
+    if run_config.lora is not None:
+        from lmforge.models.peft import apply_lora
+
+        model = apply_lora(model, run_config)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: the weights do not fit the saved model config (missing {missing[:3]}...)")
+    model.config.use_cache = True
+    tokenizer = load_tokenizer(path, need_eos=task != "classification")
     return model, tokenizer, run_config
 
 
@@ -79,5 +145,5 @@ def evaluate_target(
 
 
 def model_dir_of(target: Path) -> Path:
-    target = Path(target)
-    return target / "final" if (target / "final").is_dir() and (target / "config.yaml").is_file() else target
+    """The directory whose config.json describes the model `target` names."""
+    return resolve_target(target)[1]

@@ -10,12 +10,13 @@ import yaml
 
 from lmforge.atomic import check_target, owned_dir
 from lmforge.errors import UserError
-from lmforge.eval.target import load_target
-from lmforge.models.peft import BASE_FILE, is_adapter_dir, write_base_record
+from lmforge.eval.target import load_target, resolve_target
+from lmforge.models.peft import BASE_FILE, write_base_record
 
 
-def export_run(run_dir: Path, out: Path, merge_lora: bool = False, force: bool = False) -> Path:
-    """Write `out/`: weights (safetensors), config, tokenizer, generation config, README.md model card.
+def export_run(target: Path, out: Path, merge_lora: bool = False, force: bool = False) -> Path:
+    """Write `out/`: weights (safetensors), config, tokenizer, generation config, README.md model card,
+    from a finished run, a paused run (its newest checkpoint) or a checkpoint directory.
 
     A LoRA run is exported as its adapter (loadable with peft on top of the base model) unless
     `merge_lora`, which folds the adapter into the base weights for a plain transformers model.
@@ -25,37 +26,46 @@ def export_run(run_dir: Path, out: Path, merge_lora: bool = False, force: bool =
     Raises:
         UserError: a run that cannot be exported, or an `out` that holds other files.
     """
-    run_dir = Path(run_dir)
     check_target(Path(out), force)  # before minutes of loading, not after
-    if not (run_dir / "final").is_dir() or not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir}: not a finished run directory (no final/ or config.yaml)")
-    adapter = is_adapter_dir(run_dir / "final")
+    kind, model_dir = resolve_target(Path(target))
+    if kind == "model":
+        raise UserError(f"{target}: a model directory already; export takes a run, a paused run or a checkpoint")
+    run_dir = model_dir.parent if kind == "run" else model_dir.parent.parent
+    model, tokenizer, config = load_target(Path(target))
+    adapter = config.lora is not None
     if merge_lora and not adapter:
-        raise UserError(f"--merge-lora: {run_dir} was fully fine-tuned; it has no adapter to merge")
-    model, tokenizer, config = load_target(run_dir)
+        raise UserError(f"--merge-lora: {target} was fully fine-tuned; it has no adapter to merge")
     merged = False
     if adapter and merge_lora:
         model = model.merge_and_unload()
         merged = True
+    step = None if kind == "run" else json.loads((model_dir / "trainer_state.json").read_text())["step"]
     with owned_dir(Path(out), force=force) as tmp:
         model.save_pretrained(str(tmp))
         if adapter and not merged:
             base = model.get_base_model()
             base.config.architectures = [type(base).__name__]
             base.config.save_pretrained(str(tmp))
-            if (run_dir / "final" / BASE_FILE).is_file():
-                write_base_record(tmp, json.loads((run_dir / "final" / BASE_FILE).read_text()))
+            for record in (model_dir / BASE_FILE, run_dir / BASE_FILE):
+                if record.is_file():
+                    write_base_record(tmp, json.loads(record.read_text()))
+                    break
         tokenizer.save_pretrained(str(tmp))
-        for name in ("eval.json", "config.yaml", "data_report.json"):
+        for name in ("eval.json", "config.yaml", "data_report.json") if step is None else ("data_report.json",):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, tmp / f"lmforge_{name}")
-        (tmp / "README.md").write_text(model_card(run_dir, config, adapter and not merged))
+        if step is not None:
+            shutil.copy(model_dir / "config.yaml", tmp / "lmforge_config.yaml")
+        (tmp / "README.md").write_text(model_card(run_dir, config, adapter and not merged, checkpoint_step=step))
     return Path(out)
 
 
-def model_card(run_dir: Path, config, adapter_only: bool) -> str:
-    """README.md: base model, data, training settings, final metrics, intended use, how to load."""
+def model_card(run_dir: Path, config, adapter_only: bool, checkpoint_step: int | None = None) -> str:
+    """README.md: base model, data, training settings, final metrics, intended use, how to load.
+    A checkpoint's card has no final metrics and says which step it is."""
     final = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    if checkpoint_step is not None:
+        final = {"step": checkpoint_step, "stop_reason": "nothing: a checkpoint taken during training"}
     base = config.model.name_or_path or f"none: trained from scratch ({config.model.preset or 'explicit sizes'})"
     data = config.data
     how = load_snippet(config.model.task, adapter_only)

@@ -91,22 +91,68 @@ def eval_command(
 @app.command("generate")
 def generate_command(
     target: Path = typer.Argument(..., help=TARGET_HELP),
-    prompt: str = typer.Argument(..., help="Text to continue."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-    temperature: float = typer.Option(0.8, "--temperature", help="0 for greedy decoding."),
-    top_k: int = typer.Option(50, "--top-k"),
+    prompt: str = typer.Argument(None, help="The prompt (or use --prompts-file)."),
+    chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the chat template."),
+    raw: bool = typer.Option(False, "--raw", help="Continue the text as given, without the run's template."),
+    system: str = typer.Option(None, "--system", help="A system message before the prompt (with chat)."),
+    prompts_file: Path = typer.Option(
+        None, "--prompts-file", help=".txt (a prompt a line) or .jsonl ({prompt}); prints JSONL."
+    ),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="0 for greedy decoding."),
+    top_k: int = typer.Option(50, "--top-k", min=1),
+    top_p: float = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling, e.g. 0.9."),
+    stop: list[str] = typer.Option(None, "--stop", help="A string that ends the answer (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Continue a prompt with a trained model."""
+    """Answer a prompt with a trained model: rendered as the run was trained (its chat or prompt
+    template; --raw continues the text as given), a class name for a classifier."""
     from lmforge.config import GenerateConfig
-    from lmforge.eval.generation import generate
+    from lmforge.eval.generation import as_trained, respond
     from lmforge.eval.target import load_target
 
+    if (prompt is None) == (prompts_file is None):
+        raise UserError("give a prompt or --prompts-file FILE (one of them)")
+    if chat and raw:
+        raise UserError("--chat and --raw exclude each other")
+    prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     _quiet_libraries()
-    model, tokenizer, _ = load_target(target)
-    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
-    text = generate(model, tokenizer, [prompt], cfg, seed=seed)[0]
-    console.print(prompt + text, markup=False)
+    model, tokenizer, run_config = load_target(target)
+    cfg = GenerateConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or []
+    )
+    shown = [p if raw else as_trained(p, run_config, tokenizer, chat, system) for p in prompts]
+    answers = respond(model, tokenizer, shown, cfg, seed=seed)
+    if prompts_file is not None:
+        for p, answer in zip(prompts, answers, strict=True):
+            console.print(json.dumps({"prompt": p, "generated": answer}, ensure_ascii=False), markup=False)
+    elif shown[0] == prompts[0] and not _is_classifier(model):
+        console.print(prompts[0] + answers[0], markup=False)  # a continuation of the text
+    else:
+        console.print(answers[0], markup=False)  # an answer, or a class name
+
+
+def _is_classifier(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")  # a PeftModel's name says it too
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """Prompts from a .txt file (a non-empty line each) or a .jsonl file ({"prompt": ...} a line)."""
+    if not path.is_file():
+        raise UserError(f"--prompts-file {path}: no such file (looked for {path.resolve()})")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: malformed JSON: {exc.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f'{path}:{number}: expected {{"prompt": "..."}}')
+        prompts.append(record["prompt"])
+    return prompts
 
 
 @app.command("export")

@@ -283,6 +283,10 @@ class GenerateConfig(Section):
     """Sampling temperature; 0 means greedy decoding."""
     top_k: int | None = Field(default=50, ge=1)
     """Sample only among the k most likely tokens."""
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Nucleus sampling: only among the most likely tokens whose probabilities add up to p."""
+    stop: list[str] = []
+    """Strings that end a generation (not included in the text)."""
 
 
 class EvalConfig(Section):

@@ -110,6 +110,9 @@ def test_lora_classifier_head_is_saved_and_restored(tmp_path, tiny_bert):
     reloaded = json.loads(proc.stdout)
     assert reloaded["loss"] == pytest.approx(recorded["loss"], rel=1e-5)
     assert reloaded["accuracy"] == recorded["accuracy"]
+    # generate on a classifier names the class (it cannot generate text)
+    proc = cli("generate", str(run_dir), "And God said, Let there be light")
+    assert proc.returncode == 0 and proc.stdout.strip() in ("genesis", "leviticus"), proc.stdout + proc.stderr
 
 
 def family_configs(tmp_path):

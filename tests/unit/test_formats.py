@@ -253,3 +253,23 @@ def test_batch_encoding_equals_the_full_offset_rule(tokenizer):
             for path, (got_ids, got_trained) in (("fast", got[i]), ("transformers", slow[i])):
                 assert got_ids.tolist() == want_ids.tolist(), (name, path, segments)
                 assert got_trained.tolist() == want.tolist(), (name, path, segments)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama-3", "gemma", "plain"])
+def test_a_builtin_chat_template_is_saved_with_the_tokenizer_and_renders_as_trained(tokenizer, name, tmp_path):
+    """The Jinja the model's tokenizer carries gives, through plain transformers, exactly the text
+    training rendered, and its generation prompt ends where an assistant answer starts."""
+    from lmforge.data.formats import chat_template_of
+
+    data = DataConfig(train="x", format="chat", chat_template=name)
+    segments = FORMATS["chat"]({"messages": CONVERSATION}, data, tokenizer)
+    saved = train_bpe_tokenizer(chapters(5), vocab_size=300)
+    saved.chat_template = chat_template_of(data, saved)
+    saved.save_pretrained(str(tmp_path))
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert loaded.apply_chat_template(CONVERSATION, tokenize=False) == "".join(s.text for s in segments)
+    prompt = loaded.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt + segments[-1].text == "".join(s.text for s in segments)
+    assert segments[-1].trained and segments[-1].text.startswith("5 + 1 = 6.")

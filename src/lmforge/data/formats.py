@@ -106,29 +106,43 @@ def alpaca_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[S
 ROLES = ("system", "user", "assistant")
 
 
-def _chatml(role: str, first: bool) -> tuple[str, str]:
-    return f"<|im_start|>{role}\n", "<|im_end|>\n"
-
-
-def _llama3(role: str, first: bool) -> tuple[str, str]:
-    start = "<|begin_of_text|>" if first else ""
-    return f"{start}<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>"
-
-
-def _gemma(role: str, first: bool) -> tuple[str, str]:
-    return f"<start_of_turn>{'model' if role == 'assistant' else 'user'}\n", "<end_of_turn>\n"
-
-
-def _plain(role: str, first: bool) -> tuple[str, str]:
-    return {"system": "<system>: ", "user": "<human>: ", "assistant": "<assistant>: "}[role], "\n"
-
-
-CHAT_TEMPLATES: dict[str, Callable[[str, bool], tuple[str, str]]] = {
-    "chatml": _chatml,
-    "llama-3": _llama3,
-    "gemma": _gemma,
-    "plain": _plain,
+CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama-3": (
+        "{% for message in messages %}{% if loop.first %}<|begin_of_text|>{% endif %}"
+        "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}{% if not messages %}<|begin_of_text|>{% endif %}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "gemma": (  # no system turn: the system message opens the first user turn
+        "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = none %}{% endif %}"
+        "{% for message in messages %}{% set opens = loop.first and system is not none %}"
+        "<start_of_turn>{{ 'model' if message['role'] == 'assistant' and not opens else 'user' }}\n"
+        "{% if opens %}{{ system }}\n\n{% endif %}{{ message['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if system is not none and not messages %}<start_of_turn>user\n{{ system }}<end_of_turn>\n{% endif %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    "plain": (
+        "{% for message in messages %}"
+        "{{ {'system': '<system>: ', 'user': '<human>: ', 'assistant': '<assistant>: '}[message['role']] }}"
+        "{{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>: {% endif %}"
+    ),
 }
+"""lmforge's built-in chat templates, in the Jinja that tokenizers carry: training renders them as
+it renders a tokenizer's own, and the model's saved tokenizer gets the one it was trained with, so
+`tokenizer.apply_chat_template` (and `lmforge generate --chat`) prompt it exactly as trained."""
+
+
+def chat_template_of(data: DataConfig, tokenizer) -> str:
+    """The Jinja chat template data.chat_template names: the tokenizer's own for auto (chatml when
+    it has none), else a built-in."""
+    if data.chat_template == "auto":
+        return getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATES["chatml"]
+    return CHAT_TEMPLATES[data.chat_template]
 
 
 def chat_messages(record: dict[str, Any], data: DataConfig) -> list[dict[str, str]]:
@@ -153,26 +167,17 @@ def chat_messages(record: dict[str, Any], data: DataConfig) -> list[dict[str, st
 
 def chat_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:
     messages = chat_messages(record, data)
-    name = data.chat_template
-    if name == "auto":
-        if getattr(tokenizer, "chat_template", None):
-            return _tokenizer_template_segments(messages, tokenizer, data.loss_on == "all")
-        name = "chatml"
-    if name == "gemma" and messages[0]["role"] == "system":  # gemma has no system turn
+    template = chat_template_of(data, tokenizer)
+    if data.chat_template == "gemma" and messages[0]["role"] == "system":  # merged first, as the template does
         merged = (
             f"{messages[0]['content']}\n\n{messages[1]['content']}" if len(messages) > 1 else messages[0]["content"]
         )
         messages = [{"role": "user", "content": merged}, *messages[2:]]
-    segments = []
-    for i, message in enumerate(messages):
-        header, footer = CHAT_TEMPLATES[name](message["role"], i == 0)
-        trained = data.loss_on == "all" or message["role"] == "assistant"
-        segments += [Segment(header, data.loss_on == "all"), Segment(message["content"] + footer, trained)]
-    return segments
+    return _template_segments(messages, tokenizer, template, data.loss_on == "all")
 
 
-def _tokenizer_template_segments(messages, tokenizer, train_all: bool) -> list[Segment]:
-    """Segments from the tokenizer's own Jinja chat template.
+def _template_segments(messages, tokenizer, template: str, train_all: bool) -> list[Segment]:
+    """Segments from a Jinja chat template.
 
     Renders growing prefixes of the conversation: an assistant message spans from the end of the
     render that ends with the generation prompt to the end of the render that includes it. This
@@ -180,14 +185,21 @@ def _tokenizer_template_segments(messages, tokenizer, train_all: bool) -> list[S
     """
 
     def render(msgs, generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        if tokenizer is None:  # training the tokenizer itself: a built-in template needs none of its tokens
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            rendered, _ = render_jinja_template([msgs], chat_template=template, add_generation_prompt=generation_prompt)
+            return rendered[0]
+        return tokenizer.apply_chat_template(
+            msgs, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     segments, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             before = render(messages[:i], True) if i else ""
             if not before.startswith(done):
-                raise FormatProblem("template", "the tokenizer's chat template does not render prefixes consistently")
+                raise FormatProblem("template", "the chat template does not render prefixes consistently")
             segments.append(Segment(before[len(done) :], train_all))
             done = before
         full = render(messages[: i + 1], False)

@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmforge.atomic import atomic_dir
 from lmforge.config import Config, DataConfig
-from lmforge.data.formats import class_names, label_of
+from lmforge.data.formats import chat_template_of, class_names, label_of
 from lmforge.data.loader import padding_fraction, training_order
 from lmforge.data.packing import best_fit_decreasing
 from lmforge.data.sources import Record, Source, read_records, resolve_sources, source_digest
@@ -105,7 +105,10 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
     )
     splits = SplitReader(sources, data)
     tokenizer = _get_tokenizer(config, source_fp, splits, log)
+    if data.format == "chat":  # saved with the model, so that it is prompted as it was trained
+        tokenizer.chat_template = chat_template_of(data, tokenizer)
     rows_fp = [
+        tokenizer.chat_template if data.format == "chat" else None,
         source_fp,
         tokenizer_digest(tokenizer),
         data.max_length,

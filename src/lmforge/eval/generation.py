@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from lmforge.config import GenerateConfig
 from lmforge.data.formats import Segment
 from lmforge.data.tokenize import adds_bos, encode_marked, prompt_ids, source_ids
+from lmforge.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -96,16 +97,54 @@ def generate(
                 do_sample=cfg.temperature > 0,
                 temperature=cfg.temperature if cfg.temperature > 0 else None,
                 top_k=cfg.top_k if cfg.temperature > 0 else None,
-                top_p=None,
+                top_p=cfg.top_p if cfg.temperature > 0 else None,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                **({"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}),
             )
             new = out[0] if model.config.is_encoder_decoder else out[0, input_ids.shape[1] :]
             text = tokenizer.decode(new, skip_special_tokens=True)
             left = (prompt if isinstance(prompt, str) else prompt.text)[covered:]  # the model wrote it
-            outputs.append(text.removeprefix(left) if left and text.startswith(left) else text)
+            text = text.removeprefix(left) if left and text.startswith(left) else text
+            outputs.append(cut_at_stop(text, cfg.stop))
     model.train(was_training)
     return outputs
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """`text` up to the first of the stop strings (generation halts on the token that completes one)."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def as_trained(prompt: str, run_config, tokenizer, chat: bool, system: str | None = None) -> str:
+    """`prompt` rendered as the run's training data was: a user message through the chat template
+    the tokenizer carries (chat data, or `chat`), the run's data.template (prompt-completion,
+    alpaca, seq2seq); plain text otherwise.
+
+    Raises:
+        UserError: `chat` for a tokenizer without a chat template, or a template that needs more
+            fields than the prompt.
+    """
+    from lmforge.data.formats import FORMATS, FormatProblem, column
+
+    data = run_config.data if run_config is not None else None
+    if chat or (data is not None and data.format == "chat"):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("--chat: this model's tokenizer has no chat template (it was not trained on chat data)")
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if data is None or data.format not in ("prompt-completion", "alpaca", "seq2seq"):
+        return prompt
+    field, answer = {"prompt-completion": ("prompt", "completion"), "alpaca": ("instruction", "output")}.get(
+        data.format, ("source", "target")
+    )
+    try:
+        segments = FORMATS[data.format]({column(data, field): prompt, column(data, answer): "x"}, data, tokenizer)
+    except FormatProblem as problem:
+        raise UserError(f"cannot render the prompt with the run's data.template: {problem}; pass --raw") from None
+    return segments[0].text
 
 
 @torch.no_grad()

@@ -32,7 +32,11 @@ def load_target(target: Path):
     kind, model_dir = resolve_target(target)
     if kind == "checkpoint":
         return load_checkpoint_dir(model_dir)
-    run_config = _run_config(target / "config.yaml") if kind == "run" else None
+    run_config = None
+    if kind == "run":
+        run_config = _run_config(target / "config.yaml")
+    elif (model_dir / "lmforge_config.yaml").is_file():  # an export carries its run's config
+        run_config = _run_config(model_dir / "lmforge_config.yaml")
     model = load_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir, need_eos=task_of(model_dir) != "classification")
     return model, tokenizer, run_config

@@ -97,7 +97,7 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list
     if m.freeze:
         freeze(model, m.freeze)
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # no KV cache while training
     if config.lora is not None:
         from lmforge.models.peft import apply_lora

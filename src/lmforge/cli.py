@@ -75,6 +75,9 @@ def train_command(
 @app.command("eval")
 def eval_command(
     target: Path = typer.Argument(..., help=TARGET_HELP),
+    overrides: list[str] = typer.Argument(
+        None, help="Dotted data settings over the run's, e.g. data.text_field=body data.format=prompt-completion."
+    ),
     data: list[str] = typer.Option(None, "--data", help="Evaluate on these files instead of a split."),
     split: str = typer.Option("test", "--split", help="validation or test: the run's own split."),
     max_length: int = typer.Option(None, "--max-length", help="Tokens per row (default: the run's)."),
@@ -84,7 +87,9 @@ def eval_command(
     from lmforge.eval.target import evaluate_target
 
     _quiet_libraries()
-    metrics = evaluate_target(target, data or None, split, max_length, batch_size, log=err_console.print)
+    metrics = evaluate_target(
+        target, data or None, split, max_length, batch_size, log=err_console.print, overrides=overrides or []
+    )
     console.print(json.dumps(metrics, indent=2))
 
 

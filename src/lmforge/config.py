@@ -141,7 +141,10 @@ class DataConfig(Section):
     columns: dict[str, str] = {}
     """Record fields for the format's fields, e.g. {prompt: question, completion: answer};
     unnamed ones are looked up under their own name (text, prompt, completion, instruction,
-    input, output, messages)."""
+    input, output, messages, source, target, label). For chat also the keys of a message (role,
+    content) and the record's names of the roles (system, user, assistant), e.g. {messages:
+    conversations, role: from, content: value, user: human, assistant: gpt} (ShareGPT's, which
+    is recognised without it)."""
     template: str | None = None
     """Prompt template for prompt-completion/alpaca, with {prompt} (or any record field) in braces,
     e.g. "<human>: {prompt}\n<assistant>: ". Default: the prompt as is / the Alpaca template."""
@@ -433,7 +436,7 @@ def load_config(
     if problems:
         raise ConfigError(problems, source)
     try:
-        config = _validate_taking_strings_literally(raw, literal)
+        config = _validate_literally(Config, raw, literal)
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, raw, key_lines, origins, source), source) from None
     located = sorted((_located(p, key_lines, origins, source) for p in check_config(config)), key=lambda item: item[0])
@@ -442,22 +445,55 @@ def load_config(
     return config
 
 
-def _validate_taking_strings_literally(raw: dict[str, Any], literal: dict[str, str]) -> Config:
-    """Validate; where a string setting was given on the command line or in the environment and
-    YAML read it as something else (`data.template=Q: {prompt}` is a mapping to YAML), take the
-    text as typed and validate again."""
+def override_data(data: DataConfig, overrides: Iterable[str]) -> DataConfig:
+    """`data` with dotted `data.*` overrides applied and validated (commands that read data but
+    train nothing: `lmforge eval`).
+
+    Raises:
+        ConfigError: an override outside data.*, or a value the schema refuses.
+    """
+    raw: dict[str, Any] = {"data": data.model_dump(mode="json")}
+    problems: list[str] = []
+    origins: dict[str, str] = {}
+    literal: dict[str, str] = {}
+    for item in overrides:
+        dotted, _, value = item.partition("=")
+        dotted = dotted.strip()
+        if not _ or not dotted.startswith("data."):
+            problems.append(f"override {item!r}: this command takes data.* overrides only, e.g. data.text_field=body")
+            continue
+        _apply_override(raw, dotted, value, f"override {item!r}", origins, problems)
+        literal[dotted] = value
+    if problems:
+        raise ConfigError(problems)
     try:
-        return Config.model_validate(raw)
+        return _validate_literally(DataConfig, raw["data"], literal, prefix="data.")
+    except ValidationError as exc:
+        raise ConfigError(
+            [
+                f"{origins.get('data.' + '.'.join(map(str, e['loc'])), 'data')}: data.{'.'.join(map(str, e['loc']))}: "
+                f"{e['msg']} (got {e.get('input')!r})"
+                for e in exc.errors()
+            ]
+        ) from None
+
+
+def _validate_literally(model: type[BaseModel], raw: dict[str, Any], literal: dict[str, str], prefix: str = ""):
+    """Validate `raw` as `model`; where a string setting was given on the command line or in the
+    environment (`literal`, by dotted key) and YAML read it as something else
+    (`data.template=Q: {prompt}` is a mapping to YAML), take the text as typed and validate again."""
+    try:
+        return model.model_validate(raw)
     except ValidationError as exc:
         retyped = False
         for error in exc.errors():
-            dotted = ".".join(str(part) for part in error["loc"])
+            dotted = prefix + ".".join(str(part) for part in error["loc"])
             if error["type"] == "string_type" and dotted in literal:
-                _set(raw, dotted, literal[dotted])
+                _set(raw, dotted.removeprefix(prefix), literal[dotted])
                 retyped = True
         if not retyped:
             raise
-    return Config.model_validate(raw)
+    return model.model_validate(raw)
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -676,7 +712,7 @@ FORMAT_FIELDS = {
     "text": ("text",),
     "prompt-completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages",),
+    "chat": ("messages", "role", "content", "system", "user", "assistant"),
     "seq2seq": ("source", "target"),
     "classification": ("text", "label"),
 }

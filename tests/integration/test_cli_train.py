@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, cli_allocator, lmforge_command, subprocess_env, tiny_config_dict
+from conftest import ROOT, chapters, cli_allocator, lmforge_command, subprocess_env, tiny_config_dict
 
 STEPS = 30
 
@@ -130,3 +130,28 @@ def test_eval_and_generate_commands(trained_run):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("And Moses") and len(proc.stdout.strip()) > len("And Moses")
+
+
+def test_eval_takes_data_overrides_and_its_advice_is_something_eval_accepts(trained_run):
+    run_dir, _, tmp = trained_run
+    data = tmp / "bodies.jsonl"
+    data.write_text("".join(json.dumps({"body": chapter}) + "\n" for chapter in chapters(3, start=40)))
+    missing = subprocess.run(
+        lmforge_command("eval", str(run_dir), "--data", str(data)), capture_output=True, text=True, env=subprocess_env()
+    )
+    assert missing.returncode == 2 and "set data.text_field" in missing.stderr, missing.stderr
+    proc = subprocess.run(
+        lmforge_command("eval", str(run_dir), "--data", str(data), "data.text_field=body"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokens"] > 0
+    wrong = subprocess.run(
+        lmforge_command("eval", str(run_dir), "--data", str(data), "train.lr=1"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert wrong.returncode == 2 and "data.* overrides only" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -273,3 +273,46 @@ def test_a_builtin_chat_template_is_saved_with_the_tokenizer_and_renders_as_trai
     prompt = loaded.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
     assert prompt + segments[-1].text == "".join(s.text for s in segments)
     assert segments[-1].trained and segments[-1].text.startswith("5 + 1 = 6.")
+
+
+SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "You teach arithmetic."},
+        {"from": "human", "value": "What is 2 + 3?"},
+        {"from": "gpt", "value": "2 + 3 = 5."},
+        {"from": "human", "value": "And 5 + 1?"},
+        {"from": "gpt", "value": "5 + 1 = 6."},
+    ]
+}
+
+
+def test_sharegpt_records_are_recognised_and_train_as_messages(tokenizer):
+    ours = split_text({"messages": CONVERSATION}, tokenizer, format="chat", chat_template="chatml")
+    assert split_text(SHAREGPT, tokenizer, format="chat", chat_template="chatml")[:2] == ours[:2]
+
+
+def test_message_keys_and_role_names_map_through_data_columns(tokenizer):
+    record = {
+        "turns": [
+            {"speaker": "bob", "text": m["content"]}
+            if m["role"] == "user"
+            else {"speaker": {"system": "sys", "assistant": "bot"}[m["role"]], "text": m["content"]}
+            for m in CONVERSATION
+        ]
+    }
+    columns = {
+        "messages": "turns",
+        "role": "speaker",
+        "content": "text",
+        "user": "bob",
+        "assistant": "bot",
+        "system": "sys",
+    }
+    ours = split_text({"messages": CONVERSATION}, tokenizer, format="chat", chat_template="chatml")
+    assert split_text(record, tokenizer, format="chat", chat_template="chatml", columns=columns)[:2] == ours[:2]
+
+
+def test_an_unknown_role_names_the_mapping_that_fixes_it(tokenizer):
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}
+    with pytest.raises(FormatProblem, match=r"message 1 has role 'bot'.*data.columns.assistant=bot"):
+        FORMATS["chat"](record, DataConfig(train="x", format="chat"), tokenizer)

@@ -145,24 +145,52 @@ def chat_template_of(data: DataConfig, tokenizer) -> str:
     return CHAT_TEMPLATES[data.chat_template]
 
 
+SHAREGPT = {"messages": "conversations", "role": "from", "content": "value", "user": "human", "assistant": "gpt"}
+"""ShareGPT's names ({"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}),
+recognised when a record has no messages field of its own."""
+
+
 def chat_messages(record: dict[str, Any], data: DataConfig) -> list[dict[str, str]]:
-    key = column(data, "messages")
+    """The record's conversation as [{role: system|user|assistant, content}], whatever the record
+    calls them: data.columns maps messages, role and content to its keys and system, user and
+    assistant to its role names; ShareGPT's layout is recognised by itself."""
+    names = dict(data.columns)
+    if column(data, "messages") not in record and SHAREGPT["messages"] in record:
+        names = {**SHAREGPT, **names}
+    key = names.get("messages", "messages")
     messages = record.get(key)
     if messages is None:
         fields = ", ".join(map(str, record)) or "none"
-        raise FormatProblem("missing_column", f"no field {key!r} (fields: {fields}); set data.columns.messages")
+        raise FormatProblem(
+            "missing_column",
+            f"no field {key!r} (fields: {fields}); set data.columns.messages to the field holding the turns",
+        )
     if not isinstance(messages, list) or not messages:
         raise FormatProblem("bad_messages", f"field {key!r} must be a non-empty list of {{role, content}} messages")
+    role_key, content_key = names.get("role", "role"), names.get("content", "content")
+    roles = {names.get(role, role): role for role in ROLES}
+    canonical = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise FormatProblem("bad_messages", f"message {i} must be an object with role and content")
-        if message["role"] not in ROLES:
-            raise FormatProblem("bad_messages", f"message {i} has role {message['role']!r}; use one of {ROLES}")
-        if not isinstance(message["content"], str):
+        if not isinstance(message, dict) or role_key not in message or content_key not in message:
+            keys = ", ".join(map(str, message)) if isinstance(message, dict) else type(message).__name__
+            raise FormatProblem(
+                "bad_messages",
+                f"message {i} must be an object with {role_key!r} and {content_key!r} (it has {keys}); "
+                "map other keys with data.columns.role / data.columns.content",
+            )
+        role = roles.get(message[role_key])
+        if role is None:
+            raise FormatProblem(
+                "bad_messages",
+                f"message {i} has role {message[role_key]!r}; the roles are {', '.join(map(repr, roles))}: map yours "
+                f"with data.columns.user / .assistant / .system, e.g. data.columns.assistant={message[role_key]}",
+            )
+        if not isinstance(message[content_key], str):
             raise FormatProblem("wrong_type", f"message {i} content must be a string")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        canonical.append({"role": role, "content": message[content_key]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in canonical):
         raise FormatProblem("no_assistant_turn", "no non-empty assistant message: nothing to train on")
-    return messages
+    return canonical
 
 
 def chat_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:

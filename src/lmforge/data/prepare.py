@@ -132,15 +132,25 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
     return PreparedData(tokenizer, datasets, report, samples, cache_hit=hit)
 
 
-def tokenize_files(paths: list[Path], data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-    """Rows of whole files (no split, no cache, no packing): for `lmforge eval --data`."""
-    add_bos, counts, rows = adds_bos(tokenizer), Counts(), []
+def tokenize_files(
+    paths: list[Path], data: DataConfig, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None
+) -> Dataset:
+    """Rows of whole files (no split, no cache, no packing), encoded as training encodes them: for
+    `lmforge eval --data`. `labels`: a classifier's class names in id order."""
+    add_bos, counts, rows = row_bos(tokenizer, data), Counts(), []
+    label_ids = {name: i for i, name in enumerate(labels)} if labels else None
     for path in paths:
         for record in read_records(path, data.txt_documents):
-            rows += [_row([e]) for e in record_examples(record, data, tokenizer, add_bos, counts)]
+            rows += [_row([e]) for e in record_examples(record, data, tokenizer, add_bos, counts, label_ids)]
     if not rows:
         raise DataError(f"{', '.join(map(str, paths))}: no examples to evaluate on")
     return Dataset.from_list(rows, features=ROW_FEATURES)
+
+
+def row_bos(tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> bool:
+    """Whether causal-LM rows get the tokenizer's BOS in front (encoder inputs get the tokenizer's
+    own special tokens instead)."""
+    return adds_bos(tokenizer) and data.format not in ("seq2seq", "classification")
 
 
 # --------------------------------------------------------------------------- splitting
@@ -349,7 +359,7 @@ def _write_examples(
     routed: Iterator[tuple[str, Record]], directory: Path, data: DataConfig, tokenizer, label_ids=None
 ) -> dict[str, Counts]:
     """Tokenized examples of every split, to <split>.examples.arrow in `directory`; their counts."""
-    add_bos = adds_bos(tokenizer) and data.format not in ("seq2seq", "classification")
+    add_bos = row_bos(tokenizer, data)
     features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32")})
     counts = {split: Counts() for split in SPLITS}
     with ExitStack() as stack:

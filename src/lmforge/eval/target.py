@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from lmforge.config import Config, DataConfig
+from lmforge.config import Config, DataConfig, override_data
 from lmforge.data.prepare import prepare_data, tokenize_files
 from lmforge.data.sources import resolve_paths
 from lmforge.engine.checkpoint import MANIFEST, latest_valid, verify
@@ -126,26 +126,39 @@ def evaluate_target(
     max_length: int | None,
     batch_size: int,
     log: Callable[[str], None] = print,
+    overrides: list[str] | None = None,
 ) -> dict[str, float]:
-    """Metrics of a trained model on files (`data`) or on its run's own split."""
+    """Metrics of a trained model on files (`data`) or on its run's own split.
+
+    Args:
+        overrides: dotted data.* settings (data.text_field=body) over the run's data settings, or
+            over the defaults for the model's task when `target` is a bare model directory.
+
+    Raises:
+        UserError: a target, a split or data that cannot be evaluated, named with the fix.
+    """
     model, tokenizer, run_config = load_target(target)
+    task = task_of(model_dir_of(target))
+    settings = run_config.data if run_config else DataConfig(train=data or "-", format=DEFAULT_FORMATS[task])
+    if max_length:
+        settings = settings.model_copy(update={"max_length": max_length})
+    settings = override_data(settings, overrides or [])
+    labels = [model.config.id2label[i] for i in range(len(model.config.id2label))] if task == "classification" else None
     if data:
-        data_cfg = run_config.data if run_config else DataConfig(train=data)
-        if max_length:
-            data_cfg = data_cfg.model_copy(update={"max_length": max_length})
-        dataset = tokenize_files(resolve_paths(data, "--data"), data_cfg, tokenizer)
+        dataset = tokenize_files(resolve_paths(data, "--data"), settings, tokenizer, labels)
     else:
         if run_config is None:
             raise UserError(f"{target} is a model directory, not a run: pass --data FILE to evaluate on")
-        if max_length:
-            run_config.data.max_length = max_length
+        run_config.data = settings
         prepared = prepare_data(run_config, log=log)
         if split not in prepared.splits:
             raise UserError(f"the run has no {split!r} split; known: {', '.join(prepared.splits)}")
         dataset = prepared.splits[split]
-    task = task_of(model_dir_of(target))
-    labels = list(model.config.id2label.values()) if task == "classification" else None
     return evaluate(model, dataset, tokenizer.pad_token_id, batch_size, task=task, num_labels=len(labels or []) or None)
+
+
+DEFAULT_FORMATS = {"causal-lm": "text", "seq2seq": "seq2seq", "classification": "classification"}
+"""The data format a bare model directory is evaluated with, by task (data.format=... changes it)."""
 
 
 def model_dir_of(target: Path) -> Path:

@@ -192,26 +192,33 @@ def sync_command(
 def data_inspect(
     config: Path = typer.Argument(..., help="YAML or JSON config file."),
     overrides: list[str] = OVERRIDES,
-    example: int = typer.Option(0, "--example", help="Which training row to show."),
+    example: int = typer.Option(0, "--example", min=0, help="Which training row to show (0 is the first)."),
 ) -> None:
     """Counts, drops, truncation, tokens, length histogram, and one example with its loss mask."""
     from lmforge.config import load_config
     from lmforge.data.prepare import prepare_data
-    from lmforge.data.report import data_report_lines, histogram_lines, render_masked
+    from lmforge.data.report import boundary_line, data_report_lines, data_warnings, histogram_lines, render_masked
 
     cfg = load_config(config, overrides or [])
     _quiet_libraries()
     data = prepare_data(cfg, log=lambda m: err_console.print(m, style="dim"))
     for line in data_report_lines(data.report):
         console.print(line)
+    for message in data_warnings(data.report, cfg.data):
+        err_console.print(f"warning: {message}", style="yellow")
     console.print("\nexample lengths (train, tokens):")
     for line in histogram_lines(data.report):
         console.print(line)
-    row = data.splits["train"][example % len(data.splits["train"])]
+    rows = len(data.splits["train"])
+    if example >= rows:
+        raise UserError(f"--example {example}: the training split has {rows:,} rows (0 to {rows - 1:,})")
+    row = data.splits["train"][example]
     n = row["lengths"][0]
     console.print(f"\ntraining row {example}, first of its {len(row['lengths'])} packed example(s), {n} tokens")
     console.print("trained tokens in green, masked tokens dim inside « »:\n")
     console.print(render_masked(row["input_ids"][:n], row["labels"][:n], data.tokenizer))
+    if cfg.data.format not in ("text", "classification", "seq2seq"):
+        console.print("\n" + boundary_line(row["input_ids"][:n], row["labels"][:n], data.tokenizer), markup=False)
 
 
 @config_app.command("show")

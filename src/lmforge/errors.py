@@ -24,3 +24,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Input data that cannot be read as configured; the message names file and line."""
+
+
+class RecordError(DataError):
+    """One record that does not fit its format (data.on_invalid=error); the message names its file
+    and line. Whether to suggest dropping such records depends on how many there are, which the
+    caller finds out (lmforge.data.prepare)."""

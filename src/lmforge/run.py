@@ -33,7 +33,7 @@ from lmforge.atomic import atomic_dir
 from lmforge.config import Config, dump_yaml, resume_differences
 from lmforge.data.loader import StepPlan
 from lmforge.data.prepare import PreparedData, prepare_data
-from lmforge.data.report import data_report_lines
+from lmforge.data.report import data_report_lines, data_warnings
 from lmforge.engine.checkpoint import Checkpoint, checkpoint_name, latest_valid, load_trainer_state, verify
 from lmforge.engine.loop import (
     PAUSES,
@@ -122,7 +122,10 @@ def run_train(
     plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
     steps = total_steps(config.train, plan)
     _print_plan(console, config, data, model, trainable, total, plan, steps, precision)
+    _warn_about_data(data.report, config, warn)
     if dry_run:
+        for line in data_report_lines(data.report):
+            console.print(line, highlight=False)
         console.print("dry run: config and data are valid; nothing was trained")
         return RunOutcome(None, {})
 
@@ -134,9 +137,7 @@ def run_train(
         saved = load_trainer_state(checkpoint.path)
         console.print(f"resuming from {checkpoint.path} (step {checkpoint.step})")
     main = process.is_main_process
-    if base is not None and main:  # a checkpoint's adapter is exported with it
-        (run_dir / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
-    trackers = _open_outputs(config, run_dir, data, saved, main, warn, console, config_path)
+    trackers = _open_outputs(config, run_dir, data, saved, main, warn, console, config_path, base)
     trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
     status = "FAILED"
     try:
@@ -177,8 +178,13 @@ def run_train(
     return RunOutcome(run_dir, final_eval)
 
 
-def _open_outputs(config: Config, run_dir: Path, data, saved, main: bool, warn, console, config_path) -> Trackers:
-    """The run's config and data report (main process), and its trackers, continuing a resumed run's."""
+def _open_outputs(
+    config: Config, run_dir: Path, data, saved, main: bool, warn, console, config_path, base: dict | None
+) -> Trackers:
+    """The run's config, data report and adapter base record (main process), and its trackers,
+    continuing a resumed run's."""
+    if main and base is not None:  # a checkpoint's adapter is exported with it
+        (run_dir / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
     if main:
         (run_dir / "config.yaml").write_text(dump_yaml(config))
         (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
@@ -382,6 +388,11 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
         )
     if not torch.cuda.is_available() and (tip := malloc.advice()):
         console.print(f"[dim]{tip}[/dim]", highlight=False)
+
+
+def _warn_about_data(report: dict, config: Config, warn) -> None:
+    for message in data_warnings(report, config.data):
+        warn(message)
 
 
 def _print_pause(console, run_dir: Path, state, config_path: str | None) -> None:

@@ -180,3 +180,46 @@ def test_worker_processes_give_the_same_rows(tmp_path):
     assert one.report == two.report
     assert one.splits["train"]["input_ids"] == two.splits["train"]["input_ids"]
     assert one.splits["train"]["labels"] == two.splits["train"]["labels"]
+
+
+def test_dropping_is_suggested_only_when_few_records_are_bad(fixture_file, tmp_path):
+    with pytest.raises(DataError) as info:  # 3 malformed + 3 others of 30
+        prepare_data(sft_config(tmp_path, fixture_file, tmp_path / "c"), log=lambda _: None)
+    assert "or set data.on_invalid=drop to skip such records" in str(info.value)
+    wrong_columns = sft_config(tmp_path, fixture_file, tmp_path / "c", "data.columns={prompt: q, completion: a}")
+    with pytest.raises(DataError) as info:  # every record: the settings are wrong, not the data
+        prepare_data(wrong_columns, log=lambda _: None)
+    message = str(info.value)
+    assert "on_invalid=drop" not in message and "the settings do not fit this data" in message
+
+
+def test_an_empty_split_names_what_emptied_it(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"question": f"Q{i} " + LONG, "answer": "yes"} for i in range(30)])
+    config = sft_config(tmp_path, train, tmp_path / "c", "data.max_length=16")
+    with pytest.raises(DataError) as info:
+        prepare_data(config, log=lambda _: None)
+    assert "no_trained_tokens_left" in str(info.value) and "raise data.max_length (now 16)" in str(info.value)
+    assert "validation_fraction" not in str(info.value)
+
+
+def test_dry_run_shows_the_data_report_and_warns_when_much_is_lost(tmp_path):
+    rows = arithmetic(40, seed=3)
+    rows[:30] = [{"question": r["question"] + " " + LONG, "answer": r["answer"]} for r in rows[:30]]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump({"model": {"preset": "llama-tiny"}, "tokenizer": {"train": True, "vocab_size": 300}})
+    )
+    validation = write_jsonl(tmp_path / "val.jsonl", arithmetic(8, seed=99))
+    args = [
+        f"data.train={train}", f"data.validation={validation}", "data.test_fraction=0", "data.format=prompt-completion",
+        "data.columns={prompt: question, completion: answer}", "data.max_length=32", f"data.cache_dir={tmp_path / 'c'}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        lmforge_command("train", str(config), *args, "--dry-run"), capture_output=True, text=True, env=subprocess_env()
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "train: 40 records -> " in out and "dropped" in out  # the report lines
+    assert "warning: train: 30 of 40 records dropped (30 no_trained_tokens_left); raise data.max_length (now 32)" in out
+    assert "dry run: config and data are valid" in out

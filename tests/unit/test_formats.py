@@ -136,7 +136,7 @@ def test_invalid_records_error_or_are_counted(tokenizer, record, reason):
         FORMATS["prompt-completion"](record, DataConfig(train="x"), tokenizer)
     assert info.value.reason == reason
     strict = DataConfig(train="x", format="prompt-completion")
-    with pytest.raises(DataError, match=r"^f:7: .*data.on_invalid=drop"):
+    with pytest.raises(DataError, match=r"^f:7: "):
         record_examples(Record(record, "f:7"), strict, tokenizer, False, Counts())
     counts = Counts()
     lenient = DataConfig(train="x", format="prompt-completion", on_invalid="drop")

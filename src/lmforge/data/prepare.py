@@ -16,6 +16,7 @@ import gc
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -43,8 +44,9 @@ from lmforge.data.tokenize import (
     prompt_and_reference,
     record_examples,
     rendered_text,
+    segments_of,
 )
-from lmforge.errors import DataError
+from lmforge.errors import DataError, RecordError
 from lmforge.models.tokenizer import load_tokenizer, tokenizer_digest, train_bpe_tokenizer
 
 DATA_VERSION = 3  # bump when the meaning of cached data changes
@@ -104,6 +106,14 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
         }
     )
     splits = SplitReader(sources, data)
+    try:
+        return _prepare(config, source_fp, splits, log)
+    except RecordError as exc:  # how many records are like it decides the advice
+        raise RecordError(f"{exc}{_invalid_advice(splits, data)}") from None
+
+
+def _prepare(config: Config, source_fp: str, splits: SplitReader, log: Callable[[str], None]) -> PreparedData:
+    data = config.data
     tokenizer = _get_tokenizer(config, source_fp, splits, log)
     if data.format == "chat":  # saved with the model, so that it is prompted as it was trained
         tokenizer.chat_template = chat_template_of(data, tokenizer)
@@ -264,7 +274,7 @@ def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) ->
             examples_path = tmp / f"{split}.examples.arrow"
             if counts[split].examples == 0:
                 examples_path.unlink()
-                _check_empty(split, counts[split], splits)
+                _check_empty(split, counts[split], splits, data)
                 continue
             examples = Dataset.from_file(str(examples_path))
             rows = _write_rows(examples, tmp / f"{split}.arrow", data)
@@ -281,21 +291,63 @@ def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) ->
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def _check_empty(split: str, counts: Counts, splits: SplitReader) -> None:
-    dropped = f" ({_describe_drops(counts)})" if counts.dropped else ""
+def _check_empty(split: str, counts: Counts, splits: SplitReader, data: DataConfig) -> None:
+    """Say why a split has no example: no record, or every record dropped (and what drops them)."""
+    dropped = f" ({_describe_drops(counts)}{drop_advice(counts.dropped, data)})" if counts.dropped else ""
     if split == "train":
         if counts.records == 0:
             names = ", ".join(str(s.path) for s in splits.sources["train"])
             raise DataError(f"data.train: the corpus is empty: no text in {names}")
         raise DataError(f"data.train: none of the {counts.records} records gave a training example{dropped}")
     fraction = splits.held_out.get(split)
-    if fraction:
+    if fraction and counts.records == 0:
         raise DataError(
-            f"data: the {split} split is empty{dropped}: no record fell in the {fraction:.0%} held out by hash; "
+            f"data: the {split} split is empty: no record fell in the {fraction:.0%} held out by hash; "
             f"give data.{split} a file or raise data.{split}_fraction"
         )
-    if split == "validation":
-        raise DataError(f"data.validation: no usable examples{dropped}")
+    if fraction or split == "validation":
+        raise DataError(f"data: none of the {counts.records} records of the {split} split gave an example{dropped}")
+
+
+SAMPLED_RECORDS = 500
+
+
+def _invalid_advice(splits: SplitReader, data: DataConfig) -> str:
+    """What to do about an invalid record: drop such records when few are (counted over the first
+    SAMPLED_RECORDS training records), fix the settings when most are."""
+    lenient = data.model_copy(update={"on_invalid": "drop"})
+    counts, seen = Counts(), 0
+    for record in splits.records("train"):
+        segments_of(record, lenient, None, counts)  # (formats read no tokenizer, but a chat's own template)
+        seen += 1
+        if seen == SAMPLED_RECORDS:
+            break
+    bad = sum(counts.dropped.values())
+    if seen and bad / seen <= 0.2:
+        return f"; or set data.on_invalid=drop to skip such records ({bad} of the first {seen} are)"
+    return (
+        f". {bad} of the first {seen} records fail this way: the settings do not fit this data; check data.format "
+        "(and data.columns, data.template) against a record, e.g. with lmforge data inspect"
+    )
+
+
+DROP_FIXES = {
+    "too_long": "raise data.max_length (now {max_length}) or set data.on_too_long=truncate",
+    "no_trained_tokens_left": "raise data.max_length (now {max_length}): truncation cut their whole answer",
+    "fully_masked": "nothing is left to train on after the template: check data.template and data.loss_on",
+    "unknown_label": "list every class in data.labels",
+}
+
+
+def drop_advice(dropped: Counter | dict, data: DataConfig) -> str:
+    """'; <the fix>' for the most common reason records were dropped, or '' when the fix is the data's."""
+    if not dropped:
+        return ""
+    reason = max(dropped, key=dropped.get)
+    fix = DROP_FIXES.get(reason)
+    if fix is None:
+        fix = "the records do not fit data.format / data.columns: see the first one with data.on_invalid=error"
+    return "; " + fix.format(max_length=data.max_length)
 
 
 def _describe_drops(counts: Counts) -> str:

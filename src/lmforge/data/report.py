@@ -23,11 +23,37 @@ def data_report_lines(report: dict[str, Any]) -> list[str]:
             parts.append(f"split into pieces {s['split_into_pieces']:,}")
         share = s["trained_tokens"] / s["tokens"] if s["tokens"] else 0.0
         parts.append(f"{s['tokens']:,} tokens, {s['trained_tokens']:,} trained ({share:.0%})")
-        parts.append(f"{s['rows']:,} rows, packing efficiency {s['packing_efficiency']:.0%}")
+        packing = f", packing efficiency {s['packing_efficiency']:.0%}" if report.get("packing") else ""
+        parts.append(f"{s['rows']:,} rows{packing}")
         if "padding_fraction" in s:
             parts.append(f"padding {s['padding_fraction']:.1%}")
         lines.append("; ".join(parts))
     return lines
+
+
+LOUD_SHARE = 0.10
+"""A split that loses (or truncates) this share of its records gets a warning."""
+
+
+def data_warnings(report: dict[str, Any], data) -> list[str]:
+    """Warnings for the splits that lost or truncated a large share of their records, with the fix
+    (dry runs, training and `data inspect` print them)."""
+    from lmforge.data.prepare import drop_advice
+
+    warnings = []
+    for name, s in report["splits"].items():
+        dropped = sum(s["dropped"].values())
+        if s["records"] and dropped / s["records"] >= LOUD_SHARE:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in s["dropped"].items())
+            warnings.append(
+                f"{name}: {dropped:,} of {s['records']:,} records dropped ({reasons}){drop_advice(s['dropped'], data)}"
+            )
+        if s["records"] and s["truncated"] / s["records"] >= LOUD_SHARE:
+            warnings.append(
+                f"{name}: {s['truncated']:,} of {s['records']:,} records truncated at data.max_length="
+                f"{report['max_length']}: what is cut off is never trained on; raise data.max_length"
+            )
+    return warnings
 
 
 def histogram_lines(report: dict[str, Any], split: str = "train", width: int = 40) -> list[str]:
@@ -50,3 +76,20 @@ def render_masked(input_ids: list[int], labels: list[int], tokenizer) -> Text:
                 text.append(piece, style="bold green")
             start = i
     return text
+
+
+def boundary_line(input_ids: list[int], labels: list[int], tokenizer) -> str:
+    """Where the first answer starts, token by token: the last prompt token and the first trained
+    one, as the model sees them (a template's trailing space shows up inside the answer's token)."""
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+    if first is None or first == 0:
+        return "answer boundary: no prompt before the first trained token"
+    last_prompt = tokenizer.decode(input_ids[first - 1 : first])
+    first_answer = tokenizer.decode(input_ids[first : first + 1])
+    note = ""
+    if first_answer[:1].isspace() and not last_prompt[-1:].isspace():
+        note = " (it starts with white space: a template's trailing space is trained as part of the answer)"
+    return (
+        f"answer boundary: the prompt ends with {last_prompt!r} (token {input_ids[first - 1]}), the answer "
+        f"starts with {first_answer!r} (token {input_ids[first]}){note}"
+    )

@@ -19,7 +19,7 @@ import numpy as np
 from lmforge.config import DataConfig
 from lmforge.data.formats import FORMATS, FormatProblem, Segment
 from lmforge.data.sources import Record
-from lmforge.errors import DataError
+from lmforge.errors import DataError, RecordError
 
 IGNORE_INDEX = -100
 
@@ -242,7 +242,7 @@ def segments_of(record: Record, data: DataConfig, tokenizer, counts: Counts | No
         return FORMATS[data.format](record.fields, data, tokenizer)
     except FormatProblem as problem:
         if data.on_invalid == "error":
-            raise DataError(f"{record.where}: {problem}; or set data.on_invalid=drop to skip such records") from None
+            raise RecordError(f"{record.where}: {problem}") from None
         if counts is not None:
             counts.dropped[problem.reason] += 1
         return None

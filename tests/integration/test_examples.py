@@ -59,6 +59,10 @@ def run(tmp_path, example, *overrides):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_dir,) = [p for p in (tmp_path / "runs").glob(f"{example}-quick-test-2*")]
+    # an example drops and truncates nothing it needs: every record, whole, in every split
+    for split, report in json.loads((run_dir / "data_report.json").read_text())["splits"].items():
+        assert report["dropped"] == {} and report["truncated"] == 0, (example, split, report)
+        assert report["examples"] == report["records"], (example, split)
     return run_dir, json.loads((run_dir / "eval.json").read_text())
 
 

@@ -100,3 +100,28 @@ def test_schedule_floor_and_constant():
     assert lr_factor(5, 100, 10, "constant") == 0.5
     assert lr_factor(99, 100, 10, "constant") == 1.0
     assert math.isclose(lr_factor(0, 100, 0, "linear"), 1.0)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "llama-20m", "llama-120m", "t5-tiny"])
+def test_a_fresh_model_of_every_preset_starts_near_the_uniform_loss(preset):
+    """A new model knows nothing: its loss on random tokens is about ln(vocab), not 60 (perplexity
+    1e26), or training spends its first steps undoing the initialisation."""
+    import math
+
+    from lmforge.config import load_config
+    from lmforge.models.build import build_model
+    from lmforge.models.presets import PRESET_TASKS
+    from lmforge.models.tokenizer import train_bpe_tokenizer
+
+    task = PRESET_TASKS.get(preset, "causal-lm")
+    tokenizer = train_bpe_tokenizer(["In the beginning God created the heaven and the earth."] * 20, vocab_size=400)
+    fmt = "seq2seq" if task == "seq2seq" else "text"
+    overrides = [f"model.preset={preset}", f"model.task={task}", "tokenizer.train=true", f"data.format={fmt}"]
+    config = load_config(None, [*overrides, "data.train=x"], env={})
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer)
+    ids = torch.randint(0, len(tokenizer), (4, 32))
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, labels=ids).loss)
+    uniform = math.log(len(tokenizer))  # logits of std s add about s^2 / 2 to it
+    assert uniform - 0.5 < loss < uniform + 1.5, (preset, loss, uniform)

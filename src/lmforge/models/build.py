@@ -52,7 +52,7 @@ def llama_config(config: Config, tokenizer: PreTrainedTokenizerBase) -> LlamaCon
 def t5_config(config: Config, tokenizer: PreTrainedTokenizerBase) -> T5Config:
     """A from-scratch T5 sized by the lmforge config (hidden_size = d_model, num_layers each side)."""
     arch = resolved_architecture(config)
-    return T5Config(
+    t5 = T5Config(
         vocab_size=len(tokenizer),
         d_model=arch["hidden_size"],
         d_ff=arch["intermediate_size"],
@@ -63,8 +63,12 @@ def t5_config(config: Config, tokenizer: PreTrainedTokenizerBase) -> T5Config:
         decoder_start_token_id=tokenizer.pad_token_id,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=bool(arch["tie_embeddings"]),
     )
+    # transformers 5 always ties T5's head to its embeddings (std 1); it scales the decoder's output
+    # by d_model^-0.5 unless told tie_word_embeddings=False, and without that scale the logits have
+    # std sqrt(d_model): an initial loss of 60+ where ln(vocab) is 8.
+    t5.scale_decoder_outputs = True
+    return t5
 
 
 def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None) -> PreTrainedModel:

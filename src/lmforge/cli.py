@@ -55,18 +55,19 @@ def train_command(
 ) -> None:
     """Train a model as the config says."""
     from lmforge.config import load_config
-    from lmforge.run import quick_test_config, run_train
+    from lmforge.run import quick_test_config, resume_command, run_train
 
     cfg = load_config(config, overrides or [])
     if quick_test:
         cfg = quick_test_config(cfg)
     _quiet_libraries()
     try:
-        outcome = run_train(cfg, console, dry_run=dry_run, resume=resume, config_path=str(config))
-    except KeyboardInterrupt:
-        err_console.print(
-            f"interrupted at once; the newest complete checkpoint is kept: lmforge train {config} --resume auto"
+        outcome = run_train(
+            cfg, console, dry_run=dry_run, resume=resume, config_path=str(config), overrides=overrides or []
         )
+    except KeyboardInterrupt:
+        command = resume_command(str(config), overrides or [], "auto")
+        err_console.print(f"interrupted at once; the newest complete checkpoint is kept: {command}", markup=False)
         raise typer.Exit(130) from None
     if outcome.paused in ("SIGTERM", "SIGINT"):
         raise typer.Exit(143 if outcome.paused == "SIGTERM" else 130)

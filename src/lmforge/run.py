@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +45,7 @@ from lmforge.engine.loop import (
     total_steps,
     train,
 )
+from lmforge.engine.optim import schedule_change
 from lmforge.engine.progress import format_duration
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
@@ -95,13 +97,15 @@ def run_train(
     dry_run: bool = False,
     resume: str | None = None,
     config_path: str | None = None,
+    overrides: list[str] | None = None,
 ) -> RunOutcome:
     """Prepare data, build the model, train (or resume), evaluate, and write the run directory.
 
     Args:
         resume: "auto" (the newest valid checkpoint of the newest run with this name, if any) or
             the path of a checkpoint or run directory.
-        config_path: the config file, only to print the command that resumes a paused run.
+        config_path, overrides: the config file and command-line overrides, only to print the
+            command that resumes a paused run.
     """
     started = time.perf_counter()
     warn = lambda message: console.print(f"[yellow]warning: {message}[/yellow]")  # noqa: E731
@@ -122,7 +126,7 @@ def run_train(
     plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
     steps = total_steps(config.train, plan)
     _print_plan(console, config, data, model, trainable, total, plan, steps, precision)
-    _warn_about_data(data.report, config, warn)
+    _warn_before_training(data.report, config, checkpoint, plan, steps, warn)
     if dry_run:
         for line in data_report_lines(data.report):
             console.print(line, highlight=False)
@@ -158,7 +162,7 @@ def run_train(
         if state.stop_reason in PAUSES:
             status = "KILLED"
             if main:
-                _print_pause(console, run_dir, state, config_path)
+                _print_pause(console, run_dir, state, config_path, overrides or [])
             return RunOutcome(run_dir, {}, paused=state.stop_reason)
         if not main:
             status = "FINISHED"
@@ -390,18 +394,28 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
         console.print(f"[dim]{tip}[/dim]", highlight=False)
 
 
-def _warn_about_data(report: dict, config: Config, warn) -> None:
+def _warn_before_training(report: dict, config: Config, checkpoint: Checkpoint | None, plan, steps: int, warn) -> None:
+    """The data's losses, and what a resume with another length does to the schedule."""
     for message in data_warnings(report, config.data):
         warn(message)
+    if checkpoint is not None:
+        saved = Config.model_validate(yaml.safe_load((checkpoint.path / "config.yaml").read_text()))
+        if note := schedule_change(saved.train, config.train, total_steps(saved.train, plan), steps, checkpoint.step):
+            warn(note)
 
 
-def _print_pause(console, run_dir: Path, state, config_path: str | None) -> None:
-    config_arg = config_path or "CONFIG"
+def resume_command(config_path: str | None, overrides: list[str], resume: str | Path) -> str:
+    """The command that resumes a run as it was started: its overrides quoted for the shell."""
+    words = ["lmforge", "train", config_path or "CONFIG", *overrides, "--resume", str(resume)]
+    return shlex.join(words)
+
+
+def _print_pause(console, run_dir: Path, state, config_path: str | None, overrides: list[str]) -> None:
     console.print(
         f"\n[bold yellow]stopped[/bold yellow] ({state.stop_reason}) at step {state.step}; "
         f"checkpoint saved in {run_dir / 'checkpoints' / checkpoint_name(state.step)}"
     )
-    console.print(f"resume with: lmforge train {config_arg} --resume {run_dir}", highlight=False)
+    console.print(f"resume with: {resume_command(config_path, overrides, run_dir)}", highlight=False, markup=False)
 
 
 def _print_summary(console, run_dir, history, final_eval, trackers, started) -> None:

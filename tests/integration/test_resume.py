@@ -1,6 +1,7 @@
 """Killed at any moment and resumed, a run must produce exactly the model of an uninterrupted run."""
 
 import json
+import shlex
 import signal
 import subprocess
 import time
@@ -173,21 +174,24 @@ def test_sigterm_saves_and_resume_continues_exactly_with_the_same_mlflow_run(tmp
     cfg = yaml.safe_load(path.read_text())
     cfg["tracking"] = {"backends": ["mlflow"]}
     path.write_text(yaml.safe_dump(cfg))
-    proc = start(path)
+    typed = ["tracking.tags={team: nlp core}", "train.log_every=1"]  # overrides, one with spaces
+    proc = start(path, *typed)
     runs = tmp_path / "runs"
     wait_until(proc, lambda: logged_step(runs.glob("run-2*"), 8))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     run_dir = run_dir_of(tmp_path, "run")
     log = next(tmp_path.glob("run.*.log")).read_text()
-    assert "stopped (SIGTERM)" in log and f"--resume {run_dir}" in log
+    assert "stopped (SIGTERM)" in log
+    (printed,) = [line.removeprefix("resume with: ") for line in log.splitlines() if line.startswith("resume with: ")]
+    assert shlex.split(printed) == ["lmforge", "train", str(path), *typed, "--resume", str(run_dir)]
     stopped = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
     assert stopped >= 8 and stopped % 5  # saved at the stop, not at a periodic step
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
 
-    finish(path, "--resume", str(run_dir))
+    finish(path, *shlex.split(printed)[3:])  # the printed command, as pasted
     assert_same_run(run_dir, reference)
     (again,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
@@ -209,6 +213,11 @@ def test_resume_refuses_a_changed_model_and_allows_more_steps(tmp_path):
     assert "data.max_length: 32 -> 64" in proc.stderr
     out = finish(config, "--resume", "auto", "train.max_steps=9").stdout
     assert "resuming with a changed setting: train.max_steps: 6 -> 9" in out
+    # lr 2e-3, 3 warmup steps, cosine: at step 6 the old plan had ended (0), the new is halfway down
+    assert (
+        "the cosine learning-rate schedule is planned again over 9 steps instead of 6: at step 6 the learning "
+        "rate becomes 0.001 (it was 0), reaching 0 at step 9"
+    ) in " ".join(out.split())
     run_dir = run_dir_of(tmp_path, "run")
     assert [s for s, _ in losses(run_dir)] == list(range(1, 10))
 

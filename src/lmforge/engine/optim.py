@@ -72,3 +72,20 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.scheduler, cfg.min_lr_ratio)
     )
+
+
+def schedule_change(cfg_before: TrainConfig, cfg_now: TrainConfig, total_before: int, total_now: int, step: int) -> str:
+    """What a resume that changes the run's length does to its learning-rate schedule, in words
+    ('' when nothing changes): the schedule is planned over the total steps, so a new total moves
+    every later learning rate."""
+    if total_before == total_now or cfg_now.scheduler == "constant":
+        return ""
+    rates = []
+    for cfg, total in ((cfg_before, total_before), (cfg_now, total_now)):
+        factor = lr_factor(step, total, warmup_steps(cfg, total), cfg.scheduler, cfg.min_lr_ratio)
+        rates.append(cfg.lr * factor)
+    return (
+        f"the {cfg_now.scheduler} learning-rate schedule is planned again over {total_now:,} steps instead of "
+        f"{total_before:,}: at step {step:,} the learning rate becomes {rates[1]:.3g} (it was {rates[0]:.3g}), "
+        f"reaching {cfg_now.lr * cfg_now.min_lr_ratio:.3g} at step {total_now:,}"
+    )

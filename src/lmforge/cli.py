@@ -57,7 +57,7 @@ def train_command(
     from lmforge.config import load_config
     from lmforge.run import quick_test_config, resume_command, run_train
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [], check_files=True)
     if quick_test:
         cfg = quick_test_config(cfg)
     _quiet_libraries()
@@ -200,7 +200,7 @@ def data_inspect(
     from lmforge.data.prepare import prepare_data
     from lmforge.data.report import boundary_line, data_report_lines, data_warnings, histogram_lines, render_masked
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [], check_files=True)
     _quiet_libraries()
     data = prepare_data(cfg, log=lambda m: err_console.print(m, style="dim"))
     for line in data_report_lines(data.report):
@@ -236,7 +236,7 @@ def config_validate(config: Path = typer.Argument(...), overrides: list[str] = O
     from lmforge.config import load_config
 
     try:
-        load_config(config, overrides or [])
+        load_config(config, overrides or [], check_files=True)
     except ConfigError as exc:
         err_console.print(f"error: {exc}", markup=False)
         raise typer.Exit(1) from None

@@ -401,6 +401,7 @@ def load_config(
     path: str | Path | None,
     overrides: Iterable[str] = (),
     env: Mapping[str, str] | None = None,
+    check_files: bool = False,
 ) -> Config:
     """Load, merge and validate a config.
 
@@ -408,6 +409,9 @@ def load_config(
         path: YAML or JSON file; None starts from the schema defaults alone.
         overrides: dotted `key=value` strings from the command line; values are parsed as YAML.
         env: environment to read `LMFORGE_*` overrides from (default: `os.environ`).
+        check_files: also check that the data files and model/tokenizer directories it names exist
+            (relative paths are resolved against the working directory), for the commands that read
+            them (train, data inspect, config validate).
 
     Returns:
         The validated config.
@@ -439,7 +443,8 @@ def load_config(
         config = _validate_literally(Config, raw, literal)
     except ValidationError as exc:
         raise ConfigError(_describe_errors(exc, raw, key_lines, origins, source), source) from None
-    located = sorted((_located(p, key_lines, origins, source) for p in check_config(config)), key=lambda item: item[0])
+    problems = check_config(config) + (check_paths(config) if check_files else [])
+    located = sorted((_located(p, key_lines, origins, source) for p in problems), key=lambda item: item[0])
     if located:
         raise ConfigError([text for _, text in located], source)
     return config
@@ -861,6 +866,78 @@ def _mlflow_name_problems(config: Config) -> list[str]:
         except MlflowException as exc:
             problems.setdefault(where, f"{where}: MLflow refuses it: {exc.message}")
     return list(problems.values())
+
+
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model name is a path on this machine rather than a Hugging Face Hub id ("org/name"):
+    it exists, starts like a path, has other than one slash, or its first part is a local directory
+    (models/qwen beside a models/ folder). A local-looking name never goes to the Hub."""
+    path = Path(name_or_path).expanduser()
+    text = str(name_or_path)
+    return (
+        path.exists()
+        or text.startswith((".", "/", "~", "\\"))
+        or text.count("/") != 1
+        or Path(text.split("/")[0]).is_dir()
+    )
+
+
+def hub_problems(field: str, repo_id: str) -> list[str]:
+    """A Hub id ("org/name") that is neither cached nor reachable, said at once (transformers would
+    retry for a minute); the message also names the local directory it is not."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return []
+    local = (Path.cwd() / repo_id).resolve()
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+    else:
+        try:
+            model_info(repo_id, timeout=10)
+            return []
+        except Exception as exc:  # noqa: BLE001 - unreachable, unknown or private: all say the same here
+            reason = f"the Hugging Face Hub did not give it ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    return [
+        f"{field}: {repo_id!r} is no local directory (looked for {local}) and {reason}; for a local model give "
+        f"its path, e.g. ./{repo_id}"
+    ]
+
+
+def check_paths(config: Config) -> list[str]:
+    """The files and directories a config names, each checked to exist (relative paths against the
+    working directory, which the messages name)."""
+    from lmforge.data.sources import HUB_PREFIX, resolve_paths
+    from lmforge.errors import DataError
+
+    problems = []
+    cwd = Path.cwd()
+    for split in ("train", "validation", "test"):
+        spec = getattr(config.data, split)
+        entries = [] if spec is None else spec if isinstance(spec, list) else [spec]
+        for entry in entries:
+            path = entry if isinstance(entry, str) else entry.path
+            if path.startswith(HUB_PREFIX):
+                continue
+            try:
+                resolve_paths(path, f"data.{split}")
+            except DataError as exc:
+                problems.append(f"{exc} (looked for {(cwd / Path(path).expanduser()).resolve()})")
+    for field, value in (("model.name_or_path", config.model.name_or_path), ("tokenizer.path", config.tokenizer.path)):
+        if value is None:
+            continue
+        if not looks_local(value):
+            problems += hub_problems(field, value)
+            continue
+        where = (cwd / Path(value).expanduser()).resolve()
+        if not where.is_dir():
+            problems.append(
+                f"{field}: no directory {value!r} (looked for {where}; relative paths are resolved against the "
+                "working directory)"
+            )
+        elif field == "model.name_or_path" and not (where / "config.json").is_file():
+            problems.append(f"{field}: {where} is not a Hugging Face model directory (it has no config.json)")
+    return problems
 
 
 def resolved_architecture(config: Config) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from lmforge.config import Config, resolved_architecture
+from lmforge.config import Config, looks_local, resolved_architecture
 from lmforge.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -189,9 +189,10 @@ def load_pretrained(
 ):
     """Load an HF-format model directory for `task` (safetensors preferred)."""
     local = Path(path).expanduser()
-    looks_local = local.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1
-    if looks_local and not (local / "config.json").is_file():
-        raise UserError(f"{path}: not a Hugging Face model directory (no config.json there)")
+    local_path = looks_local(str(path))
+    if local_path and not (local / "config.json").is_file():
+        found = "no such directory" if not local.is_dir() else "no config.json there"
+        raise UserError(f"{path}: not a Hugging Face model directory ({found}; looked for {local.resolve()})")
     extra = {}
     if quantization is not None:
         extra["quantization_config"] = quantization
@@ -204,7 +205,7 @@ def load_pretrained(
         }
     try:
         return AUTO_CLASSES[task].from_pretrained(
-            str(local.resolve()) if looks_local else str(path),  # links resolved: an adapter records this
+            str(local.resolve()) if local_path else str(path),  # links resolved: an adapter records this
             dtype=dtype or "auto",
             trust_remote_code=trust_remote_code,
             use_safetensors=None,

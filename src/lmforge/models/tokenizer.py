@@ -43,6 +43,10 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, need_eos: 
     Args:
         need_eos: language models need EOS to end documents and answers; encoders do not.
     """
+    from lmforge.config import looks_local
+
+    if looks_local(str(path)) and not Path(path).expanduser().is_dir():  # never a minute of Hub retries
+        raise UserError(f"{path}: no such directory (looked for {Path(path).expanduser().resolve()})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -31,6 +31,23 @@ OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-4 data
 TARGET_HELP = "A run directory (finished or paused), a checkpoint (runs/NAME/checkpoints/step-N) or a model directory."
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from lmforge import __version__
+
+        console.print(f"lmforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(
+        False, "--version", help="Print lmforge's version and exit.", is_eager=True, callback=_print_version, metavar=""
+    ),
+) -> None:
+    """Train and fine-tune language models from one YAML file."""
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     # peft calls a transformers property deprecated in v5; nothing for a user to act on
@@ -47,8 +64,12 @@ def _quiet_libraries() -> None:
 def train_command(
     config: Path = typer.Argument(..., help="YAML or JSON config file."),
     overrides: list[str] = OVERRIDES,
-    quick_test: bool = typer.Option(False, "--quick-test", help="A few steps and a tiny eval, to check a config."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate config and data, report sizes, train nothing."),
+    quick_test: bool = typer.Option(
+        False, "--quick-test", help="A few steps and a tiny eval, to check a config.", metavar=""
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate config and data, report sizes, train nothing.", metavar=""
+    ),
     resume: str = typer.Option(
         None, "--resume", help="auto (newest valid checkpoint of this run name) or a checkpoint/run directory."
     ),
@@ -98,8 +119,12 @@ def eval_command(
 def generate_command(
     target: Path = typer.Argument(..., help=TARGET_HELP),
     prompt: str = typer.Argument(None, help="The prompt (or use --prompts-file)."),
-    chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the chat template."),
-    raw: bool = typer.Option(False, "--raw", help="Continue the text as given, without the run's template."),
+    chat: bool = typer.Option(
+        False, "--chat", help="Send the prompt as a user message through the chat template.", metavar=""
+    ),
+    raw: bool = typer.Option(
+        False, "--raw", help="Continue the text as given, without the run's template.", metavar=""
+    ),
     system: str = typer.Option(None, "--system", help="A system message before the prompt (with chat)."),
     prompts_file: Path = typer.Option(
         None, "--prompts-file", help=".txt (a prompt a line) or .jsonl ({prompt}); prints JSONL."
@@ -165,9 +190,14 @@ def _read_prompts(path: Path) -> list[str]:
 def export_command(
     run: Path = typer.Argument(..., help="A run (finished or paused) or a checkpoint directory."),
     out: Path = typer.Option(..., "--out", help="Directory to write."),
-    merge_lora: bool = typer.Option(False, "--merge-lora", help="Fold a LoRA adapter into the base weights."),
+    merge_lora: bool = typer.Option(
+        False, "--merge-lora", help="Fold a LoRA adapter into the base weights.", metavar=""
+    ),
     force: bool = typer.Option(
-        False, "--force", help="Write into a non-empty directory that is not an export (its other files are kept)."
+        False,
+        "--force",
+        help="Write into a non-empty directory that is not an export (its other files are kept).",
+        metavar="",
     ),
 ) -> None:
     """Write a self-contained Hugging Face directory with a model card."""
@@ -181,7 +211,9 @@ def export_command(
 @app.command("sync")
 def sync_command(
     run: Path = typer.Argument(..., help="A run directory."),
-    overrides: list[str] = OVERRIDES,
+    overrides: list[str] = typer.Argument(
+        None, help="Settings over the run's saved config, e.g. tracking.mlflow.tracking_uri=http://host:5000."
+    ),
 ) -> None:
     """Send a tracking backend the points it missed (server down during the run), from metrics.jsonl."""
     from lmforge.tracking.sync import sync_run

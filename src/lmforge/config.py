@@ -255,6 +255,10 @@ class TrainConfig(Section):
     """Checkpoints kept, besides the best one, which is always kept."""
     max_time: float | None = Field(default=None, gt=0)
     """Seconds of training in this invocation; when reached, save a checkpoint and stop (resume later)."""
+    num_threads: int | None = Field(default=None, ge=1)
+    """CPU threads for tensor work (torch.set_num_threads). Default: PyTorch's, one per core. On a
+    machine that other jobs keep busy, fewer threads than cores can be several times faster (threads
+    that wait for a core stall the others); the plan line says how many are used."""
     compile: bool = False
     """Compile the model with torch.compile (inductor). The first steps are slow while it compiles;
     fixed shapes (packing) avoid recompiling. Needs a C/C++ compiler on CPU."""
@@ -620,8 +624,60 @@ def _prefixes(dotted: str) -> list[str]:
     return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
 
 
+PEER_NAMES = {
+    "learning_rate": "train.lr",
+    "lr_scheduler_type": "train.scheduler",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "micro_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "warmup_steps": "train.warmup_steps",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm",
+    "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "bf16": "train.precision=bf16",
+    "fp16": "train.precision=fp16",
+    "torch_compile": "train.compile",
+    "max_seq_length": "data.max_length",
+    "max_seq_len": "data.max_length",
+    "sequence_len": "data.max_length",
+    "cutoff_len": "data.max_length",
+    "max_length": "data.max_length",
+    "packing": "data.packing",
+    "sample_packing": "data.packing",
+    "dataset_text_field": "data.text_field",
+    "model_name_or_path": "model.name_or_path",
+    "base_model": "model.name_or_path",
+    "lora_r": "lora.r",
+    "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "load_in_4bit": "lora.quantize=4bit",
+    "load_in_8bit": "lora.quantize=8bit",
+    "report_to": "tracking.backends",
+    "run_name": "name",
+}
+"""Names users bring from the Hugging Face Trainer, TRL, Axolotl and LLaMA-Factory, and lmforge's
+setting for each (an unknown key with one of these names, at any level, suggests it)."""
+
+
 def _suggest(loc: list[str]) -> str:
-    """Nearest known key at the same level as an unknown one, as ' (did you mean ...?)'."""
+    """Nearest known key at the same level as an unknown one, as ' (did you mean ...?)'; a peer's
+    name for a setting (PEER_NAMES) suggests lmforge's."""
+    if loc[-1] in PEER_NAMES and ".".join(loc) != PEER_NAMES[loc[-1]].split("=")[0]:
+        return f"; lmforge calls it {PEER_NAMES[loc[-1]]}"
     section: type[BaseModel] = Config
     for part in loc[:-1]:
         field = section.model_fields.get(part)
@@ -980,6 +1036,7 @@ RESUME_SAFE = (
     "train.keep_last",
     "train.max_time",
     "train.max_bad_steps",
+    "train.num_threads",
     "eval.",
     "tracking.",
 )

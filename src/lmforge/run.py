@@ -17,6 +17,8 @@ import os
 import re
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -117,6 +119,47 @@ def run_train(
     process = PartialState(cpu=distributed_cpu())  # one per process of a job; the main one writes and logs
     if not process.is_main_process:
         console = Console(quiet=True)
+    resumed_dir = checkpoint.path.parent.parent if checkpoint is not None and process.is_main_process else None
+    with run_lock(resumed_dir):
+        return _run(config, console, warn, precision, checkpoint, process, dry_run, config_path, overrides, started)
+
+
+@contextmanager
+def run_lock(run_dir: Path | None) -> Iterator[None]:
+    """Hold the run directory for this process: a second lmforge resuming the same run at the same
+    time would interleave checkpoints and metrics, so it is refused at once.
+
+    Raises:
+        UserError: another process holds the run.
+    """
+    if run_dir is None:
+        yield
+        return
+    import fcntl
+
+    with (run_dir / ".lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise UserError(
+                f"{run_dir} is being trained by {holder} right now; wait for it to stop (or stop it), then resume"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"lmforge (pid {os.getpid()})")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run(config, console, warn, precision, checkpoint, process, dry_run, config_path, overrides, started) -> RunOutcome:
+    """run_train after the checks: data, model, plan, training, outputs."""
+    if config.train.num_threads is not None:
+        torch.set_num_threads(config.train.num_threads)
     with process.main_process_first():  # the main process fills the data cache, the others read it
         data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
@@ -383,7 +426,8 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
         f"plan: {steps:,} steps ({plan.steps_per_epoch:,} per epoch), up to {per_step:,} tokens per step, "
         f"precision {precision if precision != 'no' else 'fp32'}"
         + (f", attention {attention.removeprefix('lmforge_')}" if attention else "")
-        + f", {malloc.active()}",
+        + f", {malloc.active()}"
+        + ("" if torch.cuda.is_available() else f", {_threads(torch.get_num_threads())} (train.num_threads)"),
         highlight=False,
     )
     if precision == "no" and config.train.precision == "auto" and cpu_has_native_bf16():
@@ -392,6 +436,10 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
         )
     if not torch.cuda.is_available() and (tip := malloc.advice()):
         console.print(f"[dim]{tip}[/dim]", highlight=False)
+
+
+def _threads(n: int) -> str:
+    return f"{n} CPU thread{'s' if n != 1 else ''}"
 
 
 def _warn_before_training(report: dict, config: Config, checkpoint: Checkpoint | None, plan, steps: int, warn) -> None:

@@ -216,10 +216,14 @@ def test_dry_run_shows_the_data_report_and_warns_when_much_is_lost(tmp_path):
         "data.columns={prompt: question, completion: answer}", "data.max_length=32", f"data.cache_dir={tmp_path / 'c'}",
     ]  # fmt: skip
     proc = subprocess.run(
-        lmforge_command("train", str(config), *args, "--dry-run"), capture_output=True, text=True, env=subprocess_env()
+        lmforge_command("train", str(config), *args, "train.num_threads=1", "--dry-run"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "train: 40 records -> " in out and "dropped" in out  # the report lines
     assert "warning: train: 30 of 40 records dropped (30 no_trained_tokens_left); raise data.max_length (now 32)" in out
     assert "dry run: config and data are valid" in out
+    assert "1 CPU thread (train.num_threads)" in out

@@ -279,3 +279,20 @@ def test_a_string_setting_is_taken_as_typed_when_yaml_reads_it_as_something_else
     with pytest.raises(ConfigError) as info:  # a number where one belongs is still checked
         load_config(config_file, ["train.lr=fast"], env={})
     assert "train.lr" in problems_of(info)[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("train.learning_rate=1e-4", "train.learning_rate: unknown key; lmforge calls it train.lr"),
+        ("per_device_train_batch_size=8", "lmforge calls it train.micro_batch_size"),
+        ("train.gradient_accumulation_steps=4", "lmforge calls it train.grad_accum"),
+        ("num_train_epochs=3", "lmforge calls it train.epochs"),
+        ("train.bf16=true", "lmforge calls it train.precision=bf16"),
+        ("max_seq_length=512", "lmforge calls it data.max_length"),
+    ],
+)
+def test_a_peers_name_for_a_setting_suggests_lmforges(config_file, key, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [key], env={})
+    assert any(expected in p for p in problems_of(info)), problems_of(info)

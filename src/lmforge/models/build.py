@@ -172,7 +172,10 @@ def task_of(path: str | Path) -> str:
         task_type = json.loads(adapter.read_text()).get("task_type")
         if task_type in ADAPTER_TASKS:
             return ADAPTER_TASKS[task_type]
-    config = AutoConfig.from_pretrained(str(path))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read its model config.json ({str(exc).splitlines()[0]})") from None
     architectures = config.architectures or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "classification"

@@ -136,8 +136,11 @@ def generate_command(
     stop: list[str] = typer.Option(None, "--stop", help="A string that ends the answer (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Answer a prompt with a trained model: rendered as the run was trained (its chat or prompt
-    template; --raw continues the text as given), a class name for a classifier."""
+    """Answer a prompt with a trained model, prompted as it was trained.
+
+    The prompt goes through the run's chat or prompt template (--raw continues the text as given);
+    a classifier answers with a class name.
+    """
     from lmforge.config import GenerateConfig
     from lmforge.eval.generation import as_trained, respond
     from lmforge.eval.target import load_target

@@ -201,9 +201,9 @@ def _needs_bos(ids, bos: int | None) -> bool:
     return bos is not None and (len(ids) == 0 or ids[0] != bos)
 
 
-def source_ids(text: str, tokenizer) -> list[int]:
-    """An encoder's input as seq2seq training encodes it: the tokenizer's special tokens, then EOS
-    unless it is already the last token."""
+def ids_with_eos(text: str, tokenizer) -> list[int]:
+    """A seq2seq source or target as training encodes it (and generation the encoder's input):
+    the tokenizer's special tokens, then EOS unless it is already the last token."""
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
@@ -308,8 +308,8 @@ def _causal_examples(
 def _seq2seq_example(segments, data: DataConfig, tokenizer, where: str, counts: Counts) -> list[Example]:
     """input_ids: the source for the encoder; labels: the target the decoder learns to produce.
     The decoder's inputs are the labels shifted right, made by the model itself."""
-    source = source_ids(segments[0].text, tokenizer)
-    target = source_ids(segments[1].text, tokenizer)
+    source = ids_with_eos(segments[0].text, tokenizer)
+    target = ids_with_eos(segments[1].text, tokenizer)
     target_limit = data.max_target_length or data.max_length
     if len(source) > data.max_length or len(target) > target_limit:
         if data.too_long == "error":

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmforge.config import GenerateConfig
 from lmforge.data.formats import Segment
-from lmforge.data.tokenize import adds_bos, encode_marked, prompt_ids, source_ids
+from lmforge.data.tokenize import adds_bos, encode_marked, ids_with_eos, prompt_ids
 from lmforge.errors import UserError
 
 
@@ -57,7 +57,7 @@ def model_inputs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: P
     the encoder's input for a seq2seq model, the training row's prefix for a causal LM."""
     prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
     if model.config.is_encoder_decoder:
-        return source_ids(prompt.text, tokenizer), len(prompt.text)
+        return ids_with_eos(prompt.text, tokenizer), len(prompt.text)
     if prompt.ids is not None:
         return list(prompt.ids), len(prompt.text) if prompt.covered is None else prompt.covered
     return prompt_ids(prompt.text, tokenizer, adds_bos(tokenizer))

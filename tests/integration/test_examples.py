@@ -62,7 +62,7 @@ def run(tmp_path, example, *overrides):
     # an example drops and truncates nothing it needs: every record, whole, in every split
     for split, report in json.loads((run_dir / "data_report.json").read_text())["splits"].items():
         assert report["dropped"] == {} and report["truncated"] == 0, (example, split, report)
-        assert report["examples"] == report["records"], (example, split)
+        assert report["examples"] >= report["records"], (example, split)  # (text is split into pieces, whole)
     return run_dir, json.loads((run_dir / "eval.json").read_text())
 
 

@@ -142,8 +142,9 @@ def generate_command(
     a classifier answers with a class name.
     """
     from lmforge.config import GenerateConfig
-    from lmforge.eval.generation import as_trained, respond
-    from lmforge.eval.target import load_target
+    from lmforge.data.formats import turn_end
+    from lmforge.eval.generation import as_trained, read_hints, respond
+    from lmforge.eval.target import load_target, model_dir_of
 
     if (prompt is None) == (prompts_file is None):
         raise UserError("give a prompt or --prompts-file FILE (one of them)")
@@ -156,7 +157,10 @@ def generate_command(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or []
     )
     shown = [p if raw else as_trained(p, run_config, tokenizer, chat, system) for p in prompts]
-    answers = respond(model, tokenizer, shown, cfg, seed=seed)
+    hints = read_hints(model_dir_of(target))
+    if chat and not hints["stop"] and (end := turn_end(tokenizer)):  # a chat model lmforge did not train
+        hints["stop"] = [end]
+    answers = respond(model, tokenizer, shown, cfg, seed=seed, hints=None if raw else hints)
     if prompts_file is not None:
         for p, answer in zip(prompts, answers, strict=True):
             console.print(json.dumps({"prompt": p, "generated": answer}, ensure_ascii=False), markup=False)

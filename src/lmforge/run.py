@@ -51,7 +51,7 @@ from lmforge.engine.optim import schedule_change
 from lmforge.engine.progress import format_duration
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
-from lmforge.eval.generation import Prompt, prompts_and_references, respond
+from lmforge.eval.generation import HINTS_FILE, Prompt, hints_of, prompts_and_references, respond
 from lmforge.eval.metrics import generation_metrics
 from lmforge.export.export import model_card
 from lmforge.models.build import build_model, count_parameters
@@ -189,8 +189,9 @@ def _run(config, console, warn, precision, checkpoint, process, dry_run, config_
     status = "FAILED"
     try:
         prompts = prompts_and_references(data.samples, data.tokenizer, config.eval.generate)
+        hints = hints_of(data, config)
         if saved is None and main:
-            before = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
+            before = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed, hints=hints)
             _write_examples(run_dir / "examples.jsonl", prompts, before, "before", 0, append=False)
         result = train(
             model,
@@ -210,7 +211,7 @@ def _run(config, console, warn, precision, checkpoint, process, dry_run, config_
         if not main:
             status = "FINISHED"
             return RunOutcome(run_dir, {})
-        final_eval = finish_outputs(result, data, config, trackers, run_dir, prompts, console, base)
+        final_eval = finish_outputs(result, data, config, trackers, run_dir, prompts, console, base, hints)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -271,12 +272,21 @@ def link_latest(run_dir: Path, name: str) -> Path:
 
 
 def finish_outputs(
-    result: TrainResult, data, config: Config, trackers, run_dir: Path, prompts, console, base: dict | None = None
+    result: TrainResult,
+    data,
+    config: Config,
+    trackers,
+    run_dir: Path,
+    prompts,
+    console,
+    base: dict | None = None,
+    hints: dict | None = None,
 ) -> dict:
     """Best-weight restore, test evaluation, final/ model, eval.json, samples, artifacts.
 
     Args:
-        base: an adapter run's base record (`peft.base_record`), saved beside the adapter."""
+        base: an adapter run's base record (`peft.base_record`), saved beside the adapter.
+        hints: `generation.hints_of` the data: how prompts are cut and answers end, saved too."""
     model, state = result.model, result.state
     stopping = config.train.early_stopping
     validation = state.eval_history[-1]
@@ -293,19 +303,19 @@ def finish_outputs(
         trackers.log_metrics({f"test/{k}": v for k, v in final_eval["test"].items()}, state.step)
         if details:
             final_eval["test_confusion_matrix"] = {"labels": data.labels, "matrix": details["confusion_matrix"]}
-    after = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed)
+    after = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed, hints=hints)
     scored = [p for p in prompts if p.reference is not None]
     if scored and config.data.format not in ("text", "classification"):  # score greedy answers to held-out prompts
         greedy = config.eval.generate.model_copy(update={"temperature": 0.0})
         if greedy == config.eval.generate and len(scored) == len(prompts):
             predictions = after  # the samples already are greedy answers to these prompts
         else:
-            predictions = respond(model, data.tokenizer, scored, greedy, seed=config.seed)
+            predictions = respond(model, data.tokenizer, scored, greedy, seed=config.seed, hints=hints)
         final_eval["generation"] = generation_metrics(predictions, [p.reference for p in scored])
         trackers.log_metrics({f"generation/{k}": v for k, v in final_eval["generation"].items()}, state.step)
     (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
     card = model_card(run_dir, config, adapter_only=config.lora is not None)
-    save_final_model(model, data, run_dir / "final", card, base)
+    save_final_model(model, data, run_dir / "final", card, base, hints)
     _write_examples(run_dir / "examples.jsonl", prompts, after, "after", state.step, append=True)
     for name in RUN_ARTIFACTS:
         trackers.log_artifact(run_dir / name)
@@ -372,7 +382,12 @@ def data_metrics(report: dict) -> dict[str, float]:
 
 
 def save_final_model(
-    model, data: PreparedData, final_dir: Path, card: str | None = None, base: dict | None = None
+    model,
+    data: PreparedData,
+    final_dir: Path,
+    card: str | None = None,
+    base: dict | None = None,
+    hints: dict | None = None,
 ) -> None:
     """An HF directory that plain `from_pretrained` loads (for an adapter run: the adapter, with the
     base model's config and `base` record beside it) and its model card (README.md), written aside
@@ -390,6 +405,8 @@ def save_final_model(
             if base is not None:
                 write_base_record(tmp, base)
         data.tokenizer.save_pretrained(str(tmp))
+        if hints is not None:
+            (tmp / HINTS_FILE).write_text(json.dumps(hints, ensure_ascii=False, indent=2) + "\n")
         if card is not None:
             (tmp / "README.md").write_text(card)
 

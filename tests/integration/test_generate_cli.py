@@ -11,11 +11,12 @@ import yaml
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from conftest import ROOT, lmforge_command, subprocess_env, tiny_config_dict
+from conftest import ROOT, chapters, lmforge_command, subprocess_env, tiny_config_dict
 from lmforge.config import load_config
 from lmforge.data.sources import Record
 from lmforge.data.tokenize import prompt_and_reference
 from lmforge.eval.generation import as_trained
+from lmforge.models.tokenizer import train_bpe_tokenizer
 from lmforge.run import run_train
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,61 @@ def chat_run(tmp_path_factory):
     path = tmp / "chat.yaml"
     path.write_text(yaml.safe_dump(raw))
     return run_train(load_config(path, env={}), Console(file=io.StringIO())).run_dir
+
+
+def sums(n: int, seed: int) -> list[tuple[str, str]]:
+    import random
+
+    rng = random.Random(seed)
+    return [(f"{a} + {b}", str(a + b)) for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(n))]
+
+
+def train_sums(tmp, name: str, chat: bool, template: str | None = None):
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        if chat
+        else {"prompt": q, "completion": a}
+        for q, a in sums(300, seed=1)
+    ]
+    data = tmp / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = tiny_config_dict(data, tmp / "cache", tmp / "runs")
+    # a tokenizer from text without digits, like the quickstart's: " 4" is two tokens, " the" one
+    tokenizer = tmp / "kjv-tokenizer"
+    if not tokenizer.is_dir():
+        train_bpe_tokenizer(chapters(30), vocab_size=512).save_pretrained(str(tokenizer))
+    raw["tokenizer"] = {"path": str(tokenizer)}
+    raw["name"] = name
+    raw["data"].update({"format": "chat" if chat else "prompt-completion", "max_length": 64})
+    if template is not None:
+        raw["data"]["template" if not chat else "chat_template"] = template
+    raw["train"].update({"max_steps": 30, "lr": 3e-3})
+    raw["eval"]["generate"] = {"num_examples": 6, "max_new_tokens": 6, "temperature": 0.0}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return run_train(load_config(path, env={}), Console(file=io.StringIO())).run_dir
+
+
+@pytest.mark.parametrize(
+    ("chat", "template"),
+    [(False, "{prompt} = "), (True, "plain"), (True, "chatml")],
+    ids=["template-ending-in-a-space", "chat-plain", "chat-chatml"],
+)
+def test_generate_answers_a_question_exactly_as_the_runs_own_samples_did(tmp_path, chat, template):
+    """The held-out samples are prompted with the training row's exact prefix; generate, given the
+    bare question, must reach the same ids (a template's trailing space kept or not as training
+    had it, whatever the vocabulary does with digits) and end the answer where training did."""
+    run_dir = train_sums(tmp_path, "sums", chat, template)
+    samples = [json.loads(line) for line in (run_dir / "examples.jsonl").read_text().splitlines()]
+    after = {s["reference"]: s["generated"] for s in samples if s["stage"] == "after"}
+    held_out = dict(sums(300, seed=1))  # question -> answer
+    questions = [q for q, a in held_out.items() if a in after][:3]
+    assert questions
+    for question in questions:
+        proc = generate(str(run_dir), question, "--temperature", "0", "--max-new-tokens", "6")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.rstrip("\n") == after[held_out[question]].rstrip("\n"), (question, proc.stdout)
+        assert "<|im_end|>" not in proc.stdout and "<|im_end|>" not in after[held_out[question]]
 
 
 def generate(*args):

@@ -316,3 +316,18 @@ def test_an_unknown_role_names_the_mapping_that_fixes_it(tokenizer):
     record = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}
     with pytest.raises(FormatProblem, match=r"message 1 has role 'bot'.*data.columns.assistant=bot"):
         FORMATS["chat"](record, DataConfig(train="x", format="chat"), tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("name", "end"), [("chatml", "<|im_end|>"), ("llama-3", "<|eot_id|>"), ("gemma", "<end_of_turn>"), ("plain", "")]
+)
+def test_the_end_of_an_assistant_turn_is_read_off_the_template(tokenizer, name, end):
+    """Generation stops there and the answer does not carry it (a tokenizer without these as
+    special tokens learns them as text)."""
+    from lmforge.data.formats import chat_template_of, turn_end
+    from lmforge.eval.generation import cut_at_stop
+
+    tokenizer.chat_template = chat_template_of(DataConfig(train="x", format="chat", chat_template=name), tokenizer)
+    assert turn_end(tokenizer) == end
+    if end:
+        assert cut_at_stop(f"53{end}\n", [end]) == "53"

@@ -118,6 +118,9 @@ def test_prompts_are_the_training_row_before_the_answer(tokenizer, setting):
         sample = prompt_and_reference(record, data, tokenizer)
         (prompt,) = prompts_and_references([sample], tokenizer, cfg)
         assert list(prompt.ids) == expected, (tokenizer.convert_ids_to_tokens(prompt.ids), expected)
+        # answers like the run's held-out ones (the hints saved with a model) cut every kind right
+        hinted, _ = prompt_ids(sample["prompt"], tokenizer, add_bos, [sample["reference"][:8]])
+        assert hinted == expected, (tokenizer.convert_ids_to_tokens(hinted), tokenizer.convert_ids_to_tokens(expected))
         if not sample["reference"][0].isalpha():
             continue  # a free prompt assumes a word follows: not " Moses" after "A: " (two spaces), nor "42"
             # (whether " 4" is one token depends on the vocabulary; Llama's splits digits off the space)

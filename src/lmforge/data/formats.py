@@ -193,6 +193,16 @@ def chat_messages(record: dict[str, Any], data: DataConfig) -> list[dict[str, st
     return canonical
 
 
+def turn_end(tokenizer) -> str:
+    """What the tokenizer's chat template writes after an assistant's message ('<|im_end|>' for
+    chatml), without surrounding white space: generation stops there, and it is not part of the
+    answer. '' when the template ends a turn with white space only."""
+    sentinel = "\u2063answer\u2063"
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": sentinel}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    return rendered.split(sentinel, 1)[1].strip() if sentinel in rendered else ""
+
+
 def chat_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:
     messages = chat_messages(record, data)
     template = chat_template_of(data, tokenizer)

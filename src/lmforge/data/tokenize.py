@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.config import DataConfig
-from lmforge.data.formats import FORMATS, FormatProblem, Segment
+from lmforge.data.formats import FORMATS, FormatProblem, Segment, chat_messages
 from lmforge.data.sources import Record
 from lmforge.errors import DataError, RecordError
 
@@ -154,34 +154,45 @@ FREE_PROMPT_PROBES = ("x", "a")
 served request): a word, the usual case."""
 
 
-def prompt_ids(prompt: str, tokenizer, add_bos: bool, continuation: str | None = None) -> tuple[list[int], int]:
+def prompt_ids(
+    prompt: str, tokenizer, add_bos: bool, continuations: Sequence[str] | None = None
+) -> tuple[list[int], int]:
     """The token ids a causal LM is prompted with, and how many characters of `prompt` they cover.
 
     They are exactly the tokens of the training row of `prompt + continuation` (same call, same
     BOS rule) before its first trained token, so evaluation, generation and serving see what
     training saw. A template that ends in a space ("<assistant>: ") is the case this matters for:
-    in training the space is inside the answer's first token (" Paris"), so the prompt stops before
-    it and the model writes it. Without a known continuation the ids are those that every one of
-    FREE_PROMPT_PROBES leaves in place.
+    where the vocabulary joins the space to the answer's first token (" Paris"), the prompt stops
+    before it and the model writes it; where it does not (" ", "5"), the space stays in the prompt.
+
+    Args:
+        continuations: the answer (one, known: held-out samples), or answers like the run's
+            (the starts of its held-out answers, for a prompt whose answer is unknown): the cut
+            most of them give is taken. None: a word is assumed to follow (FREE_PROMPT_PROBES),
+            and trailing white space that the pre-tokenizer would join to it is left out.
 
     Returns:
         (ids, covered): covered <= len(prompt); prompt[covered:] is left for the model to write.
     """
-    continuations = [continuation] if continuation else list(FREE_PROMPT_PROBES)
-    rows = encode_marked([[Segment(prompt, False), Segment(c, True)] for c in continuations], tokenizer, add_bos)
-    first = rows[0][0]
-    kept = min(int(np.argmax(trained)) if trained.any() else len(ids) for ids, trained in rows)
-    for ids, _ in rows[1:]:  # the prefix all probes share
-        kept = next((i for i in range(kept) if ids[i] != first[i]), kept)
-    encoded = tokenizer(prompt + continuations[0], add_special_tokens=False, return_offsets_mapping=True)
+    given = [c for c in continuations or () if c]
+    probes = given or list(FREE_PROMPT_PROBES)
+    rows = encode_marked([[Segment(prompt, False), Segment(c, True)] for c in probes], tokenizer, add_bos)
+    cuts = [int(np.argmax(trained)) if trained.any() else len(ids) for ids, trained in rows]
+    if given:  # the cut most answers give (ties: the longer prompt)
+        kept = max(set(cuts), key=lambda cut: (cuts.count(cut), cut))
+        ids = rows[cuts.index(kept)][0]
+    else:  # the prefix every probe leaves in place
+        ids, kept = rows[0][0], min(cuts)
+        for other, _ in rows[1:]:
+            kept = next((i for i in range(kept) if other[i] != ids[i]), kept)
+    encoded = tokenizer(prompt + probes[0], add_special_tokens=False, return_offsets_mapping=True)
     head = int(_needs_bos(encoded["input_ids"], tokenizer.bos_token_id if add_bos else None))
     ends = [end for _, end in encoded["offset_mapping"]]
-    if not continuation:  # nor what the tokenizer's pre-tokenizer would join to a word that follows
-        unstable = _last_word_start(prompt, tokenizer)
-        kept = min(kept, head + bisect.bisect_right(ends, unstable))
+    if not given:
+        kept = min(kept, head + bisect.bisect_right(ends, _last_word_start(prompt, tokenizer)))
     text_tokens = kept - head
     covered = min(ends[text_tokens - 1], len(prompt)) if text_tokens > 0 else 0
-    return first[:kept].tolist(), covered
+    return ids[:kept].tolist(), covered
 
 
 def _last_word_start(prompt: str, tokenizer) -> int:
@@ -399,4 +410,7 @@ def prompt_and_reference(record: Record, data: DataConfig, tokenizer) -> dict[st
     if data.format == "classification":
         return {"prompt": segments[0].text, "reference": segments[1].text}
     last = max(i for i, s in enumerate(segments) if s.trained)
-    return {"prompt": "".join(s.text for s in segments[:last]), "reference": segments[last].text}
+    reference = segments[last].text
+    if data.format == "chat":  # the answer, without the template's end of turn
+        reference = [m for m in chat_messages(record.fields, data) if m["role"] == "assistant"][-1]["content"]
+    return {"prompt": "".join(s.text for s in segments[:last]), "reference": reference}

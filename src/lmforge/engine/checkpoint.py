@@ -62,6 +62,7 @@ def save_checkpoint(
     scaler: Any | None,
     config_yaml: str,
     tokenizer: Any | None = None,
+    files: dict[str, str] | None = None,
 ) -> Checkpoint:
     """Write a checkpoint of `state.step` atomically and return it.
 
@@ -76,6 +77,8 @@ def save_checkpoint(
             inner.config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for name, text in (files or {}).items():  # small files that make the checkpoint usable as a model
+            (tmp / name).write_text(text)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ from lmforge.engine.signals import StopOnSignal
 from lmforge.engine.state import TrainState
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
+from lmforge.eval.generation import HINTS_FILE, hints_of
 from lmforge.tracking.base import Trackers
 from lmforge.tracking.system import system_metrics
 
@@ -255,6 +257,7 @@ def _save(loop: Loop) -> None:
         scaler,
         dump_yaml(loop.config),
         tokenizer=loop.data.tokenizer,
+        files={HINTS_FILE: json.dumps(hints_of(loop.data, loop.config), ensure_ascii=False)},
     )
     prune(loop.checkpoint_dir, cfg.keep_last, {state.best_step} if state.best_step is not None else set())
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,20 +49,49 @@ def prompts_and_references(
             reference = tokenizer.decode(ids[cut : cut + cfg.max_new_tokens], skip_special_tokens=True)
             prompts.append(Prompt(text, reference, tuple(ids[:cut]), len(text)))
         else:  # (an encoder-decoder or a classifier ignores the ids)
-            ids, covered = prompt_ids(sample["prompt"], tokenizer, add_bos, continuation=sample["reference"])
+            ids, covered = prompt_ids(sample["prompt"], tokenizer, add_bos, [sample["reference"]])
             prompts.append(Prompt(sample["prompt"], sample["reference"], tuple(ids), covered))
     return prompts
 
 
-def model_inputs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: Prompt | str) -> tuple[list[int], int]:
+HINTS_FILE = "lmforge_generation.json"
+"""Beside a model lmforge saved: how to prompt it as trained ({"answer_starts": [...], "stop": [...]})."""
+
+
+def generation_hints(samples: list[dict[str, str]], stop: list[str]) -> dict[str, list[str]]:
+    """What a prompt whose answer is unknown needs to be encoded and ended as training did: the
+    starts of held-out answers (whether the vocabulary joins a template's trailing space to them)
+    and the end-of-turn marker of a chat template."""
+    starts = [s["reference"][:8] for s in samples if s.get("reference")][:16]
+    return {"answer_starts": starts, "stop": stop}
+
+
+def hints_of(data, config) -> dict[str, list[str]]:
+    """`generation_hints` of prepared data (a PreparedData) trained as `config` says."""
+    from lmforge.data.formats import turn_end
+
+    chat = config.data.format == "chat" and getattr(data.tokenizer, "chat_template", None)
+    stop = [end] if chat and (end := turn_end(data.tokenizer)) else []
+    return generation_hints(data.samples, stop)
+
+
+def read_hints(model_dir: Path) -> dict[str, list[str]]:
+    path = Path(model_dir) / HINTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"answer_starts": [], "stop": []}
+
+
+def model_inputs(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: Prompt | str, answer_starts: list[str] | None = None
+) -> tuple[list[int], int]:
     """(ids, characters of the prompt text they hold) as the model saw such inputs in training:
-    the encoder's input for a seq2seq model, the training row's prefix for a causal LM."""
+    the encoder's input for a seq2seq model, the training row's prefix for a causal LM (for a
+    prompt without ids, as answers like `answer_starts` would have cut it)."""
     prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
     if model.config.is_encoder_decoder:
         return ids_with_eos(prompt.text, tokenizer), len(prompt.text)
     if prompt.ids is not None:
         return list(prompt.ids), len(prompt.text) if prompt.covered is None else prompt.covered
-    return prompt_ids(prompt.text, tokenizer, adds_bos(tokenizer))
+    return prompt_ids(prompt.text, tokenizer, adds_bos(tokenizer), answer_starts)
 
 
 @torch.no_grad()
@@ -70,6 +101,7 @@ def generate(
     prompts: list[Prompt | str],
     cfg: GenerateConfig,
     seed: int = 0,
+    answer_starts: list[str] | None = None,
 ) -> list[str]:
     """Continue each prompt; return only the new text: what follows the prompt's text (a part of
     the prompt that training put inside the answer's first token, such as a template's trailing
@@ -86,7 +118,7 @@ def generate(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for prompt in prompts:
-            ids, covered = model_inputs(model, tokenizer, prompt)
+            ids, covered = model_inputs(model, tokenizer, prompt, answer_starts)
             if not ids:  # an empty prompt starts from a document boundary
                 ids = [tokenizer.eos_token_id]
             input_ids = torch.tensor([ids], device=device)
@@ -162,8 +194,17 @@ def predict_labels(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: 
     return names
 
 
-def respond(model, tokenizer, prompts: list[Prompt | str], cfg: GenerateConfig, seed: int) -> list[str]:
-    """What the model makes of each prompt: a continuation, a target sequence, or a class name."""
+def respond(
+    model, tokenizer, prompts: list[Prompt | str], cfg: GenerateConfig, seed: int, hints: dict | None = None
+) -> list[str]:
+    """What the model makes of each prompt: a continuation, a target sequence, or a class name.
+
+    Args:
+        hints: `read_hints` of the model's directory: how free prompts are cut, where answers stop.
+    """
     if getattr(model.config, "id2label", None) and type(model).__name__.endswith("ForSequenceClassification"):
         return predict_labels(model, tokenizer, [p if isinstance(p, str) else p.text for p in prompts])
-    return generate(model, tokenizer, prompts, cfg, seed=seed)
+    hints = hints or {}
+    if hints.get("stop"):
+        cfg = cfg.model_copy(update={"stop": [*cfg.stop, *(s for s in hints["stop"] if s not in cfg.stop)]})
+    return generate(model, tokenizer, prompts, cfg, seed=seed, answer_starts=hints.get("answer_starts"))

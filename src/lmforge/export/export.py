@@ -10,6 +10,7 @@ import yaml
 
 from lmforge.atomic import check_target, owned_dir
 from lmforge.errors import UserError
+from lmforge.eval.generation import HINTS_FILE
 from lmforge.eval.target import load_target, resolve_target
 from lmforge.models.peft import BASE_FILE, write_base_record
 
@@ -51,6 +52,8 @@ def export_run(target: Path, out: Path, merge_lora: bool = False, force: bool = 
                     write_base_record(tmp, json.loads(record.read_text()))
                     break
         tokenizer.save_pretrained(str(tmp))
+        if (model_dir / HINTS_FILE).is_file():
+            shutil.copy(model_dir / HINTS_FILE, tmp / HINTS_FILE)
         for name in ("eval.json", "config.yaml", "data_report.json") if step is None else ("data_report.json",):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, tmp / f"lmforge_{name}")

@@ -34,6 +34,7 @@ from safetensors.torch import load_model
 from lmforge import malloc
 from lmforge.atomic import atomic_dir
 from lmforge.config import Config, dump_yaml, resume_differences
+from lmforge.data.formats import split_markers
 from lmforge.data.loader import StepPlan
 from lmforge.data.prepare import PreparedData, prepare_data
 from lmforge.data.report import data_report_lines, data_warnings
@@ -169,7 +170,7 @@ def _run(config, console, warn, precision, checkpoint, process, dry_run, config_
     plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
     steps = total_steps(config.train, plan)
     _print_plan(console, config, data, model, trainable, total, plan, steps, precision)
-    _warn_before_training(data.report, config, checkpoint, plan, steps, warn)
+    _warn_before_training(data.report, data.tokenizer, config, checkpoint, plan, steps, warn)
     if dry_run:
         for line in data_report_lines(data.report):
             console.print(line, highlight=False)
@@ -459,10 +460,18 @@ def _threads(n: int) -> str:
     return f"{n} CPU thread{'s' if n != 1 else ''}"
 
 
-def _warn_before_training(report: dict, config: Config, checkpoint: Checkpoint | None, plan, steps: int, warn) -> None:
+def _warn_before_training(
+    report: dict, tokenizer, config: Config, checkpoint: Checkpoint | None, plan, steps: int, warn
+) -> None:
     """The data's losses, and what a resume with another length does to the schedule."""
     for message in data_warnings(report, config.data):
         warn(message)
+    if split := split_markers(config.data, tokenizer):
+        warn(
+            f"the tokenizer cuts the {config.data.chat_template} chat template's markers {', '.join(split)} into "
+            "several ordinary tokens: the model learns them as text and its rows are longer; a tokenizer that has "
+            "them as tokens (tokenizer.train gives its own) avoids that"
+        )
     if checkpoint is not None:
         saved = Config.model_validate(yaml.safe_load((checkpoint.path / "config.yaml").read_text()))
         if note := schedule_change(saved.train, config.train, total_steps(saved.train, plan), steps, checkpoint.step):

@@ -100,6 +100,8 @@ def test_the_trained_chat_template_is_saved_with_the_model(chat_run):
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    # the tokenizer lmforge trained for chat data has the template's markers as tokens of their own
+    assert [len(tokenizer(m, add_special_tokens=False)["input_ids"]) for m in ("<|im_start|>", "<|im_end|>")] == [1, 1]
 
 
 def test_prompts_are_rendered_as_the_training_data_was(chat_run):

@@ -331,3 +331,12 @@ def test_the_end_of_an_assistant_turn_is_read_off_the_template(tokenizer, name, 
     assert turn_end(tokenizer) == end
     if end:
         assert cut_at_stop(f"53{end}\n", [end]) == "53"
+
+
+def test_markers_a_tokenizer_splits_are_named(tokenizer):
+    from lmforge.data.formats import split_markers
+
+    data = DataConfig(train="x", format="chat", chat_template="chatml")
+    assert split_markers(data, tokenizer) == ["<|im_start|>", "<|im_end|>"]  # a tokenizer trained on plain text
+    marked = train_bpe_tokenizer(chapters(5), vocab_size=300, special=["<|im_start|>", "<|im_end|>"])
+    assert split_markers(data, marked) == []

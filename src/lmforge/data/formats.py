@@ -137,6 +137,23 @@ it renders a tokenizer's own, and the model's saved tokenizer gets the one it wa
 `tokenizer.apply_chat_template` (and `lmforge generate --chat`) prompt it exactly as trained."""
 
 
+CHAT_MARKERS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama-3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "plain": (),
+}
+"""The markers each built-in chat template writes: a tokenizer lmforge trains gets them as special
+tokens; with another tokenizer each may be several ordinary tokens (warned)."""
+
+
+def split_markers(data: DataConfig, tokenizer) -> list[str]:
+    """The built-in chat template's markers that the tokenizer cuts into several tokens."""
+    if data.format != "chat" or data.chat_template not in CHAT_MARKERS:
+        return []
+    return [m for m in CHAT_MARKERS[data.chat_template] if len(tokenizer(m, add_special_tokens=False)["input_ids"]) > 1]
+
+
 def chat_template_of(data: DataConfig, tokenizer) -> str:
     """The Jinja chat template data.chat_template names: the tokenizer's own for auto (chatml when
     it has none), else a built-in."""

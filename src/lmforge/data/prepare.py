@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmforge.atomic import atomic_dir
 from lmforge.config import Config, DataConfig
-from lmforge.data.formats import chat_template_of, class_names, label_of
+from lmforge.data.formats import CHAT_MARKERS, chat_template_of, class_names, label_of
 from lmforge.data.loader import padding_fraction, training_order
 from lmforge.data.packing import best_fit_decreasing
 from lmforge.data.sources import Record, Source, read_records, resolve_sources, source_digest
@@ -49,7 +49,7 @@ from lmforge.data.tokenize import (
 from lmforge.errors import DataError, RecordError
 from lmforge.models.tokenizer import load_tokenizer, tokenizer_digest, train_bpe_tokenizer
 
-DATA_VERSION = 3  # bump when the meaning of cached data changes
+DATA_VERSION = 4  # bump when the meaning of cached data changes
 SPLITS = ("train", "validation", "test")
 MAX_SAMPLES = 32  # held-out records kept for generation prompts
 CHUNK = 256  # records per worker task, at most
@@ -243,7 +243,8 @@ def _get_tokenizer(config: Config, source_fp: str, splits: SplitReader, log) -> 
     if not (directory / "tokenizer.json").is_file():
         log(f"training a byte-level BPE tokenizer (vocab {tok.vocab_size}) on the training split")
         texts = (t for r in splits.records("train") if (t := rendered_text(r, config.data, None)) is not None)
-        tokenizer = train_bpe_tokenizer(_nonempty(texts, config.data), tok.vocab_size, tok.min_frequency)
+        markers = CHAT_MARKERS.get(config.data.chat_template, ()) if config.data.format == "chat" else ()
+        tokenizer = train_bpe_tokenizer(_nonempty(texts, config.data), tok.vocab_size, tok.min_frequency, markers)
         with atomic_dir(directory) as tmp:
             tokenizer.save_pretrained(str(tmp))
     return load_tokenizer(directory)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -14,11 +14,14 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, special: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
     """Train a GPT-2-style byte-level BPE tokenizer.
 
     Every byte is in the base alphabet, so any text round-trips without unknown tokens.
-    `<|endoftext|>` separates documents (and is bos/eos); `<|pad|>` pads batches.
+    `<|endoftext|>` separates documents (and is bos/eos); `<|pad|>` pads batches; `special` adds
+    more tokens that are never split (a chat template's markers, e.g. <|im_end|>).
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -27,7 +30,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[EOS, PAD],
+        special_tokens=[EOS, PAD, *(t for t in special if t not in (EOS, PAD))],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

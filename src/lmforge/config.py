@@ -859,6 +859,10 @@ def _check_rest(config: Config) -> list[str]:
             + (" or model.preset=t5-tiny" if config.model.task == "seq2seq" else "")
             + (f"; model.preset={preset} builds a {PRESET_TASKS.get(preset, 'causal-lm')} model" if preset else "")
         )
+    for split in ("train", "validation", "test"):
+        spec = getattr(data, split)
+        if spec is not None and (not spec or (isinstance(spec, str) and not spec.strip())):
+            problems.append(f"data.{split} is empty: give a file, a glob or a directory (or a list of them)")
     if data.labels is not None and data.format != "classification":
         problems.append("data.labels applies to data.format=classification only")
     if data.validation is None and data.test is None and data.validation_fraction + data.test_fraction >= 1:
@@ -978,7 +982,7 @@ def check_paths(config: Config) -> list[str]:
             try:
                 resolve_paths(path, f"data.{split}")
             except DataError as exc:
-                problems.append(f"{exc} (looked for {(cwd / Path(path).expanduser()).resolve()})")
+                problems.append(str(exc))
     for field, value in (("model.name_or_path", config.model.name_or_path), ("tokenizer.path", config.tokenizer.path)):
         if value is None:
             continue

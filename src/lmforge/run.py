@@ -236,7 +236,8 @@ def _open_outputs(
         (run_dir / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
     if main:
         (run_dir / "config.yaml").write_text(dump_yaml(config))
-        (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2))
+        report = {**data.report, "working_dir": os.getcwd()}  # what the config's relative paths are relative to
+        (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
         for line in data_report_lines(data.report):
             console.print(f"[dim]{line}[/dim]", highlight=False)
     trackers = open_trackers(

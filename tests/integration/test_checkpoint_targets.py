@@ -4,6 +4,7 @@ expect of checkpoint-N/: a checkpoint holds the model's config and tokenizer bes
 import io
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,20 @@ def test_generate_eval_and_export_take_a_checkpoint_and_a_paused_run(runs, kind,
     export = export_run(paused, tmp_path / "export", merge_lora=kind == "lora")
     torch.testing.assert_close(logits(export), logits(runs[kind] / "checkpoints" / "step-000004"))
     assert "checkpoint taken during training" in (export / "README.md").read_text()
+
+
+def test_a_run_with_relative_data_paths_is_evaluated_from_any_directory(tmp_path, monkeypatch):
+    from lmforge.eval.target import evaluate_target
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "corpus.txt").write_text("\n\n".join(chapters(20)) + "\n")
+    raw = tiny_config_dict(project / "data" / "corpus.txt", tmp_path / "cache", tmp_path / "runs")
+    raw["data"]["train"] = "data/corpus.txt"  # relative to where the run is started, as users write it
+    (project / "c.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(project)
+    run_dir = run_train(load_config(project / "c.yaml", env={}), Console(file=io.StringIO())).run_dir
+    monkeypatch.chdir(tmp_path)  # somewhere else: data/corpus.txt is not here
+    metrics = evaluate_target(run_dir, None, "test", None, 4, log=lambda _: None)
+    assert metrics["tokens"] > 0
+    assert Path.cwd() == tmp_path  # and back where we were

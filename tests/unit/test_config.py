@@ -222,6 +222,8 @@ def test_loss_chunk_size_is_auto_by_default_and_checked():
         (["data.format=chat", "data.text_field=body"], "data.text_field applies to data.format text / classification"),
         (["data.max_target_length=64"], "data.max_target_length applies to data.format seq2seq only"),
         (["data.loss_on=all"], "data.loss_on applies to data.format prompt-completion / alpaca / chat only"),
+        (["data.train="], "data.train is empty: give a file, a glob or a directory"),
+        (["data.validation=[]"], "data.validation is empty"),
     ],
 )
 def test_settings_are_checked_against_what_the_task_and_format_produce(config_file, overrides, expected):

@@ -69,13 +69,15 @@ def resolve_paths(spec: str | list[str], field: str, base_dir: Path | None = Non
     entries = [spec] if isinstance(spec, str) else list(spec)
     files: list[Path] = []
     for entry in entries:
+        if not str(entry).strip():
+            raise DataError(f"{field} is empty: give a file, a glob or a directory")
         path = Path(entry).expanduser()
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
         if glob.has_magic(str(path)):
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not matches:
-                raise DataError(f"{field}: the pattern {entry!r} matches no files")
+                raise DataError(f"{field}: the pattern {entry!r} matches no files (looked in {Path.cwd()})")
             files.extend(matches)
         elif is_saved_dataset(path):
             files.append(path)
@@ -87,7 +89,7 @@ def resolve_paths(spec: str | list[str], field: str, base_dir: Path | None = Non
         elif path.is_file():
             files.append(path)
         else:
-            raise DataError(f"{field}: no such file or directory: {entry!r}")
+            raise DataError(f"{field}: no such file or directory: {entry!r} (looked for {path.resolve()})")
     for path in files:
         if not is_saved_dataset(path) and path.suffix not in SUPPORTED_SUFFIXES:
             raise DataError(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -13,7 +15,7 @@ from lmforge.config import Config, DataConfig, override_data
 from lmforge.data.prepare import prepare_data, tokenize_files
 from lmforge.data.sources import resolve_paths
 from lmforge.engine.checkpoint import MANIFEST, latest_valid, verify
-from lmforge.errors import UserError
+from lmforge.errors import DataError, UserError
 from lmforge.eval.evaluate import evaluate
 from lmforge.models.build import load_pretrained, task_of
 from lmforge.models.peft import adapter_base, is_adapter_dir
@@ -150,11 +152,34 @@ def evaluate_target(
         if run_config is None:
             raise UserError(f"{target} is a model directory, not a run: pass --data FILE to evaluate on")
         run_config.data = settings
-        prepared = prepare_data(run_config, log=log)
+        with run_working_dir(target):
+            try:
+                prepared = prepare_data(run_config, log=log)
+            except DataError as exc:
+                raise DataError(f"{exc}; or evaluate on other files with --data FILE") from None
         if split not in prepared.splits:
             raise UserError(f"the run has no {split!r} split; known: {', '.join(prepared.splits)}")
         dataset = prepared.splits[split]
     return evaluate(model, dataset, tokenizer.pad_token_id, batch_size, task=task, num_labels=len(labels or []) or None)
+
+
+@contextmanager
+def run_working_dir(target: Path) -> Iterator[None]:
+    """Inside the directory a run was started from (data_report.json records it), where its
+    config's relative data paths point; elsewhere they would point at nothing."""
+    kind, model_dir = resolve_target(target)
+    run_dir = model_dir.parent if kind == "run" else model_dir.parent.parent
+    report = run_dir / "data_report.json"
+    started = json.loads(report.read_text()).get("working_dir") if report.is_file() else None
+    if not started or not Path(started).is_dir():
+        yield
+        return
+    here = os.getcwd()
+    os.chdir(started)
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 DEFAULT_FORMATS = {"causal-lm": "text", "seq2seq": "seq2seq", "classification": "classification"}

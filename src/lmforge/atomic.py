@@ -103,11 +103,12 @@ def owned_dir(target: Path, force: bool = False, what: str = "--out") -> Iterato
 
     A new or empty `target` is replaced whole (atomically); one lmforge wrote before (it lists its
     files in OWNED_MARKER) has those files replaced and any other file left alone; any other
-    non-empty directory is refused unless `force`, and then only files of the same names are
-    overwritten. Nothing lmforge did not write is ever deleted.
+    non-empty directory is refused unless `force`, and then the files are written beside the ones
+    there, never over one of the same name. Nothing lmforge did not write is deleted or overwritten.
 
     Raises:
-        UserError: `target` is a file, or a non-empty directory lmforge did not write (without `force`).
+        UserError: `target` is a file, a non-empty directory lmforge did not write (without `force`), or
+            one holding a file of a name lmforge writes.
     """
     target = Path(target)
     present, owned = check_target(target, force, what)
@@ -115,6 +116,15 @@ def owned_dir(target: Path, force: bool = False, what: str = "--out") -> Iterato
         yield staged
     staged = target.parent / f".staged-{target.name}"
     written = sorted(p.name for p in staged.iterdir())
+    clashes = [name for name in written if name in present and (owned is None or name not in owned)]
+    if clashes:  # --force writes beside the user's files, never over them
+        from lmforge.errors import UserError
+
+        shutil.rmtree(staged, ignore_errors=True)
+        raise UserError(
+            f"{what} {target.resolve()}: it holds files of the names lmforge writes that lmforge did not write "
+            f"({', '.join(clashes)}); move them, or name another directory"
+        )
     (staged / OWNED_MARKER).write_text(json.dumps(written))
     if not present:
         replace_dir(staged, target)
@@ -144,6 +154,8 @@ def check_target(target: Path, force: bool = False, what: str = "--out") -> tupl
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise UserError(f"{what} {target}: a file, not a directory; name a directory to write into")
+    if file := next((p for p in target.parents if p.exists() and not p.is_dir()), None):
+        raise UserError(f"{what} {target}: {file} is a file, so no directory can be made below it")
     present = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     owned = set(json.loads((target / OWNED_MARKER).read_text())) if (target / OWNED_MARKER).is_file() else None
     foreign = [name for name in present if name != OWNED_MARKER and (owned is None or name not in owned)]

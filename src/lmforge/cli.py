@@ -101,9 +101,9 @@ def eval_command(
         None, help="Dotted data settings over the run's, e.g. data.text_field=body data.format=prompt-completion."
     ),
     data: list[str] = typer.Option(None, "--data", help="Evaluate on these files instead of a split."),
-    split: str = typer.Option("test", "--split", help="validation or test: the run's own split."),
-    max_length: int = typer.Option(None, "--max-length", help="Tokens per row (default: the run's)."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    split: str = typer.Option("test", "--split", help="test, validation or train: the run's own split."),
+    max_length: int = typer.Option(None, "--max-length", min=8, help="Tokens per row (default: the run's)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
 ) -> None:
     """Evaluate a trained model: loss, perplexity and token accuracy."""
     from lmforge.eval.target import evaluate_target
@@ -150,12 +150,17 @@ def generate_command(
         raise UserError("give a prompt or --prompts-file FILE (one of them)")
     if chat and raw:
         raise UserError("--chat and --raw exclude each other")
+    cfg = _options(
+        GenerateConfig,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=stop or [],
+    )
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     _quiet_libraries()
     model, tokenizer, run_config = load_target(target)
-    cfg = GenerateConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or []
-    )
     shown = [p if raw else as_trained(p, run_config, tokenizer, chat, system) for p in prompts]
     hints = read_hints(model_dir_of(target))
     if chat and not hints["stop"] and (end := turn_end(tokenizer)):  # a chat model lmforge did not train
@@ -170,15 +175,34 @@ def generate_command(
         console.print(answers[0], markup=False)  # an answer, or a class name
 
 
+def _options(schema, **values):
+    """`schema` built from command-line options; a value it refuses is a message naming the option.
+
+    Raises:
+        UserError: naming each refused option, its value and the rule.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return schema(**values)
+    except ValidationError as exc:
+        problems = [
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+        ]
+        raise UserError("; ".join(problems)) from None
+
+
 def _is_classifier(model) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")  # a PeftModel's name says it too
 
 
 def _read_prompts(path: Path) -> list[str]:
     """Prompts from a .txt file (a non-empty line each) or a .jsonl file ({"prompt": ...} a line)."""
+    from lmforge.data.sources import read_text
+
     if not path.is_file():
         raise UserError(f"--prompts-file {path}: no such file (looked for {path.resolve()})")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in read_text(path).splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return lines
     prompts = []
@@ -203,7 +227,7 @@ def export_command(
     force: bool = typer.Option(
         False,
         "--force",
-        help="Write into a non-empty directory that is not an export (its other files are kept).",
+        help="Write into a non-empty directory that is not an export, beside its files (never over them).",
         metavar="",
     ),
 ) -> None:
@@ -296,4 +320,8 @@ def main() -> None:
         app()
     except UserError as exc:
         err_console.print(f"error: {exc}", markup=False)
+        sys.exit(2)
+    except OSError as exc:  # a path the user named that cannot be read or written
+        where = f": {exc.filename}" if exc.filename else ""
+        err_console.print(f"error: {exc.strerror or exc}{where}", markup=False)
         sys.exit(2)

@@ -295,6 +295,13 @@ class GenerateConfig(Section):
     stop: list[str] = []
     """Strings that end a generation (not included in the text)."""
 
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("a stop string cannot be empty (it would end every answer before it starts)")
+        return stop
+
 
 class EvalConfig(Section):
     batch_size: int | None = Field(default=None, ge=1)

@@ -23,6 +23,12 @@ CASES = {
     "show: bad yaml": ["config", "show", "{bad}"],
     "validate: bad yaml": ["config", "validate", "{bad}"],
     "unknown command": ["trian", "{config}"],
+    "eval: batch size 0": ["eval", "{model}", "--batch-size", "0"],
+    "eval: max length 0": ["eval", "{model}", "--max-length", "0"],
+    "generate: top-p 0": ["generate", "{model}", "x", "--top-p", "0"],
+    "generate: empty stop": ["generate", "{model}", "x", "--stop", ""],
+    "generate: undecodable prompts file": ["generate", "{model}", "--prompts-file", "{latin1}"],
+    "export: out below a file": ["export", "{model}", "--out", "{config}/sub"],
 }
 
 
@@ -35,7 +41,14 @@ def files(tmp_path_factory):
     model = tmp / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    return {"config": str(tmp / "c.yaml"), "bad": str(tmp / "bad.yaml"), "model": str(model), "cwd": tmp}
+    (tmp / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    return {
+        "config": str(tmp / "c.yaml"),
+        "bad": str(tmp / "bad.yaml"),
+        "model": str(model),
+        "latin1": str(tmp / "latin1.txt"),
+        "cwd": tmp,
+    }
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -47,3 +60,25 @@ def test_bad_arguments_end_in_a_message(files, case):
     assert proc.returncode in (1, 2), (case, proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, (case, proc.stderr)
     assert proc.stderr.strip(), case  # something says what went wrong
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["generate", "{model}", "x", "--top-p", "0"], "--top-p: Input should be greater than 0"),
+        (["generate", "{model}", "x", "--stop", ""], "--stop: Value error, a stop string cannot be empty"),
+        (["generate", "{model}", "--prompts-file", "{latin1}"], "not valid UTF-8: byte 0xe9"),
+        (["export", "{model}", "--out", "{config}/sub"], "is a file, so no directory can be made below it"),
+        (["eval", "{model}", "--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_the_message_names_what_to_change(files, args, fragment):
+    proc = subprocess.run(
+        lmforge_command(*[a.format(**files) for a in args]),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=files["cwd"],
+        timeout=120,
+    )
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -174,6 +174,11 @@ def test_an_adapter_loads_its_own_base_from_anywhere_and_refuses_another(tmp_pat
     for action in (lambda: load_target(run_dir), lambda: export_run(run_dir, tmp_path / "again", merge_lora=True)):
         with pytest.raises(UserError, match="is not the one this adapter was trained on"):
             action()
+    checkpoint = run_dir / "checkpoints" / "step-000003"  # holds every weight: its merged export is right
+    with pytest.raises(UserError, match="not the one this adapter was trained on.*--merge-lora"):
+        export_run(checkpoint, tmp_path / "adapter-of-checkpoint")
+    merged = export_run(checkpoint, tmp_path / "merged-checkpoint", merge_lora=True)
+    torch.testing.assert_close(run_card(merged, "causal-lm", tmp_path / "w2")["logits"], expected)
     (tmp_path / "base-1" / "model.safetensors").unlink()
     for path in (tmp_path / "base-1").iterdir():
         path.unlink()

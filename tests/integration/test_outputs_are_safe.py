@@ -66,6 +66,16 @@ def test_export_never_deletes_what_lmforge_did_not_write(run_dir, tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
 
 
+def test_force_never_writes_over_a_file_of_the_users(run_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("MY OWN NOTES")
+    with pytest.raises(UserError, match=r"holds files of the names lmforge writes .*\(README.md\)"):
+        export_run(run_dir, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == "MY OWN NOTES"
+    assert not list(tmp_path.glob(".staged-*"))  # nothing left behind
+
+
 def test_an_earlier_export_is_replaced_and_files_added_to_it_are_kept(run_dir, tmp_path):
     out = tmp_path / "export"
     export_run(run_dir, out)

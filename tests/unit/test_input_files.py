@@ -76,3 +76,19 @@ def test_csv_delimiters_as_spreadsheets_write_them(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     assert [r.fields for r in read_records(path)] == ROWS
+
+
+def test_utf32_with_its_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(_files(tmp_path)["d.csv"].decode().encode("utf-32"))
+    assert [r.fields for r in read_records(path)] == ROWS
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl"])
+def test_utf16_without_its_mark_is_an_encoding_error_not_garbled_fields(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(_files(tmp_path)[name].decode().encode("utf-16-le"))
+    with pytest.raises(
+        DataError, match=r":1: a NUL byte at byte offset 1: .*UTF-16 or UTF-32 without a byte-order mark"
+    ):
+        list(read_records(path))

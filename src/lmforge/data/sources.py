@@ -142,7 +142,7 @@ def read_records(path: Path, txt_documents: str = "paragraph") -> Iterator[Recor
     elif path.suffix in TEXT_SUFFIXES and txt_documents != "file":
         yield from _text_records(path, _lines(path), txt_documents)
     else:  # whole-document formats
-        text = _decode(path)
+        text = read_text(path)
         if path.suffix == ".json":
             yield from _json_records(path, text)
         elif path.suffix in (".csv", ".tsv"):
@@ -159,8 +159,8 @@ def _lines(path: Path) -> Iterator[str]:
     Raises:
         DataError: at the first byte that is not UTF-8, naming file, line, column and byte offset.
     """
-    if _utf16(path):
-        yield from _decode(path).splitlines(keepends=True)
+    if _wide(path):
+        yield from read_text(path).splitlines(keepends=True)
         return
     offset = 0
     with path.open("rb") as f:
@@ -169,37 +169,58 @@ def _lines(path: Path) -> Iterator[str]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 _not_utf8(path, raw, exc.start, number, exc.start + 1, offset + exc.start)
+            if "\x00" in line:
+                _nul(path, number, offset + raw.index(b"\x00"))
             yield line.removeprefix(BOM) if number == 1 else line
             offset += len(raw)
 
 
-def _decode(path: Path) -> str:
-    """A whole UTF-8 file as text, without a leading byte-order mark.
+WIDE_BOMS = {b"\xff\xfe\x00\x00": "utf-32", b"\x00\x00\xfe\xff": "utf-32", b"\xff\xfe": "utf-16", b"\xfe\xff": "utf-16"}
+"""Byte-order marks of UTF-32 and UTF-16 (Excel's "Unicode text"), longest first."""
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 file as text, without a leading byte-order mark (UTF-16 and UTF-32 files with
+    theirs are decoded too).
 
     Raises:
-        DataError: at the first byte that is not UTF-8, naming file, line, column and byte offset.
+        DataError: at the first byte that is not UTF-8 (or a NUL byte: UTF-16 without its mark),
+            naming file, line, column and byte offset.
     """
     raw = path.read_bytes()
-    if raw.startswith(UTF16_BOMS):
-        try:
-            return raw.decode("utf-16")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: starts as UTF-16 but byte offset {exc.start} is not; save it as UTF-8") from None
+    for mark, encoding in WIDE_BOMS.items():
+        if raw.startswith(mark):
+            try:
+                return raw.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}: starts as {encoding.upper()} but byte offset {exc.start} is not; save it as UTF-8"
+                ) from None
     try:
-        return raw.decode("utf-8").removeprefix(BOM)
+        text = raw.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         _not_utf8(path, raw, exc.start, line, column, exc.start)
+    if "\x00" in text:
+        at = raw.index(b"\x00")
+        _nul(path, raw.count(b"\n", 0, at) + 1, at)
+    return text
 
 
 BOM = "\ufeff"
-UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def _utf16(path: Path) -> bool:
+def _wide(path: Path) -> bool:
     with path.open("rb") as f:
-        return f.read(2) in UTF16_BOMS
+        return f.read(4).startswith(tuple(WIDE_BOMS))
+
+
+def _nul(path: Path, line: int, offset: int) -> NoReturn:
+    raise DataError(
+        f"{path}:{line}: a NUL byte at byte offset {offset}: text files hold none; is it UTF-16 or UTF-32 without a "
+        "byte-order mark? Save it as UTF-8, e.g. iconv -f utf-16le -t utf-8"
+    )
 
 
 def _not_utf8(path: Path, raw: bytes, index: int, line: int, column: int, offset: int) -> NoReturn:

@@ -12,7 +12,7 @@ from lmforge.atomic import check_target, owned_dir
 from lmforge.errors import UserError
 from lmforge.eval.generation import HINTS_FILE
 from lmforge.eval.target import load_target, resolve_target
-from lmforge.models.peft import BASE_FILE, write_base_record
+from lmforge.models.peft import BASE_FILE, verify_base, write_base_record
 
 
 def export_run(target: Path, out: Path, merge_lora: bool = False, force: bool = False) -> Path:
@@ -47,9 +47,13 @@ def export_run(target: Path, out: Path, merge_lora: bool = False, force: bool = 
             base = model.get_base_model()
             base.config.architectures = [type(base).__name__]
             base.config.save_pretrained(str(tmp))
-            for record in (model_dir / BASE_FILE, run_dir / BASE_FILE):
-                if record.is_file():
-                    write_base_record(tmp, json.loads(record.read_text()))
+            for record_path in (model_dir / BASE_FILE, run_dir / BASE_FILE):
+                if record_path.is_file():
+                    record = json.loads(record_path.read_text())
+                    if kind == "checkpoint":  # its own weights were loaded: the adapter needs the same base
+                        fix = "; or export with --merge-lora: the checkpoint holds every weight"
+                        verify_base(record, model_dir, record_path, fix)
+                    write_base_record(tmp, record)
                     break
         tokenizer.save_pretrained(str(tmp))
         if (model_dir / HINTS_FILE).is_file():

@@ -133,7 +133,15 @@ def adapter_base(adapter_dir: Path) -> str:
     record_path = adapter_dir / BASE_FILE
     if not record_path.is_file():  # an adapter from elsewhere (or an older lmforge): peft's own record
         return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    record = json.loads(record_path.read_text())
+    return verify_base(json.loads(record_path.read_text()), adapter_dir, record_path)
+
+
+def verify_base(record: dict, adapter_dir: Path, record_path: Path, fix: str = "") -> str:
+    """The base a record (`base_record`) names, checked to be there with the same weights.
+
+    Raises:
+        UserError: the base is gone, or its weights are not the recorded ones; `fix` ends the message.
+    """
     path, expected = record["path"], record.get("fingerprint")
     if expected is None:
         return path
@@ -141,13 +149,13 @@ def adapter_base(adapter_dir: Path) -> str:
     if not Path(path).is_dir():
         raise UserError(
             f"{adapter_dir}: the base model this adapter was trained on, {path}{given}, is gone; restore it "
-            f"there (or edit {record_path} to where it is now)"
+            f"there (or edit {record_path} to where it is now){fix}"
         )
     found = weights_fingerprint(Path(path))
     if found != expected:
         raise UserError(
             f"{adapter_dir}: the base model at {path}{given} is not the one this adapter was trained on (its "
             f"weights changed: fingerprint {found[:12]}, trained on {expected[:12]}); an adapter on another "
-            "base gives wrong outputs. Restore that base, or train the adapter again"
+            f"base gives wrong outputs. Restore that base, or train the adapter again{fix}"
         )
     return path

@@ -362,7 +362,18 @@ class TrackingConfig(Section):
     study: str | None = None
     """A study (sweep) this run belongs to: a tag in every backend, the group in W&B."""
     tags: dict[str, str] = {}
-    """Extra tags for the run in every backend."""
+    """Extra tags for the run in every backend (numbers and booleans are taken as their text)."""
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_values_as_text(cls, tags: Any) -> Any:
+        if isinstance(tags, dict):
+            return {
+                k: str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int | float) else v
+                for k, v in tags.items()
+            }
+        return tags
+
     system_metrics: bool = True
     """Log process memory (RSS) and CUDA memory with each train log line."""
     flush_timeout: float = Field(default=30.0, ge=0)

@@ -93,7 +93,7 @@ def snippet(card: str) -> str:
 
 def run_card(export: Path, task: str, workdir: Path) -> dict:
     """The card's snippet in a fresh Python, in another directory, then its model's outputs on PROBE."""
-    code = snippet((export / "README.md").read_text()).replace(CARD_PATH, str(export))
+    code = snippet((export / "README.md").read_text()).replace(f'PATH = "{CARD_PATH}"', f"PATH = {str(export)!r}")
     probe = (
         f"\nimport torch, json\nbatch = tokenizer({PROBE!r}, return_tensors='pt')\nmodel.eval()\n"
         "with torch.no_grad():\n"
@@ -160,6 +160,8 @@ def test_an_adapter_loads_its_own_base_from_anywhere_and_refuses_another(tmp_pat
     assert record["path"] == str((tmp_path / "base-1").resolve()) and record["given_as"] == "base-latest"
     adapter = json.loads((run_dir / "final" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == record["path"]  # peft's own loaders find it too
+    card = (run_dir / "final" / "README.md").read_text()
+    assert f"- **Base model:** {record['path']} (given as base-latest; weights fingerprint " in card
 
     (tmp_path / "base-latest").unlink()
     (tmp_path / "base-latest").symlink_to("base-2")  # the next base run moves the link

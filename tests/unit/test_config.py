@@ -298,3 +298,8 @@ def test_a_peers_name_for_a_setting_suggests_lmforges(config_file, key, expected
     with pytest.raises(ConfigError) as info:
         load_config(config_file, [key], env={})
     assert any(expected in p for p in problems_of(info)), problems_of(info)
+
+
+def test_tag_values_that_are_numbers_or_booleans_are_taken_as_text(config_file):
+    config = load_config(config_file, ["tracking.tags={run: 1, lr: 0.5, final: true}"], env={})
+    assert config.tracking.tags == {"run": "1", "lr": "0.5", "final": "true"}

@@ -71,9 +71,14 @@ def model_card(run_dir: Path, config, adapter_only: bool, checkpoint_step: int |
     """README.md: base model, data, training settings, final metrics, intended use, how to load.
     A checkpoint's card has no final metrics and says which step it is."""
     final = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    trained = f"{final.get('step', '?')} steps, stopped by {final.get('stop_reason', '?')}"
     if checkpoint_step is not None:
-        final = {"step": checkpoint_step, "stop_reason": "nothing: a checkpoint taken during training"}
+        final, trained = {}, f"{checkpoint_step} steps (a checkpoint taken during training)"
     base = config.model.name_or_path or f"none: trained from scratch ({config.model.preset or 'explicit sizes'})"
+    if (run_dir / BASE_FILE).is_file():  # an adapter: the base it was trained on, resolved
+        record = json.loads((run_dir / BASE_FILE).read_text())
+        fingerprint = f"; weights fingerprint {record['fingerprint'][:12]}" if record.get("fingerprint") else ""
+        base = f"{record['path']} (given as {record['given_as']}{fingerprint})"
     data = config.data
     how = load_snippet(config.model.task, adapter_only)
     results = {split: final.get(split, {}) for split in ("validation", "test", "generation")}
@@ -99,7 +104,7 @@ Trained with lmforge ({"LoRA adapter" if adapter_only else "full weights"}).
 - **Base model:** {base}
 - **Task:** {config.model.task}
 - **Data:** {data.train} (format {data.format}, max length {data.max_length})
-- **Trained for:** {final.get("step", "?")} steps, stopped by {final.get("stop_reason", "?")}
+- **Trained for:** {trained}
 
 ## Final metrics
 
@@ -125,15 +130,15 @@ It inherits the limitations and licence of its base model and data.
 """
 
 
-CARD_PATH = "path/to/this/directory"
-"""The placeholder the model card's snippet loads from."""
+CARD_PATH = "."
+"""Where the model card's snippet loads from: the directory the card is in."""
 
 
 def load_snippet(task: str, adapter_only: bool) -> str:
     """Python that loads the exported directory in plain transformers/peft and uses it once; the
     tests run it against every kind of export."""
     auto = _auto_class(task)
-    lines = [f'PATH = "{CARD_PATH}"  # this directory']
+    lines = [f'PATH = "{CARD_PATH}"  # this directory: run from it, or give its path']
     if adapter_only and task == "classification":
         lines += [  # peft builds the base with its default 2 classes unless told the run's
             f"from peft import AutoPeft{auto[4:]}",

@@ -533,10 +533,11 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def _located(problem: str, key_lines: dict[str, int], origins: dict[str, str], source: str | None) -> tuple[int, str]:
     """(line, problem): a cross-field problem prefixed with where its first setting was given (file:line
     or the override), when it was given; the line orders problems as the file does."""
+    named = [key for key in origins if problem.startswith((f"{key}:", f"{key}."))]  # keys may hold any text
     match = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)+)", problem)
-    if not match:
+    if not named and not match:
         return 1 << 30, problem
-    dotted = match.group(1)
+    dotted = max(named, key=len) if named else match.group(1)
     line = next((key_lines[k] for k in _prefixes(dotted) if k in key_lines), 1 << 30)
     return line, _where(dotted, key_lines, origins, source) + problem
 

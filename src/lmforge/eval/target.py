@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -46,11 +47,17 @@ def load_target(target: Path):
 
 def resolve_target(target: Path) -> tuple[str, Path]:
     """("run", its final/), ("checkpoint", a checkpoint directory) or ("model", the directory).
+    A command asks several times; a checkpoint's sha256 check runs once per process.
 
     Raises:
         UserError: `target` is none of these.
     """
-    target = Path(target)
+    return _resolve(str(Path(target).resolve()))
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve(path: str) -> tuple[str, Path]:
+    target = Path(path)
     if not target.exists():
         raise UserError(f"{target}: no such file or directory (looked for {target.resolve()})")
     if (target / "config.yaml").is_file() and (target / "final").is_dir():
@@ -59,23 +66,27 @@ def resolve_target(target: Path) -> tuple[str, Path]:
         problem = verify(target)
         if problem is not None:
             raise UserError(f"{target}: not a usable checkpoint: {problem}")
-        if not (target / "config.json").is_file():
-            raise UserError(
-                f"{target}: this checkpoint was written by an older lmforge, without its model config; resume "
-                "the run from it (lmforge train CONFIG --resume ...) or use the run's final/"
-            )
-        return "checkpoint", target
+        return "checkpoint", _model_checkpoint(target)
     if (target / "config.yaml").is_file() and (target / "checkpoints").is_dir():  # paused or crashed
-        checkpoint = latest_valid(target / "checkpoints", lambda message: None)
+        checkpoint = latest_valid(target / "checkpoints", lambda message: None)  # (verified)
         if checkpoint is None:
             raise UserError(f"{target}: the run has neither final/ nor a valid checkpoint yet")
-        return resolve_target(checkpoint.path)
+        return "checkpoint", _model_checkpoint(checkpoint.path)
     if (target / "config.json").is_file():
         return "model", target
     raise UserError(
         f"{target}: neither a run directory (with final/ or checkpoints/), a checkpoint, nor a model "
         "directory (with config.json)"
     )
+
+
+def _model_checkpoint(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"{path}: this checkpoint was written by an older lmforge, without its model config; resume "
+            "the run from it (lmforge train CONFIG --resume ...) or use the run's final/"
+        )
+    return path
 
 
 def _run_config(path: Path) -> Config:

@@ -24,6 +24,7 @@ class LmforgeModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from lmforge.config import GenerateConfig
+        from lmforge.eval.generation import read_hints
         from lmforge.eval.target import load_model_dir
         from lmforge.models.build import task_of
         from lmforge.models.tokenizer import load_tokenizer
@@ -33,6 +34,7 @@ class LmforgeModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(model_dir, need_eos=task_of(model_dir) != "classification")
         settings = json.loads(Path(context.artifacts["generate"]).read_text())
         self.generate = GenerateConfig.model_validate(settings)
+        self.hints = read_hints(model_dir)  # prompts cut as the run's answers were; chat turns end
 
     def predict(
         self, context, model_input, params: dict | None = None
@@ -47,7 +49,7 @@ class LmforgeModel(mlflow.pyfunc.PythonModel):
         else:
             prompts = [str(p) for p in model_input]
         settings = self.generate.model_copy(update=params or {})
-        return respond(self.model, self.tokenizer, prompts, settings, seed=0)
+        return respond(self.model, self.tokenizer, prompts, settings, seed=0, hints=self.hints)
 
 
 def save_pyfunc(run_dir: Path, path: Path) -> Path:

@@ -73,11 +73,26 @@ def train_command(
     resume: str = typer.Option(
         None, "--resume", help="auto (newest valid checkpoint of this run name) or a checkpoint/run directory."
     ),
+    multirun: bool = typer.Option(
+        False,
+        "-m",
+        "--multirun",
+        help="A grid sweep over every override with several values: train.lr=1e-4,3e-4 lora.r=8,16.",
+        metavar="",
+    ),
 ) -> None:
     """Train a model as the config says."""
     from lmforge.config import load_config
     from lmforge.run import quick_test_config, resume_command, run_train
 
+    if multirun:
+        if quick_test or dry_run or resume:
+            raise UserError("-m (multirun) runs a sweep: --quick-test, --dry-run and --resume do not apply")
+        from lmforge.sweep.runner import run_sweep
+        from lmforge.sweep.spec import multirun_spec
+
+        loaded = multirun_spec(config, overrides or [])
+        raise typer.Exit(run_sweep(loaded, console))
     cfg = load_config(config, overrides or [], check_files=True)
     if quick_test:
         cfg = quick_test_config(cfg)
@@ -250,6 +265,35 @@ def sync_command(
     from lmforge.tracking.sync import sync_run
 
     sync_run(run, overrides or [], log=console.print)
+
+
+@app.command("sweep")
+def sweep_command(
+    words: list[str] = typer.Argument(
+        ..., help="SWEEP.yaml [k=v ...] to run or continue a sweep; status SWEEP.yaml to see where it stands."
+    ),
+    workers: int = typer.Option(1, "--workers", min=1, help="Trial processes at once on this machine."),
+    worker: bool = typer.Option(
+        False, "--worker", help="Join a sweep started elsewhere (shared storage); never creates it.", metavar=""
+    ),
+) -> None:
+    """Search hyperparameters with Optuna; each trial is an ordinary run in its own process.
+
+    Spec keys on the command line (max_trials=60, pruner.type=median) set the spec; any other
+    dotted key (train.eval_every=50) is a training setting for every trial. Ctrl-C pauses the
+    trials at a step boundary; the same command continues, resuming them from their checkpoints.
+    """
+    from lmforge.sweep.runner import run_sweep, sweep_status
+    from lmforge.sweep.spec import load_spec
+
+    if words[0] == "status":
+        if len(words) != 2:
+            raise UserError("usage: lmforge sweep status SWEEP.yaml")
+        sweep_status(load_spec(Path(words[1])), console)
+        return
+    loaded = load_spec(Path(words[0]), words[1:])
+    _quiet_libraries()
+    raise typer.Exit(run_sweep(loaded, console, workers=workers, join=worker))
 
 
 @data_app.command("inspect")

@@ -41,6 +41,7 @@ from lmforge.data.report import data_report_lines, data_warnings
 from lmforge.engine.checkpoint import Checkpoint, checkpoint_name, latest_valid, load_trainer_state, verify
 from lmforge.engine.loop import (
     PAUSES,
+    EvalHook,
     TrainResult,
     cpu_has_native_bf16,
     distributed_cpu,
@@ -101,6 +102,8 @@ def run_train(
     resume: str | None = None,
     config_path: str | None = None,
     overrides: list[str] | None = None,
+    run_dir: Path | None = None,
+    on_eval: EvalHook | None = None,
 ) -> RunOutcome:
     """Prepare data, build the model, train (or resume), evaluate, and write the run directory.
 
@@ -109,20 +112,42 @@ def run_train(
             the path of a checkpoint or run directory.
         config_path, overrides: the config file and command-line overrides, only to print the
             command that resumes a paused run.
+        run_dir: this directory instead of a new <output_dir>/<name>-<time>/ (a sweep's trial):
+            the run continues from its newest valid checkpoint if it has one, else starts there.
+        on_eval: called after each validation evaluation past step 0 (see `engine.loop.train`);
+            a stop reason it returns ("pruned") ends the run without final outputs.
     """
     started = time.perf_counter()
     warn = lambda message: console.print(f"[yellow]warning: {message}[/yellow]")  # noqa: E731
     precision = resolve_precision(config.train.precision)  # fails early on an impossible choice
     check_quantization(config)
-    checkpoint = find_resume_checkpoint(config, resume, warn) if resume else None
+    if run_dir is not None:
+        checkpoint = latest_valid(run_dir / "checkpoints", warn) if (run_dir / "checkpoints").is_dir() else None
+    else:
+        checkpoint = find_resume_checkpoint(config, resume, warn) if resume else None
     if checkpoint is not None:
         check_resume_config(checkpoint, config, warn)
     process = PartialState(cpu=distributed_cpu())  # one per process of a job; the main one writes and logs
     if not process.is_main_process:
         console = Console(quiet=True)
-    resumed_dir = checkpoint.path.parent.parent if checkpoint is not None and process.is_main_process else None
-    with run_lock(resumed_dir):
-        return _run(config, console, warn, precision, checkpoint, process, dry_run, config_path, overrides, started)
+    held = run_dir or (checkpoint.path.parent.parent if checkpoint is not None else None)
+    if held is not None and process.is_main_process:
+        held.mkdir(parents=True, exist_ok=True)
+    with run_lock(held if process.is_main_process else None):
+        how = Launch(dry_run, config_path, overrides, started, run_dir, on_eval)
+        return _run(config, console, warn, precision, checkpoint, process, how)
+
+
+@dataclass
+class Launch:
+    """How run_train was called, for _run."""
+
+    dry_run: bool
+    config_path: str | None
+    overrides: list[str] | None
+    started: float
+    run_dir: Path | None
+    on_eval: EvalHook | None
 
 
 @contextmanager
@@ -157,7 +182,7 @@ def run_lock(run_dir: Path | None) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _run(config, console, warn, precision, checkpoint, process, dry_run, config_path, overrides, started) -> RunOutcome:
+def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> RunOutcome:
     """run_train after the checks: data, model, plan, training, outputs."""
     if config.train.num_threads is not None:
         torch.set_num_threads(config.train.num_threads)
@@ -171,21 +196,15 @@ def _run(config, console, warn, precision, checkpoint, process, dry_run, config_
     steps = total_steps(config.train, plan)
     _print_plan(console, config, data, model, trainable, total, plan, steps, precision)
     _warn_before_training(data.report, data.tokenizer, config, checkpoint, plan, steps, warn)
-    if dry_run:
+    if how.dry_run:
         for line in data_report_lines(data.report):
             console.print(line, highlight=False)
         console.print("dry run: config and data are valid; nothing was trained")
         return RunOutcome(None, {})
 
-    saved = None
-    if checkpoint is None:
-        run_dir = shared_run_dir(config, process)
-    else:
-        run_dir = checkpoint.path.parent.parent
-        saved = load_trainer_state(checkpoint.path)
-        console.print(f"resuming from {checkpoint.path} (step {checkpoint.step})")
+    run_dir, saved = _run_dir(config, process, checkpoint, how.run_dir, console)
     main = process.is_main_process
-    trackers = _open_outputs(config, run_dir, data, saved, main, warn, console, config_path, base)
+    trackers = _open_outputs(config, run_dir, data, saved, main, warn, console, how.config_path, base)
     trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
     status = "FAILED"
     try:
@@ -202,13 +221,17 @@ def _run(config, console, warn, precision, checkpoint, process, dry_run, config_
             console=console,
             checkpoint_dir=run_dir / "checkpoints",
             resume_from=checkpoint.path if checkpoint else None,
+            on_eval=how.on_eval,
         )
         state = result.state
         if state.stop_reason in PAUSES:
             status = "KILLED"
             if main:
-                _print_pause(console, run_dir, state, config_path, overrides or [])
+                _print_pause(console, run_dir, state, how.config_path, how.overrides or [])
             return RunOutcome(run_dir, {}, paused=state.stop_reason)
+        if state.stop_reason == "pruned":  # a sweep's loser: no test evaluation, samples or final model
+            status = "KILLED"
+            return _end_pruned(run_dir, state, main, console)
         if not main:
             status = "FINISHED"
             return RunOutcome(run_dir, {})
@@ -219,12 +242,35 @@ def _run(config, console, warn, precision, checkpoint, process, dry_run, config_
         raise
     finally:
         missing = trackers.finish(status)
-    link = link_latest(run_dir, config.name)
-    _print_summary(console, run_dir, state.eval_history, final_eval, trackers, started)
+    _print_summary(console, run_dir, state.eval_history, final_eval, trackers, how.started)
     if missing:
         console.print(f"[yellow]tracking incomplete[/yellow]: {', '.join(missing)}; run `lmforge sync {run_dir}`")
-    console.print(f"latest:   {link / 'final'} (points at this run)", highlight=False)
+    if how.run_dir is None:
+        link = link_latest(run_dir, config.name)
+        console.print(f"latest:   {link / 'final'} (points at this run)", highlight=False)
     return RunOutcome(run_dir, final_eval)
+
+
+def _run_dir(config: Config, process, checkpoint: Checkpoint | None, given: Path | None, console):
+    """(run directory, saved trainer state or None): the checkpoint's run, the given directory, or a
+    new one."""
+    if checkpoint is not None:
+        console.print(f"resuming from {checkpoint.path} (step {checkpoint.step})")
+        return checkpoint.path.parent.parent, load_trainer_state(checkpoint.path)
+    if given is None:
+        return shared_run_dir(config, process), None
+    for name in ("metrics.jsonl", "tracking.json", "eval.json", "examples.jsonl"):  # an attempt that saved nothing
+        (given / name).unlink(missing_ok=True)
+    return given, None
+
+
+def _end_pruned(run_dir: Path, state, main: bool, console) -> RunOutcome:
+    """A pruned run's eval.json: its step, stop reason and last validation."""
+    pruned = {"step": state.step, "stop_reason": "pruned", "validation": state.eval_history[-1]}
+    if main:
+        (run_dir / "eval.json").write_text(json.dumps(pruned, indent=2))
+        console.print(f"pruned at step {state.step}: {describe(state.eval_history[-1])}", highlight=False)
+    return RunOutcome(run_dir, pruned)
 
 
 def _open_outputs(

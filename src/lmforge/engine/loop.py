@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ from lmforge.tracking.base import Trackers
 from lmforge.tracking.system import system_metrics
 
 PAUSES = ("SIGTERM", "SIGINT", "max_time")  # stops after which the run is meant to be resumed
+EvalHook = Callable[[int, dict[str, float]], str | None]
+"""Called with (step, validation metrics) after each evaluation past step 0; a stop reason it
+returns (a sweep's pruner: "pruned") ends training there, without a checkpoint."""
 
 
 class NonFiniteLossError(UserError):
@@ -105,6 +109,7 @@ class Loop:
     """What train.loss_chunk_size resolved to: evaluation scores targets the same way."""
     window_loss: torch.Tensor | None = None
     """Loss summed on device since the last log point: no host sync per step."""
+    on_eval: EvalHook | None = None
 
 
 def train(
@@ -116,6 +121,7 @@ def train(
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
     progress_factory=TrainProgress,
+    on_eval: EvalHook | None = None,
 ) -> TrainResult:
     """Train `model` on `data.splits["train"]`, evaluating, checkpointing and stopping as configured.
 
@@ -125,6 +131,9 @@ def train(
 
     Resuming from a checkpoint restores weights, optimizer, scheduler, scaler, RNG and this
     state, and continues at the saved data position: the result equals an uninterrupted run.
+
+    Args:
+        on_eval: see `EvalHook` (a sweep reports each evaluation to its study there).
     """
     cfg = config.train
     accelerator = make_accelerator(cfg.precision)
@@ -148,6 +157,7 @@ def train(
     loop = Loop(
         config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir, chunk_size
     )
+    loop.on_eval = on_eval
     state = _start(loop, resume_from)
 
     model.train()
@@ -225,11 +235,16 @@ def _evaluate(loop: Loop) -> bool:
         )
         best = {"early_stopping/best_step": state.best_step, "early_stopping/best": state.best_metric}
         loop.trackers.log_metrics(best, state.step)
+    if loop.on_eval is not None and state.stop_reason is None and (reason := loop.on_eval(state.step, metrics)):
+        state.stop_reason = reason
+        loop.progress.message(f"{reason} at step {state.step}")
     return new_best
 
 
 def _should_save(loop: Loop, new_best: bool) -> bool:
     cfg, state = loop.config.train, loop.state
+    if state.stop_reason == "pruned":  # never resumed, never the final model
+        return False
     if cfg.save_every and state.step % cfg.save_every == 0:
         return True
     if state.stop_reason is not None:  # the end, a pause, or early stopping

@@ -1,0 +1,380 @@
+"""A sweep spec: which training config, which settings to search, how, and how to judge a trial.
+
+The spec is its own YAML file. Its `parameters` are keyed by the dotted paths of the training
+config (`lora.r`, `train.lr`) and every value is checked against the schema, with the base
+config, before any trial starts: one error lists every problem, with its file line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmforge.config import EVAL_METRICS, _read_file, load_config
+from lmforge.errors import ConfigError
+
+METHODS = ("grid", "random", "tpe", "bayes", "cmaes")
+"""Samplers: Optuna's GridSampler, RandomSampler, TPESampler (bayes is its alias), CmaEsSampler."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Parameter(Strict):
+    """One axis of the search: a list of values, or a distribution between min and max."""
+
+    values: list[Any] | None = None
+    """The choices (a grid needs these). Any YAML value the setting takes, lists included."""
+    distribution: Literal["uniform", "log_uniform", "int_uniform", "log_int_uniform"] | None = None
+    """Sample a number between min and max; log_*: uniformly in log space (learning rates)."""
+    min: float | None = None
+    max: float | None = None
+    step: float | None = Field(default=None, gt=0)
+    """Only multiples of this above min (not with a log distribution)."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Parameter:
+        problems = []
+        if (self.values is None) == (self.distribution is None):
+            problems.append("give either values: [...] or distribution: with min and max")
+        if self.values is not None and not self.values:
+            problems.append("values is empty: list at least one")
+        if self.distribution is not None:
+            if self.min is None or self.max is None:
+                problems.append(f"distribution {self.distribution} needs min and max")
+            elif self.min > self.max:
+                problems.append(f"min ({self.min:g}) is above max ({self.max:g})")
+            elif self.distribution.startswith("log") and self.min <= 0:
+                problems.append(f"a log distribution needs min > 0 (got {self.min:g}); use uniform, or a positive min")
+            if self.distribution.startswith("int") or self.distribution.startswith("log_int"):
+                bad = [f"{name} {v:g}" for name, v in (("min", self.min), ("max", self.max)) if v is not None and v % 1]
+                if bad:
+                    problems.append(f"{self.distribution} takes whole numbers ({', '.join(bad)})")
+            if self.step is not None and self.distribution.startswith("log"):
+                problems.append("step does not apply to a log distribution")
+        elif self.min is not None or self.max is not None or self.step is not None:
+            problems.append("min, max and step go with distribution:, not with values:")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def choices(self) -> list[Any]:
+        """The grid's points on this axis (values only)."""
+        return list(self.values or [])
+
+
+class Metric(Strict):
+    name: str = "eval/loss"
+    """A validation metric the runs log: eval/<name> (eval/loss, eval/accuracy, ...)."""
+    goal: Literal["minimize", "maximize"] = "minimize"
+
+
+class Pruner(Strict):
+    type: Literal["none", "median", "hyperband", "asha"] = "none"
+    """Stop unpromising trials early: Optuna's MedianPruner, HyperbandPruner or
+    SuccessiveHalvingPruner (ASHA). Each validation evaluation is reported at its training step."""
+    warmup_evals: int = Field(default=0, ge=0)
+    """Evaluations of a trial (after step 0) before it may be pruned."""
+    startup_trials: int = Field(default=5, ge=0)
+    """median: trials that finish before any is pruned (Optuna's n_startup_trials)."""
+    min_resource: int | None = Field(default=None, ge=1)
+    """hyperband/asha: training steps every trial gets (default: train.eval_every of the base)."""
+    reduction_factor: int = Field(default=3, ge=2)
+    """hyperband/asha: the fraction 1/reduction_factor of trials promoted at each rung."""
+
+
+class SweepSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """The sweep's name: its directory is <output_dir>/sweeps/<name>/, its Optuna study this name."""
+    base: str
+    """The training config, relative to this spec file."""
+    overrides: list[str] = []
+    """Dotted settings fixed for every trial (train.eval_every=50)."""
+    metric: Metric = Metric()
+    """The validation metric a trial is judged by: its best value over the trial's evaluations."""
+    method: Literal["grid", "random", "tpe", "bayes", "cmaes"] = "tpe"
+    seed: int = Field(default=0, ge=0)
+    """Seeds the sampler: the same spec samples the same parameters."""
+    max_trials: int | None = Field(default=None, ge=1)
+    """Trials in the whole sweep, across resumes and workers (pruned and failed ones count).
+    Default: the grid's size for grid, else 20."""
+    parameters: dict[str, Parameter]
+    """The search space, keyed by dotted training-config paths."""
+    pruner: Pruner = Pruner()
+    storage: str | None = None
+    """Where the study lives: null, a journal file in the sweep directory (one machine, any number
+    of workers); or postgresql://user@host:port/db for workers on several machines (the password
+    comes from PGPASSWORD or ~/.pgpass, never from this file)."""
+    lease_timeout: float = Field(default=120.0, gt=0)
+    """Seconds without a heartbeat after which another worker takes over a RUNNING trial (its
+    machine died); on the same machine a dead process is noticed at once."""
+    retry_oom: bool = True
+    """Run a trial that ran out of memory once more with micro_batch_size halved and grad_accum
+    doubled (the same effective batch)."""
+    max_same_failures: int = Field(default=3, ge=1)
+    """Stop the sweep when this many trials in a row fail with the same error."""
+
+    @model_validator(mode="after")
+    def _grid_has_values(self) -> SweepSpec:
+        if not self.parameters:
+            raise ValueError("parameters: name at least one setting to search")
+        if self.method == "grid":
+            continuous = [k for k, p in self.parameters.items() if p.values is None]
+            if continuous:
+                raise ValueError(
+                    f"method grid needs values: [...] for every parameter; {', '.join(continuous)} "
+                    "has a distribution (list values, or use random/tpe)"
+                )
+        return self
+
+    def grid_size(self) -> int:
+        return math.prod(len(p.choices()) for p in self.parameters.values())
+
+    def trial_budget(self) -> int:
+        """max_trials, or its default; a grid never runs more trials than it has points."""
+        if self.method == "grid":
+            return min(self.max_trials or self.grid_size(), self.grid_size())
+        return self.max_trials or 20
+
+    def search_fingerprint(self) -> str:
+        """What a continued sweep must keep: the space, the method, the seed and the metric."""
+        fixed = {
+            "parameters": {k: v.model_dump() for k, v in sorted(self.parameters.items())},
+            "method": "tpe" if self.method == "bayes" else self.method,
+            "seed": self.seed,
+            "metric": self.metric.model_dump(),
+        }
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode_choice(value: Any) -> Any:
+    """A value as an Optuna categorical choice (None, bool, int, float or str): lists and mappings
+    become their JSON text."""
+    return value if value is None or isinstance(value, bool | int | float | str) else json.dumps(value)
+
+
+def decode_choice(parameter: Parameter, value: Any) -> Any:
+    if parameter.values is not None and isinstance(value, str) and value not in parameter.values:
+        return json.loads(value)
+    return value
+
+
+def as_override(key: str, value: Any) -> str:
+    """`key=value` as the config loader parses it (JSON is YAML)."""
+    return f"{key}={json.dumps(value)}"
+
+
+class LoadedSpec:
+    """A validated spec, where it came from, and the base training config it sweeps."""
+
+    def __init__(self, spec: SweepSpec, path: Path | None, base_path: Path) -> None:
+        self.spec = spec
+        self.path = path
+        self.base_path = base_path
+        self.base = load_config(base_path, spec.overrides, check_files=True)
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.base.output_dir) / "sweeps" / self.spec.name
+
+    @property
+    def task(self) -> str:
+        return self.base.model.task
+
+
+def load_spec(path: Path, overrides: list[str] | None = None) -> LoadedSpec:
+    """Read and check a sweep spec: its own fields, the base config with the fixed overrides, every
+    parameter's key and values against the training schema, and the metric against the task.
+
+    Args:
+        overrides: `key=value` from the command line. Keys of the spec (max_trials=60,
+            pruner.type=median, storage=...) set the spec; any other key is a training setting
+            added to the spec's overrides.
+
+    Raises:
+        ConfigError: every problem at once, each with its file line.
+    """
+    raw, lines = _read_file(path)
+    problems: list[str] = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected key=value, e.g. max_trials=40")
+        elif key.split(".")[0] in SweepSpec.model_fields:
+            _put(raw, key.strip(), _yaml_value(value))
+        else:
+            raw.setdefault("overrides", []).append(item)
+    if problems:
+        raise ConfigError(problems, str(path))
+    spec = _validated(raw, lines, path)
+    return check_spec(spec, path, path.parent / spec.base, lines)
+
+
+def check_spec(spec: SweepSpec, path: Path | None, base_path: Path, lines: dict[str, int] | None = None) -> LoadedSpec:
+    """The checks that need the base config: the parameters' keys and values, and the metric."""
+    where = _locator(path, lines or {})
+    try:
+        loaded = LoadedSpec(spec, path, base_path)
+    except ConfigError as exc:
+        raise ConfigError([f"{where('base')}base {spec.base}: {p}" for p in exc.problems], str(path)) from None
+    problems = []
+    produced = [f"eval/{m}" for m in EVAL_METRICS[loaded.task]]
+    if spec.metric.name not in produced:
+        problems.append(
+            f"{where('metric.name')}metric.name: a {loaded.task} run logs no {spec.metric.name}; use one of "
+            f"{', '.join(produced)}"
+        )
+    for key, parameter in spec.parameters.items():
+        problems += [
+            f"{where('parameters.' + key)}parameters.{key}: {p}" for p in _value_problems(loaded, key, parameter)
+        ]
+    if problems:
+        raise ConfigError(problems, str(path) if path else None)
+    return loaded
+
+
+def _value_problems(loaded: LoadedSpec, key: str, parameter: Parameter) -> list[str]:
+    """What the schema says about each of the axis's values (or its min and max) in the base config."""
+    if key in ("name", "output_dir"):
+        return ["the sweep sets each trial's name and directory itself; it cannot be searched"]
+    samples = parameter.choices() if parameter.values is not None else [parameter.min, parameter.max]
+    if parameter.distribution and parameter.distribution.endswith("int_uniform"):
+        samples = [int(v) for v in samples]
+    problems: list[str] = []
+    overrides = loaded.spec.overrides
+    for value in samples:
+        try:
+            load_config(loaded.base_path, [*overrides, as_override(key, value)])
+        except ConfigError as exc:
+            mine = [p.split(": ", 1)[1] for p in exc.problems if p.startswith(f"override '{key}=")]
+            text = "; ".join(mine or exc.problems)
+            if "unknown key" in text or " is a value, not a section" in text:
+                return [text.removeprefix(f"{key}: ")]  # the key itself is wrong: once is enough
+            problems.append(f"value {value!r}: {text.removeprefix(f'{key}: ')}")
+    if parameter.values is not None and len({json.dumps(v, sort_keys=True) for v in parameter.values}) < len(
+        parameter.values
+    ):
+        problems.append("values repeat: list each once")
+    return problems
+
+
+def _validated(raw: dict[str, Any], lines: dict[str, int], path: Path) -> SweepSpec:
+    where = _locator(path, lines)
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = [str(part) for part in error["loc"]]
+            dotted = ".".join(loc)
+            if loc and loc[0] == "parameters" and len(loc) > 1:
+                dotted = f"parameters.{loc[1]}" + "".join(f".{p}" for p in loc[2:])
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key" + _nearest(loc)
+            elif error["type"] == "missing":
+                message = "required"
+            elif "input" in error and not isinstance(error["input"], dict):
+                message += f" (got {error['input']!r})"
+            problems.append(f"{where(dotted)}{dotted}: {message}" if dotted else f"{where('')}{message}")
+        raise ConfigError(problems, str(path)) from None
+
+
+def _nearest(loc: list[str]) -> str:
+    known = {(): SweepSpec, ("metric",): Metric, ("pruner",): Pruner}
+    parent = tuple(loc[:-1])
+    model = Parameter if len(loc) == 3 and loc[0] == "parameters" else known.get(parent)
+    if model is None:
+        return ""
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]}?" if match else f"; known keys here: {', '.join(model.model_fields)}"
+
+
+def _locator(path: Path | None, lines: dict[str, int]):
+    def where(dotted: str) -> str:
+        parts = dotted.split(".") if dotted else []
+        if parts[:1] == ["parameters"] and len(parts) > 2:  # parameter keys hold dots themselves
+            for n in range(len(parts), 1, -1):
+                if ".".join(parts[:n]) in lines:
+                    return f"{path}:{lines['.'.join(parts[:n])]}: "
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in lines:
+                return f"{path}:{lines['.'.join(parts[:n])]}: "
+        return f"{path}: " if path else ""
+
+    return where
+
+
+def _put(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a spec key from the command line; `parameters.<dotted training key>.<field>` keeps the
+    training key whole."""
+    parts = dotted.split(".")
+    if parts[0] == "parameters" and len(parts) > 2:
+        parts = ["parameters", ".".join(parts[1:-1]), parts[-1]]
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+# ----------------------------------------------------------------------------- multirun
+
+
+_SPLIT = re.compile(r",(?![^\[\]{}]*[\]}])")  # commas outside brackets
+
+
+def multirun_spec(config_path: Path, overrides: list[str]) -> LoadedSpec:
+    """`lmforge train CONFIG -m train.lr=1e-4,3e-4 lora.r=8,16` as a grid sweep (Hydra's multirun):
+    every override with commas is an axis, the others are fixed. The sweep's name is the config's
+    with a hash of the command, so the same command continues the same sweep.
+
+    Raises:
+        ConfigError: no override has commas, or what load_spec would raise.
+    """
+    axes: dict[str, Parameter] = {}
+    fixed: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = _SPLIT.split(value) if sep else []
+        if len(parts) > 1:
+            axes[key.strip()] = Parameter(values=[_yaml_value(p) for p in parts])
+        else:
+            fixed.append(item)
+    if not axes:
+        raise ConfigError(["-m (multirun) needs an override with several values, e.g. train.lr=1e-4,3e-4"])
+    name = load_config(config_path, fixed).name
+    digest = hashlib.sha256(json.dumps([str(config_path.resolve()), overrides]).encode()).hexdigest()[:8]
+    spec = SweepSpec(
+        name=f"{name}-multirun-{digest}",
+        base=str(config_path.resolve()),
+        overrides=fixed,
+        method="grid",
+        parameters=axes,
+    )
+    return check_spec(spec, None, config_path)
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every point of a grid, in the order of its axes."""
+    keys = list(spec.parameters)
+    return [
+        dict(zip(keys, combo, strict=True))
+        for combo in itertools.product(*(spec.parameters[k].choices() for k in keys))
+    ]

@@ -27,6 +27,8 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
+SIGNAL_EXITS = {"SIGINT": 130, "SIGUSR1": 138, "SIGTERM": 143}
+"""Exit codes of a run paused by a signal: 128 + the signal's number, as a shell reports it."""
 OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-4 data.max_length=256.")
 TARGET_HELP = "A run directory (finished or paused), a checkpoint (runs/NAME/checkpoints/step-N) or a model directory."
 
@@ -105,8 +107,8 @@ def train_command(
         command = resume_command(str(config), overrides or [], "auto")
         err_console.print(f"interrupted at once; the newest complete checkpoint is kept: {command}", markup=False)
         raise typer.Exit(130) from None
-    if outcome.paused in ("SIGTERM", "SIGINT"):
-        raise typer.Exit(143 if outcome.paused == "SIGTERM" else 130)
+    if outcome.paused in SIGNAL_EXITS:
+        raise typer.Exit(SIGNAL_EXITS[outcome.paused])
 
 
 @app.command("eval")

@@ -227,7 +227,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
         if state.stop_reason in PAUSES:
             status = "KILLED"
             if main:
-                _print_pause(console, run_dir, state, how.config_path, how.overrides or [])
+                _print_pause(console, run_dir, state, how.config_path, how.overrides or [], how.run_dir is None)
             return RunOutcome(run_dir, {}, paused=state.stop_reason)
         if state.stop_reason == "pruned":  # a sweep's loser: no test evaluation, samples or final model
             status = "KILLED"
@@ -531,12 +531,15 @@ def resume_command(config_path: str | None, overrides: list[str], resume: str | 
     return shlex.join(words)
 
 
-def _print_pause(console, run_dir: Path, state, config_path: str | None, overrides: list[str]) -> None:
+def _print_pause(
+    console, run_dir: Path, state, config_path: str | None, overrides: list[str], tell_resume: bool = True
+) -> None:
     console.print(
         f"\n[bold yellow]stopped[/bold yellow] ({state.stop_reason}) at step {state.step}; "
         f"checkpoint saved in {run_dir / 'checkpoints' / checkpoint_name(state.step)}"
     )
-    console.print(f"resume with: {resume_command(config_path, overrides, run_dir)}", highlight=False, markup=False)
+    if tell_resume:  # a sweep's trial is resumed by its sweep
+        console.print(f"resume with: {resume_command(config_path, overrides, run_dir)}", highlight=False, markup=False)
 
 
 def _print_summary(console, run_dir, history, final_eval, trackers, started) -> None:

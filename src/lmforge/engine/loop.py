@@ -32,7 +32,7 @@ from lmforge.eval.generation import HINTS_FILE, hints_of
 from lmforge.tracking.base import Trackers
 from lmforge.tracking.system import system_metrics
 
-PAUSES = ("SIGTERM", "SIGINT", "max_time")  # stops after which the run is meant to be resumed
+PAUSES = ("SIGTERM", "SIGINT", "SIGUSR1", "max_time")  # stops after which the run is meant to be resumed
 EvalHook = Callable[[int, dict[str, float]], str | None]
 """Called with (step, validation metrics) after each evaluation past step 0; a stop reason it
 returns (a sweep's pruner: "pruned") ends training there, without a checkpoint."""

@@ -1,7 +1,10 @@
 """Stopping at a step boundary on SIGTERM/SIGINT instead of dying mid-step.
 
 The first signal only sets `requested`; the loop saves a checkpoint after the current step and
-returns. A second SIGINT (or SIGTERM) exits at once.
+returns. A second SIGINT (or SIGTERM) exits at once. SIGUSR1 pauses the same way but never
+escalates, however often it comes: it is SLURM's warning before a job's time limit
+(`--signal=B:USR1@120`), and the signal a sweep's trial gets when its worker dies (Linux sends
+the parent-death signal once for each thread of the parent).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import threading
 
 
 class StopOnSignal:
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)) -> None:
         self.signals = signals
         self.requested: str | None = None
         self._previous: dict[signal.Signals, object] = {}
@@ -23,6 +26,9 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGUSR1:
+            self.requested = self.requested or "SIGUSR1"
+            return
         if self.requested is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
         self.requested = signal.Signals(signum).name

@@ -51,12 +51,22 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _die_with_worker(worker: int) -> None:
-    """Have the kernel send SIGTERM when the worker dies (a checkpoint, then exit)."""
+    """Have the kernel send SIGUSR1 when the worker dies: the training loop pauses at its next step
+    boundary and checkpoints (engine.signals). Until the loop runs, and after it, the first of
+    SIGINT, SIGTERM or SIGUSR1 stops the trial at once, as paused; it has nothing to save there."""
+
+    def stop_now(signum: int, frame: object) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)  # the parent-death signal comes once per thread of the worker
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, stop_now)
     if sys.platform.startswith("linux"):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
     if os.getppid() != worker:  # it died before the line above
         sys.exit(PAUSED_EXIT)
 
@@ -102,8 +112,8 @@ def run_trial(trial_dir: Path) -> dict[str, Any]:
         _quiet_libraries()
         hook = _pruning_hook(context)
         outcome = run_train(config, console, run_dir=trial_dir, on_eval=hook)
-    except KeyboardInterrupt:
-        return {"state": "paused", "reason": "stopped at once (second signal)"}
+    except KeyboardInterrupt as exc:
+        return {"state": "paused", "reason": f"stopped at once ({exc or 'a second signal'})"}
     except UserError as exc:
         return {"state": "failed", "reason": str(exc).splitlines()[0][:500]}
     except Exception as exc:  # noqa: BLE001 - a trial's crash is its own; the sweep goes on

@@ -128,7 +128,8 @@ def test_chat_prompts_file_top_p_and_stop(chat_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["What is 1 + 1?", "What is 7 + 8?"]
-    greedy = generate(str(chat_run), "What is 2 + 3?", "--temperature", "0", "--max-new-tokens", "12").stdout.rstrip("\n")
+    greedy = generate(str(chat_run), "What is 2 + 3?", "--temperature", "0", "--max-new-tokens", "12").stdout
+    greedy = greedy.rstrip("\n")
     cut = greedy[len(greedy) // 2 :][:3]  # a piece of the greedy answer: generation ends before it
     stopped = generate(str(chat_run), "What is 2 + 3?", "--temperature", "0", "--max-new-tokens", "12", "--stop", cut)
     assert stopped.returncode == 0 and stopped.stdout.rstrip("\n") == greedy[: greedy.index(cut)]

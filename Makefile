@@ -5,7 +5,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: setup quickstart test test-fast lint clean
+.PHONY: setup system-packages quickstart test test-fast lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +15,17 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# Debian packages the tests use (PostgreSQL), installed when missing; lmforge itself needs none.
+system-packages:
+	bash scripts/system-packages.sh
+
 quickstart: setup
 	$(BIN)/lmforge train examples/quickstart.yaml
 
-test: setup
+test: setup system-packages
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup system-packages
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup

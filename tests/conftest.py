@@ -160,3 +160,45 @@ class RecordingTracker:
 
     def series(self, key: str) -> list[tuple[int, float]]:
         return [(step, m[key]) for step, m in self.points if key in m]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on a loopback port, started for the session from the Debian
+    package's binaries (`make test` installs it); trust authentication, so the URL holds no password.
+    Missing PostgreSQL fails the test: the shared-storage tests must not pass by skipping."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    bindir = found[-1].parent if found else (Path(shutil.which("initdb")).parent if shutil.which("initdb") else None)
+    if bindir is None:
+        pytest.fail("PostgreSQL is not installed (Debian: apt install postgresql; `make test` installs it)")
+    root = Path(tempfile.mkdtemp(prefix="lmforge-pg-"))  # under /tmp: the server's user must reach it
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the package's user
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres", "postgres")
+    data, port = root / "data", free_port()
+
+    def run(*args) -> None:
+        subprocess.run([*as_user, *map(str, args)], check=True, capture_output=True, timeout=120)
+
+    run(bindir / "initdb", "-D", data, "-U", "lmforge", "--auth=trust", "-E", "UTF8", "--no-sync")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    run(bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o", options, "start")
+    try:
+        run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "lmforge", "sweeps")
+        yield f"postgresql://lmforge@127.0.0.1:{port}/sweeps"
+    finally:
+        run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lmforge.config import EVAL_METRICS, _read_file, load_config
 from lmforge.errors import ConfigError
@@ -41,6 +41,11 @@ class Parameter(Strict):
     max: float | None = None
     step: float | None = Field(default=None, gt=0)
     """Only multiples of this above min (not with a log distribution)."""
+
+    @field_validator("values")
+    @classmethod
+    def _numbers(cls, values: list[Any] | None) -> list[Any] | None:
+        return None if values is None else [_number(v) for v in values]
 
     @model_validator(mode="after")
     def _one_kind(self) -> Parameter:
@@ -124,18 +129,19 @@ class SweepSpec(Strict):
     max_same_failures: int = Field(default=3, ge=1)
     """Stop the sweep when this many trials in a row fail with the same error."""
 
-    @model_validator(mode="after")
-    def _grid_has_values(self) -> SweepSpec:
-        if not self.parameters:
-            raise ValueError("parameters: name at least one setting to search")
-        if self.method == "grid":
-            continuous = [k for k, p in self.parameters.items() if p.values is None]
+    @field_validator("parameters")
+    @classmethod
+    def _grid_has_values(cls, parameters: dict[str, Parameter], info: ValidationInfo) -> dict[str, Parameter]:
+        if not parameters:
+            raise ValueError("name at least one setting to search")
+        if info.data.get("method") == "grid":
+            continuous = [k for k, p in parameters.items() if p.values is None]
             if continuous:
                 raise ValueError(
                     f"method grid needs values: [...] for every parameter; {', '.join(continuous)} "
                     "has a distribution (list values, or use random/tpe)"
                 )
-        return self
+        return parameters
 
     def grid_size(self) -> int:
         return math.prod(len(p.choices()) for p in self.parameters.values())
@@ -329,9 +335,17 @@ def _put(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _yaml_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else text
+        return _number(yaml.safe_load(text)) if text.strip() else text
     except yaml.YAMLError:
         return text
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number(value: Any) -> Any:
+    """1e-4 as the number it means: YAML 1.1 (PyYAML) reads a float without a dot as text."""
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value) else value
 
 
 # ----------------------------------------------------------------------------- multirun

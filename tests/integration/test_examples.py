@@ -9,13 +9,22 @@ import pytest
 
 from conftest import ROOT, lmforge_command, subprocess_env
 from lmforge.config import load_config
+from lmforge.sweep.spec import load_spec
 
-EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+SWEEPS = sorted((ROOT / "examples" / "sweeps").rglob("*.yaml"))
+EXAMPLES = sorted(set((ROOT / "examples").rglob("*.yaml")) - set(SWEEPS))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_config_is_valid(path):
     load_config(path, env={})
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_example_sweep_is_valid(path):
+    """Its keys and every value against the training schema, with its base (whose base model
+    `make quickstart` makes: not looked for here)."""
+    load_spec(path, check_files=False)
 
 
 def test_every_example_is_exercised():
@@ -26,6 +35,7 @@ def test_every_example_is_exercised():
         "seq2seq-stdlib",
         "classify-minilm",
     }
+    assert {p.stem for p in SWEEPS} == {"spelling-sweep", "spelling-grid"}
 
 
 def test_example_data_is_reproducible(tmp_path):
@@ -86,3 +96,29 @@ def test_examples_run_with_quick_test(tmp_path):
         "deuteronomy",
     }
     assert Path(base / "final" / "model.safetensors").is_file()
+    _run_sweep_example(tmp_path, base / "final")
+
+
+def _run_sweep_example(tmp_path, base_model):
+    """The six-axis spelling sweep, cut to two short trials."""
+    proc = subprocess.run(
+        lmforge_command(
+            "sweep",
+            str(ROOT / "examples" / "sweeps" / "spelling-sweep.yaml"),
+            "max_trials=2",
+            "parameters.train.max_steps.values=[2,3]",
+            f"model.name_or_path={base_model}",
+            "tracking.backends=[none]",
+            f"output_dir={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 of 2 trials: 2 complete" in proc.stdout
+    best = (tmp_path / "runs" / "sweeps" / "spelling-sweep" / "best.yaml").read_text()
+    assert "name: spelling-sweep-best" in best

@@ -183,11 +183,11 @@ def as_override(key: str, value: Any) -> str:
 class LoadedSpec:
     """A validated spec, where it came from, and the base training config it sweeps."""
 
-    def __init__(self, spec: SweepSpec, path: Path | None, base_path: Path) -> None:
+    def __init__(self, spec: SweepSpec, path: Path | None, base_path: Path, check_files: bool = True) -> None:
         self.spec = spec
         self.path = path
         self.base_path = base_path
-        self.base = load_config(base_path, spec.overrides, check_files=True)
+        self.base = load_config(base_path, spec.overrides, check_files=check_files)
 
     @property
     def sweep_dir(self) -> Path:
@@ -198,7 +198,7 @@ class LoadedSpec:
         return self.base.model.task
 
 
-def load_spec(path: Path, overrides: list[str] | None = None) -> LoadedSpec:
+def load_spec(path: Path, overrides: list[str] | None = None, check_files: bool = True) -> LoadedSpec:
     """Read and check a sweep spec: its own fields, the base config with the fixed overrides, every
     parameter's key and values against the training schema, and the metric against the task.
 
@@ -206,6 +206,7 @@ def load_spec(path: Path, overrides: list[str] | None = None) -> LoadedSpec:
         overrides: `key=value` from the command line. Keys of the spec (max_trials=60,
             pruner.type=median, storage=...) set the spec; any other key is a training setting
             added to the spec's overrides.
+        check_files: check that the base config's data files and model directories exist.
 
     Raises:
         ConfigError: every problem at once, each with its file line.
@@ -223,14 +224,16 @@ def load_spec(path: Path, overrides: list[str] | None = None) -> LoadedSpec:
     if problems:
         raise ConfigError(problems, str(path))
     spec = _validated(raw, lines, path)
-    return check_spec(spec, path, path.parent / spec.base, lines)
+    return check_spec(spec, path, path.parent / spec.base, lines, check_files)
 
 
-def check_spec(spec: SweepSpec, path: Path | None, base_path: Path, lines: dict[str, int] | None = None) -> LoadedSpec:
+def check_spec(
+    spec: SweepSpec, path: Path | None, base_path: Path, lines: dict[str, int] | None = None, check_files: bool = True
+) -> LoadedSpec:
     """The checks that need the base config: the parameters' keys and values, and the metric."""
     where = _locator(path, lines or {})
     try:
-        loaded = LoadedSpec(spec, path, base_path)
+        loaded = LoadedSpec(spec, path, base_path, check_files)
     except ConfigError as exc:
         raise ConfigError([f"{where('base')}base {spec.base}: {p}" for p in exc.problems], str(path)) from None
     problems = []

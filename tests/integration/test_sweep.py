@@ -15,7 +15,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import chapters, free_port, lmforge_command, subprocess_env, tiny_config_dict
+from conftest import ROOT, chapters, free_port, lmforge_command, subprocess_env, tiny_config_dict
 
 pytestmark = pytest.mark.slow
 
@@ -300,3 +300,39 @@ def test_the_multirun_shorthand_runs_the_grid_it_names(tmp_path):
     assert sorted(float(r["train.lr"]) for r in rows) == [1e-3, 3e-3] and {r["state"] for r in rows} == {"complete"}
     for r in rows:
         assert yaml.safe_load((Path(r["run_dir"]) / "trial.yaml").read_text())["train"]["max_steps"] == 4
+
+
+def test_a_trial_out_of_memory_runs_again_with_half_the_micro_batch_and_the_same_effective_batch(tmp_path):
+    """The sweep and its trials run with their address space limited (RLIMIT_AS): a step of 256
+    rows with full logits (vocabulary 4096, no chunked loss) cannot allocate what it needs, 128 rows
+    can (measured on this machine: 256 needs about 7 GB, 128 about 5 GB, 64 about 3.5 GB)."""
+    import resource
+
+    base = write_base(tmp_path, max_steps=2, eval_every=None, save_every=None, loss_chunk_size=None)
+    cfg = yaml.safe_load(base.read_text())
+    cfg["tokenizer"]["vocab_size"] = 4096
+    cfg["data"]["max_length"] = 256
+    cfg["data"]["train"] = str(ROOT / "data" / "kjv-pentateuch.txt")  # about 800 rows of 256 tokens
+    base.write_text(yaml.safe_dump(cfg))
+    spec = write_spec(tmp_path, "memory", "method: grid\nparameters:\n  train.micro_batch_size: {values: [256]}\n")
+    limit = int(5.6 * 2**30)
+    proc = subprocess.run(
+        lmforge_command("sweep", str(spec)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweep_dir = tmp_path / "runs" / "sweeps" / "memory"
+    (row,) = trials(sweep_dir)
+    assert row["state"] == "complete", row
+    assert "out of memory" in row["reason"] and "retried with micro_batch_size 128, grad_accum 2" in row["reason"]
+    first = (sweep_dir / "trial-0000.out-of-memory" / "train.log").read_text()
+    assert "can't allocate memory" in first
+    retried = yaml.safe_load((sweep_dir / "trial-0000" / "config.yaml").read_text())["train"]
+    assert (retried["micro_batch_size"], retried["grad_accum"]) == (128, 2)
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())["train"]
+    assert (best["micro_batch_size"], best["grad_accum"]) == (128, 2)

@@ -186,7 +186,7 @@ class Worker:
             release(self.study, run.trial_id, f"paused ({outcome.get('reason')})")
             self.say(f"trial {run.number} paused; it resumes from its checkpoint when the sweep runs again")
         elif state == "complete":
-            storage.set_trial_user_attr(run.trial_id, REASON, "")
+            storage.set_trial_user_attr(run.trial_id, REASON, attrs.get(REASON, "") if attrs.get(ADJUSTED) else "")
             self.study.tell(run.number, outcome["value"])
             self.same_failures.clear()
             self.say(f"trial {run.number} complete: {metric} {outcome['value']:.5g} (step {outcome['best_step']})")

@@ -293,9 +293,13 @@ def sweep_command(
             raise UserError("usage: lmforge sweep status SWEEP.yaml")
         sweep_status(load_spec(Path(words[1])), console)
         return
-    loaded = load_spec(Path(words[0]), words[1:])
-    _quiet_libraries()
-    raise typer.Exit(run_sweep(loaded, console, workers=workers, join=worker))
+    loaded = load_spec(Path(words[0]), words[1:])  # trials quiet the libraries they import; this process has none
+    try:
+        code = run_sweep(loaded, console, workers=workers, join=worker)
+    except KeyboardInterrupt:  # before the sweep took over Ctrl-C, or a second one while it ended
+        err_console.print("interrupted; the same command continues the sweep", markup=False)
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
 
 
 @data_app.command("inspect")

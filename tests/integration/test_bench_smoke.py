@@ -104,3 +104,13 @@ def test_long_examples_smoke():
     assert [line.split()[0] for line in lines[2:4]] == ["varlen", "sdpa"]
     assert all(float(mb) > 0 for line in lines[2:4] for mb in line.split()[2:])  # seconds print as 0.0 here
     assert lines[-1].startswith("summary (cpu, bf16, medians of 1): varlen ") and "x the speed of sdpa" in lines[-1]
+
+
+@pytest.mark.slow
+def test_sweep_overhead_smoke():
+    lines = run_bench("sweep_overhead.py", "--smoke")
+    assert lines[0].split() == ["repeat", "sweep_s", "plain_s", "trials", "ratio"]
+    repeat, sweep_s, plain_s, trials, ratio = lines[1].split()
+    assert trials == "2" and float(sweep_s) > 0 and float(plain_s) > 0
+    assert float(ratio) == pytest.approx(float(sweep_s) / float(plain_s), rel=0.01)
+    assert lines[-1].startswith("summary (cpu, medians of 1): sweep of 2 trials / 2 plain runs wall time ")

@@ -336,3 +336,31 @@ def test_a_trial_out_of_memory_runs_again_with_half_the_micro_batch_and_the_same
     assert (retried["micro_batch_size"], retried["grad_accum"]) == (128, 2)
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())["train"]
     assert (best["micro_batch_size"], best["grad_accum"]) == (128, 2)
+
+
+def test_handing_out_trials_is_exclusive_across_processes_sharing_postgresql(tmp_path, postgres_url):
+    """The hand-out lock is PostgreSQL's (an advisory lock): a second study object on its own
+    connection waits while the first holds it, and gets it when it is released."""
+    import threading
+
+    from lmforge.sweep.spec import load_spec
+    from lmforge.sweep.study import handing_out, open_storage, open_study
+
+    write_base(tmp_path)
+    spec = write_spec(tmp_path, "locking", f"storage: {postgres_url}\nparameters:\n  train.lr: {{values: [1.0e-3]}}\n")
+    loaded = load_spec(spec)
+    first = open_study(loaded, open_storage(postgres_url, loaded.sweep_dir))
+    second = open_study(loaded, open_storage(postgres_url, loaded.sweep_dir))
+    got_it = threading.Event()
+
+    def take() -> None:
+        with handing_out(second, loaded.sweep_dir):
+            got_it.set()
+
+    with handing_out(first, loaded.sweep_dir):
+        waiter = threading.Thread(target=take)
+        waiter.start()
+        assert not got_it.wait(timeout=2.0)  # held: the other waits
+    assert got_it.wait(timeout=30.0)  # released: the other has it
+    waiter.join()
+    assert not (loaded.sweep_dir / ".hand-out.lock").exists()  # not the file lock

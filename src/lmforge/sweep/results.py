@@ -76,14 +76,18 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return study.best_trial
 
 
-def write_results(study: optuna.Study, loaded: LoadedSpec) -> dict[str, Any]:
+def write_results(study: optuna.Study, loaded: LoadedSpec, final: bool = False) -> dict[str, Any]:
     """trials.csv, summary.json and best.yaml in the sweep directory (each written aside and
-    renamed); returns the summary."""
+    renamed); returns the summary.
+
+    Args:
+        final: the end of a sweep (or its status): also parameter importances, which take about
+            a second, so they are not computed after every trial."""
     sweep_dir = loaded.sweep_dir
     rows = trial_rows(study, loaded)
     if rows:
         _write_csv(sweep_dir / "trials.csv", rows)
-    summary = summarize(study, loaded, rows)
+    summary = summarize(study, loaded, rows, final)
     _replace(sweep_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     best = best_trial(study)
     if best is not None:
@@ -91,7 +95,7 @@ def write_results(study: optuna.Study, loaded: LoadedSpec) -> dict[str, Any]:
     return summary
 
 
-def summarize(study: optuna.Study, loaded: LoadedSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(study: optuna.Study, loaded: LoadedSpec, rows: list[dict[str, Any]], final: bool) -> dict[str, Any]:
     spec = loaded.spec
     counts: dict[str, int] = {}
     for row in rows:
@@ -114,7 +118,7 @@ def summarize(study: optuna.Study, loaded: LoadedSpec, rows: list[dict[str, Any]
             "run_dir": str(loaded.sweep_dir / best.user_attrs.get(RUN_DIR, "")),
             "config": str(loaded.sweep_dir / "best.yaml"),
         }
-    summary["importances"] = importances(study)
+    summary["importances"] = importances(study) if final else "computed when the sweep ends"
     return summary
 
 

@@ -187,12 +187,12 @@ class Worker:
             self.say(f"trial {run.number} paused; it resumes from its checkpoint when the sweep runs again")
         elif state == "complete":
             storage.set_trial_user_attr(run.trial_id, REASON, attrs.get(REASON, "") if attrs.get(ADJUSTED) else "")
-            self.study.tell(run.number, outcome["value"])
+            self.tell(run.number, outcome["value"])
             self.same_failures.clear()
             self.say(f"trial {run.number} complete: {metric} {outcome['value']:.5g} (step {outcome['best_step']})")
         elif state == "pruned":
             storage.set_trial_user_attr(run.trial_id, REASON, f"pruned at step {outcome.get('step')}")
-            self.study.tell(run.number, state=TrialState.PRUNED)
+            self.tell(run.number, state=TrialState.PRUNED)
             self.same_failures.clear()
             self.say(f"trial {run.number} pruned at step {outcome.get('step')}")
         elif outcome.get("oom") and self.retry_smaller(run, attrs, outcome["reason"]):
@@ -203,7 +203,7 @@ class Worker:
 
     def fail(self, number: int, trial_id: int, reason: str) -> None:
         self.study._storage.set_trial_user_attr(trial_id, REASON, reason)
-        self.study.tell(number, state=TrialState.FAIL)
+        self.tell(number, state=TrialState.FAIL)
         self.say(f"[red]trial {number} failed[/red]: {reason}")
         self.same_failures.append(re.sub(r"\d+(\.\d+)?(e-?\d+)?", "#", reason)[:300])
         limit = self.loaded.spec.max_same_failures
@@ -212,6 +212,14 @@ class Worker:
                 f"{limit} trials in a row failed with the same error ({reason}); the sweep stops here instead of "
                 "spending its budget on it. Fix it and run the same command: finished trials are kept"
             )
+
+    def tell(self, number: int, value: float | None = None, state: TrialState | None = None) -> None:
+        """Optuna's tell; a trial another worker took over meanwhile (this one's lease had lapsed) is
+        theirs to tell, and this is said instead of stopping the sweep."""
+        try:
+            self.study.tell(number, value, state=state)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+            self.say(f"[yellow]trial {number}: not recorded here ({exc}); another worker holds it[/yellow]")
 
     def retry_smaller(self, run: Running, attrs: dict[str, Any], reason: str) -> bool:
         """Out of memory: run the trial again, once, with micro_batch_size halved and grad_accum
@@ -350,7 +358,7 @@ def run_sweep(loaded: LoadedSpec, console: Console, workers: int = 1, join: bool
 
 def _finish(worker: Worker, console: Console) -> int:
     loaded, study = worker.loaded, worker.study
-    summary = write_results(study, loaded)
+    summary = write_results(study, loaded, final=True)
     console.print()
     leaderboard(study, loaded, console)
     others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -23,6 +23,7 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from lmforge.config import config_hash
 from lmforge.errors import UserError
 from lmforge.sweep.spec import LoadedSpec, Pruner, SweepSpec, decode_choice, encode_choice
 
@@ -111,7 +112,8 @@ def pruner_for(pruner: Pruner, eval_every: int | None) -> optuna.pruners.BasePru
 
 
 SEARCH = "lmforge.search"
-"""Study user attribute: the spec's search fingerprint; a continued sweep must keep it."""
+"""Study user attribute: the spec's search fingerprint and the base config's hash (settings that
+define the model, data and optimisation); a continued sweep must keep both."""
 
 
 def open_study(loaded: LoadedSpec, storage: BaseStorage, create: bool = True) -> optuna.Study:
@@ -134,13 +136,15 @@ def open_study(loaded: LoadedSpec, storage: BaseStorage, create: bool = True) ->
         direction=direction,
         load_if_exists=True,
     )
+    expected = f"{spec.search_fingerprint()}-{config_hash(loaded.base)}"
     fingerprint = study.user_attrs.get(SEARCH)
     if fingerprint is None:
-        study.set_user_attr(SEARCH, spec.search_fingerprint())
-    elif fingerprint != spec.search_fingerprint():
+        study.set_user_attr(SEARCH, expected)
+    elif fingerprint != expected:
         raise UserError(
-            f"the sweep {spec.name!r} was started with other parameters, method, seed or metric; its trials "
-            "would not compare. Restore them, or give this search a new name"
+            f"the sweep {spec.name!r} was started with other parameters, method, seed or metric, or a base config "
+            "whose model, data or optimisation settings differ; its trials would not compare with the new ones. "
+            "Restore them, or give this search a new name"
         )
     return study
 

@@ -272,7 +272,9 @@ def sync_command(
 @app.command("sweep")
 def sweep_command(
     words: list[str] = typer.Argument(
-        ..., help="SWEEP.yaml [k=v ...] to run or continue a sweep; status SWEEP.yaml to see where it stands."
+        ...,
+        help="A sweep spec and key=value overrides: run or continue the sweep. Or status and a spec: where it stands.",
+        metavar="SPEC K=V... | status SPEC",
     ),
     workers: int = typer.Option(1, "--workers", min=1, help="Trial processes at once on this machine."),
     worker: bool = typer.Option(
@@ -281,9 +283,9 @@ def sweep_command(
 ) -> None:
     """Search hyperparameters with Optuna; each trial is an ordinary run in its own process.
 
-    Spec keys on the command line (max_trials=60, pruner.type=median) set the spec; any other
-    dotted key (train.eval_every=50) is a training setting for every trial. Ctrl-C pauses the
-    trials at a step boundary; the same command continues, resuming them from their checkpoints.
+    Spec keys set the spec (max_trials=60, pruner.type=median); other keys set training (train.eval_every=50).
+
+    Ctrl-C pauses the trials at a step boundary; the same command continues from their checkpoints.
     """
     from lmforge.sweep.runner import run_sweep, sweep_status
     from lmforge.sweep.spec import load_spec

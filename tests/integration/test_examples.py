@@ -50,13 +50,11 @@ def test_example_data_is_reproducible(tmp_path):
         assert (copy / "data" / name).read_bytes() == (ROOT / "examples" / "data" / name).read_bytes(), name
 
 
-def run(tmp_path, example, *overrides):
+def cli(tmp_path, *args):
+    """An lmforge command from the repository root, untracked, writing under tmp_path."""
     proc = subprocess.run(
         lmforge_command(
-            "train",
-            str(ROOT / "examples" / f"{example}.yaml"),
-            "--quick-test",
-            *overrides,
+            *args,
             "tracking.backends=[none]",
             f"output_dir={tmp_path / 'runs'}",
             f"data.cache_dir={tmp_path / 'cache'}",
@@ -68,6 +66,11 @@ def run(tmp_path, example, *overrides):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def run(tmp_path, example, *overrides):
+    cli(tmp_path, "train", str(ROOT / "examples" / f"{example}.yaml"), "--quick-test", *overrides)
     (run_dir,) = [p for p in (tmp_path / "runs").glob(f"{example}-quick-test-2*")]
     # an example drops and truncates nothing it needs: every record, whole, in every split
     for split, report in json.loads((run_dir / "data_report.json").read_text())["splits"].items():
@@ -101,24 +104,15 @@ def test_examples_run_with_quick_test(tmp_path):
 
 def _run_sweep_example(tmp_path, base_model):
     """The six-axis spelling sweep, cut to two short trials."""
-    proc = subprocess.run(
-        lmforge_command(
-            "sweep",
-            str(ROOT / "examples" / "sweeps" / "spelling-sweep.yaml"),
-            "max_trials=2",
-            "parameters.train.max_steps.values=[2,3]",
-            f"model.name_or_path={base_model}",
-            "tracking.backends=[none]",
-            f"output_dir={tmp_path / 'runs'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env(),
-        timeout=600,
+    spec = ROOT / "examples" / "sweeps" / "spelling-sweep.yaml"
+    proc = cli(
+        tmp_path,
+        "sweep",
+        str(spec),
+        "max_trials=2",
+        "parameters.train.max_steps.values=[2,3]",
+        f"model.name_or_path={base_model}",
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 of 2 trials: 2 complete" in proc.stdout
     best = (tmp_path / "runs" / "sweeps" / "spelling-sweep" / "best.yaml").read_text()
     assert "name: spelling-sweep-best" in best

@@ -37,10 +37,15 @@ def write_spec(tmp: Path, name: str, body: str) -> Path:
     return path
 
 
-def sweep(tmp: Path, *args: str, timeout=600) -> subprocess.CompletedProcess:
+def cli(tmp: Path, *args: str, **options) -> subprocess.CompletedProcess:
+    """An lmforge command run in `tmp`, its output captured."""
     return subprocess.run(
-        lmforge_command("sweep", *args), cwd=tmp, capture_output=True, text=True, env=subprocess_env(), timeout=timeout
+        lmforge_command(*args), cwd=tmp, capture_output=True, text=True, env=subprocess_env(), timeout=600, **options
     )
+
+
+def sweep(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    return cli(tmp, "sweep", *args)
 
 
 def start_sweep(tmp: Path, log: Path, *args: str) -> subprocess.Popen:
@@ -110,14 +115,7 @@ def test_a_grid_sweep_runs_each_point_once_nests_its_runs_in_mlflow_and_best_yam
     assert parent.info.status == "FINISHED" or client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert client.get_run(parent.info.run_id).data.metrics["best/eval/loss"] == pytest.approx(float(best["eval/loss"]))
 
-    again = subprocess.run(
-        lmforge_command("train", str(sweep_dir / "best.yaml"), "tracking.backends=[none]"),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
+    again = cli(tmp_path, "train", str(sweep_dir / "best.yaml"), "tracking.backends=[none]")
     assert again.returncode == 0, again.stdout + again.stderr
     (rerun,) = (tmp_path / "runs").glob("grid-best-2*")
     evals = [json.loads(line) for line in (rerun / "metrics.jsonl").read_text().splitlines()]
@@ -242,14 +240,7 @@ def test_an_interrupted_trial_resumes_from_its_checkpoint_and_ends_as_if_never_i
     rows = trials(trial_dir.parent)
     assert len(rows) == 2 and [r["state"] for r in rows] == ["complete", "complete"]
 
-    plain = subprocess.run(
-        lmforge_command("train", str(trial_dir / "trial.yaml"), f"output_dir={tmp_path / 'plain'}"),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
+    plain = cli(tmp_path, "train", str(trial_dir / "trial.yaml"), f"output_dir={tmp_path / 'plain'}")
     assert plain.returncode == 0, plain.stdout + plain.stderr
     (plain_dir,) = (tmp_path / "plain").glob("resume-trial-0000-2*")
     interrupted = load_file(trial_dir / "final" / "model.safetensors")
@@ -286,14 +277,7 @@ def test_workers_on_two_processes_share_one_study_in_postgresql_and_never_run_a_
 
 def test_the_multirun_shorthand_runs_the_grid_it_names(tmp_path):
     base = write_base(tmp_path, max_steps=6)
-    proc = subprocess.run(
-        lmforge_command("train", str(base), "-m", "train.lr=1e-3,3e-3", "train.max_steps=4"),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=600,
-    )
+    proc = cli(tmp_path, "train", str(base), "-m", "train.lr=1e-3,3e-3", "train.max_steps=4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (sweep_dir,) = (tmp_path / "runs" / "sweeps").glob("tiny-multirun-*")
     rows = trials(sweep_dir)
@@ -316,15 +300,7 @@ def test_a_trial_out_of_memory_runs_again_with_half_the_micro_batch_and_the_same
     base.write_text(yaml.safe_dump(cfg))
     spec = write_spec(tmp_path, "memory", "method: grid\nparameters:\n  train.micro_batch_size: {values: [256]}\n")
     limit = int(5.6 * 2**30)
-    proc = subprocess.run(
-        lmforge_command("sweep", str(spec)),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=600,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
-    )
+    proc = cli(tmp_path, "sweep", str(spec), preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep_dir = tmp_path / "runs" / "sweeps" / "memory"
     (row,) = trials(sweep_dir)

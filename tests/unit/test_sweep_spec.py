@@ -46,22 +46,19 @@ parameters:
     with pytest.raises(ConfigError) as caught:
         load_spec(path)
     problems = caught.value.problems
-    assert len(problems) == 3, problems  # the schema's problems first: train.lrr is checked once they are fixed
-    assert problems[0].startswith(f"{path}:5: parameters.train.micro_batch_size") and "values is empty" in problems[0]
+    assert len(problems) == 4, problems
+    assert problems[0].startswith(f"{path}:4: parameters.train.lrr: unknown key; did you mean train.lr?")
+    assert problems[1].startswith(f"{path}:5: parameters.train.micro_batch_size") and "values is empty" in problems[1]
     assert (
-        problems[1].startswith(f"{path}:6: parameters.train.warmup_steps")
-        and "min (10) is above max (2)" in problems[1]
+        problems[2].startswith(f"{path}:6: parameters.train.warmup_steps")
+        and "min (10) is above max (2)" in problems[2]
     )
-    assert problems[2].startswith(f"{path}:7: parameters.train.adam_eps") and "needs min > 0" in problems[2]
+    assert problems[3].startswith(f"{path}:7: parameters.train.adam_eps") and "needs min > 0" in problems[3]
 
-    path.write_text(path.read_text().replace("values: []", "values: [4, big]").replace("max: 2}", "max: 20}"))
-    path.write_text(path.read_text().replace("min: 0,", "min: 1.0e-9,"))
+    path.write_text(path.read_text().replace("values: []", "values: [4, big]"))
     with pytest.raises(ConfigError) as caught:
         load_spec(path)
-    problems = caught.value.problems
-    assert len(problems) == 2, problems
-    assert problems[0].startswith(f"{path}:4: parameters.train.lrr: unknown key; did you mean train.lr?")
-    assert problems[1].startswith(f"{path}:5: parameters.train.micro_batch_size: value 'big'")
+    assert any(p.startswith(f"{path}:5: parameters.train.micro_batch_size: value 'big'") for p in caught.value.problems)
 
 
 def test_spec_keys_metric_and_method_are_checked(base, tmp_path):

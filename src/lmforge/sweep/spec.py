@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from lmforge.config import EVAL_METRICS, _read_file, load_config
+from lmforge.config import EVAL_METRICS, Config, _read_file, load_config
 from lmforge.errors import ConfigError
 
 METHODS = ("grid", "random", "tpe", "bayes", "cmaes")
@@ -183,19 +183,16 @@ def as_override(key: str, value: Any) -> str:
 class LoadedSpec:
     """A validated spec, where it came from, and the base training config it sweeps."""
 
-    def __init__(self, spec: SweepSpec, path: Path | None, base_path: Path, check_files: bool = True) -> None:
+    def __init__(self, spec: SweepSpec, path: Path | None, base_path: Path, base: Config) -> None:
         self.spec = spec
         self.path = path
         self.base_path = base_path
-        self.base = load_config(base_path, spec.overrides, check_files=check_files)
+        self.base = base
+        """The base config with the spec's fixed overrides."""
 
     @property
     def sweep_dir(self) -> Path:
         return Path(self.base.output_dir) / "sweeps" / self.spec.name
-
-    @property
-    def task(self) -> str:
-        return self.base.model.task
 
 
 def load_spec(path: Path, overrides: list[str] | None = None, check_files: bool = True) -> LoadedSpec:
@@ -209,7 +206,7 @@ def load_spec(path: Path, overrides: list[str] | None = None, check_files: bool 
         check_files: check that the base config's data files and model directories exist.
 
     Raises:
-        ConfigError: every problem at once, each with its file line.
+        ConfigError: every problem at once, each with its file line, in file order.
     """
     raw, lines = _read_file(path)
     problems: list[str] = []
@@ -223,36 +220,68 @@ def load_spec(path: Path, overrides: list[str] | None = None, check_files: bool 
             raw.setdefault("overrides", []).append(item)
     if problems:
         raise ConfigError(problems, str(path))
-    spec = _validated(raw, lines, path)
-    return check_spec(spec, path, path.parent / spec.base, lines, check_files)
+    spec, problems = _validated(raw, lines, path)
+    base = None
+    if isinstance(raw.get("base"), str):  # what the base says, even when the spec has problems of its own
+        fixed = [o for o in raw.get("overrides") or [] if isinstance(o, str)]
+        parameters = {}
+        for key, value in (raw.get("parameters") or {}).items():
+            try:
+                parameters[str(key)] = Parameter.model_validate(value)
+            except ValidationError:
+                continue  # reported by _validated
+        metric = (raw.get("metric") or {}).get("name", Metric().name) if isinstance(raw.get("metric"), dict) else None
+        base, more = _base_problems(path, lines, path.parent / raw["base"], fixed, parameters, metric, check_files)
+        problems += more
+    if problems or spec is None or base is None:
+        line = re.compile(re.escape(str(path)) + r":(\d+): ")
+        ordered = sorted(problems, key=lambda p: int(m.group(1)) if (m := line.match(p)) else 1 << 30)
+        raise ConfigError(ordered, str(path))
+    return LoadedSpec(spec, path, path.parent / spec.base, base)
 
 
-def check_spec(
-    spec: SweepSpec, path: Path | None, base_path: Path, lines: dict[str, int] | None = None, check_files: bool = True
-) -> LoadedSpec:
-    """The checks that need the base config: the parameters' keys and values, and the metric."""
-    where = _locator(path, lines or {})
+def check_spec(spec: SweepSpec, base_path: Path, check_files: bool = True) -> LoadedSpec:
+    """A spec built in code (multirun) checked against its base, as load_spec checks a file.
+
+    Raises:
+        ConfigError: every problem at once.
+    """
+    base, problems = _base_problems(None, {}, base_path, spec.overrides, spec.parameters, spec.metric.name, check_files)
+    if problems or base is None:
+        raise ConfigError(problems)
+    return LoadedSpec(spec, None, base_path, base)
+
+
+def _base_problems(
+    path: Path | None,
+    lines: dict[str, int],
+    base_path: Path,
+    overrides: list[str],
+    parameters: dict[str, Parameter],
+    metric: str | None,
+    check_files: bool,
+) -> tuple[Config | None, list[str]]:
+    """(the base config or None, problems): the base with the fixed overrides, the metric against
+    its task, and each parameter's key and values against the schema."""
+    where = _locator(path, lines)
     try:
-        loaded = LoadedSpec(spec, path, base_path, check_files)
+        base = load_config(base_path, overrides, check_files=check_files)
     except ConfigError as exc:
-        raise ConfigError([f"{where('base')}base {spec.base}: {p}" for p in exc.problems], str(path)) from None
+        return None, [f"{where('base')}base {base_path.name}: {p}" for p in exc.problems]
     problems = []
-    produced = [f"eval/{m}" for m in EVAL_METRICS[loaded.task]]
-    if spec.metric.name not in produced:
+    produced = [f"eval/{m}" for m in EVAL_METRICS[base.model.task]]
+    if metric is not None and metric not in produced:
         problems.append(
-            f"{where('metric.name')}metric.name: a {loaded.task} run logs no {spec.metric.name}; use one of "
+            f"{where('metric.name')}metric.name: a {base.model.task} run logs no {metric}; use one of "
             f"{', '.join(produced)}"
         )
-    for key, parameter in spec.parameters.items():
-        problems += [
-            f"{where('parameters.' + key)}parameters.{key}: {p}" for p in _value_problems(loaded, key, parameter)
-        ]
-    if problems:
-        raise ConfigError(problems, str(path) if path else None)
-    return loaded
+    for key, parameter in parameters.items():
+        found = _value_problems(base_path, overrides, key, parameter)
+        problems += [f"{where('parameters.' + key)}parameters.{key}: {p}" for p in found]
+    return base, problems
 
 
-def _value_problems(loaded: LoadedSpec, key: str, parameter: Parameter) -> list[str]:
+def _value_problems(base_path: Path, overrides: list[str], key: str, parameter: Parameter) -> list[str]:
     """What the schema says about each of the axis's values (or its min and max) in the base config."""
     if key in ("name", "output_dir"):
         return ["the sweep sets each trial's name and directory itself; it cannot be searched"]
@@ -260,10 +289,9 @@ def _value_problems(loaded: LoadedSpec, key: str, parameter: Parameter) -> list[
     if parameter.distribution and parameter.distribution.endswith("int_uniform"):
         samples = [int(v) for v in samples]
     problems: list[str] = []
-    overrides = loaded.spec.overrides
     for value in samples:
         try:
-            load_config(loaded.base_path, [*overrides, as_override(key, value)])
+            load_config(base_path, [*overrides, as_override(key, value)])
         except ConfigError as exc:
             mine = [p.split(": ", 1)[1] for p in exc.problems if p.startswith(f"override '{key}=")]
             text = "; ".join(mine or exc.problems)
@@ -277,10 +305,11 @@ def _value_problems(loaded: LoadedSpec, key: str, parameter: Parameter) -> list[
     return problems
 
 
-def _validated(raw: dict[str, Any], lines: dict[str, int], path: Path) -> SweepSpec:
+def _validated(raw: dict[str, Any], lines: dict[str, int], path: Path) -> tuple[SweepSpec | None, list[str]]:
+    """(the spec or None, its problems with their lines)."""
     where = _locator(path, lines)
     try:
-        return SweepSpec.model_validate(raw)
+        return SweepSpec.model_validate(raw), []
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -296,7 +325,7 @@ def _validated(raw: dict[str, Any], lines: dict[str, int], path: Path) -> SweepS
             elif "input" in error and not isinstance(error["input"], dict):
                 message += f" (got {error['input']!r})"
             problems.append(f"{where(dotted)}{dotted}: {message}" if dotted else f"{where('')}{message}")
-        raise ConfigError(problems, str(path)) from None
+        return None, problems
 
 
 def _nearest(loc: list[str]) -> str:
@@ -385,7 +414,7 @@ def multirun_spec(config_path: Path, overrides: list[str]) -> LoadedSpec:
         method="grid",
         parameters=axes,
     )
-    return check_spec(spec, None, config_path)
+    return check_spec(spec, config_path)
 
 
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:

@@ -175,3 +175,11 @@ def test_the_best_value_is_the_best_finite_evaluation_after_step_0(tmp_path):
     assert best_of(tmp_path, "eval/loss", "minimize") == (2.5, 20)
     assert best_of(tmp_path, "eval/loss", "maximize") == (3.0, 10)
     assert best_of(tmp_path, "eval/accuracy", "maximize") == (None, None)
+
+
+def test_several_trials_at_once_share_out_the_gpus_in_turn():
+    from lmforge.sweep.runner import gpus_for
+
+    assert gpus_for(2, {"CUDA_VISIBLE_DEVICES": "0, 3,5"}) == ["0", "3", "5"]
+    assert gpus_for(1, {"CUDA_VISIBLE_DEVICES": "0,1"}) == []  # one trial keeps what it is given
+    assert gpus_for(2, {}) == []  # no GPU here

@@ -56,6 +56,8 @@ class Running:
     process: subprocess.Popen
     started: float
     params: dict[str, Any]
+    slot: int
+    """Which of the worker's N places it holds (its GPU, when there are several)."""
 
 
 @dataclass
@@ -72,6 +74,8 @@ class Worker:
     """Why the sweep stopped handing out trials (the same failure again and again)."""
     same_failures: list[str] = field(default_factory=list)
     last_beat: float = 0.0
+    devices: list[str] | None = None
+    """The GPUs the trials share out, one per slot (`gpus_for`)."""
 
     # ---------------------------------------------------------------- handing out and starting
 
@@ -105,12 +109,14 @@ class Worker:
                 return
             self.write_trial_files(trial_dir, config, trial._trial_id)
         resumed = (trial_dir / "checkpoints").is_dir()
-        process = self.spawn(trial_dir)
+        slot = self.free_slot()
+        process = self.spawn(trial_dir, slot)
         storage.set_trial_user_attr(trial._trial_id, LEASE, lease(process.pid))
-        self.running[number] = Running(number, trial._trial_id, trial_dir, process, time.time(), params)
+        self.running[number] = Running(number, trial._trial_id, trial_dir, process, time.time(), params, slot)
         shown = " ".join(f"{k}={_short(v)}" for k, v in params.items())
         how = "resumes from its checkpoint" if resumed else "starts"
-        self.say(f"trial {number} {how}: {shown}  [dim]({trial_dir / 'train.log'})[/dim]")
+        gpu = f" on GPU {self.devices[slot % len(self.devices)]}" if self.devices and len(self.devices) > 1 else ""
+        self.say(f"trial {number} {how}{gpu}: {shown}  [dim]({trial_dir / 'train.log'})[/dim]")
 
     def write_trial_files(self, trial_dir: Path, config: Config, trial_id: int) -> None:
         trial_dir.mkdir(parents=True, exist_ok=True)
@@ -128,13 +134,21 @@ class Worker:
         }
         (trial_dir / TRIAL_CONTEXT).write_text(json.dumps(context, indent=2))
 
-    def spawn(self, trial_dir: Path) -> subprocess.Popen:
-        """The trial's process, in its own session (a Ctrl-C reaches it through this worker only)."""
+    def free_slot(self) -> int:
+        taken = {run.slot for run in self.running.values()}
+        return min(set(range(self.slots)) - taken)
+
+    def spawn(self, trial_dir: Path, slot: int) -> subprocess.Popen:
+        """The trial's process, in its own session (a Ctrl-C reaches it through this worker only),
+        with its share of the CPU threads and, given several GPUs, its own."""
         (trial_dir / OUTCOME).unlink(missing_ok=True)
         env = dict(os.environ)
         threads = _threads_per_trial(self.slots)
         if threads is not None:
             env["OMP_NUM_THREADS"] = str(threads)
+        devices = self.devices if self.devices is not None else []
+        if len(devices) > 1:
+            env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
         log = (trial_dir / "train.log").open("a", encoding="utf-8")
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} starts this trial ====\n")
         log.flush()
@@ -242,9 +256,11 @@ class Worker:
         new = config.model_copy(deep=True)
         new.train.micro_batch_size, new.train.grad_accum = micro // 2, accum * 2
         self.write_trial_files(run.trial_dir, new, run.trial_id)
-        process = self.spawn(run.trial_dir)
+        process = self.spawn(run.trial_dir, run.slot)
         storage.set_trial_user_attr(run.trial_id, LEASE, lease(process.pid))
-        self.running[run.number] = Running(run.number, run.trial_id, run.trial_dir, process, time.time(), run.params)
+        self.running[run.number] = Running(
+            run.number, run.trial_id, run.trial_dir, process, time.time(), run.params, run.slot
+        )
         self.say(f"[yellow]trial {run.number}[/yellow]: {note} (the first attempt is in {attempt.name}/)")
         return True
 
@@ -283,6 +299,19 @@ def trial_config(
         {f"sweep.{k}": json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in params.items()}
     )
     return config
+
+
+def gpus_for(slots: int, environ: dict[str, str] | None = None) -> list[str]:
+    """The GPUs to give the trials, one each in turn: CUDA_VISIBLE_DEVICES when it is set, else every
+    GPU torch sees; none with one slot (a lone trial keeps whatever it is given)."""
+    environ = os.environ if environ is None else environ
+    if slots < 2:
+        return []
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def _threads_per_trial(slots: int) -> int | None:
@@ -334,9 +363,12 @@ def run_sweep(loaded: LoadedSpec, console: Console, workers: int = 1, join: bool
     loaded.sweep_dir.mkdir(parents=True, exist_ok=True)
     worker = Worker(loaded, study, console, workers)
     worker.parent_run = parent_run(loaded, study, console)
+    worker.devices = gpus_for(workers)
+    threads = _threads_per_trial(workers)
+    share = f" ({threads} CPU thread{'s' if threads != 1 else ''} each)" if threads else ""
     console.print(
         f"sweep {spec.name}: {spec.method}, {spec.trial_budget()} trials, {spec.metric.name} ({spec.metric.goal}), "
-        f"{workers} at a time; in {loaded.sweep_dir}",
+        f"{workers} at a time{share}; in {loaded.sweep_dir}",
         highlight=False,
     )
     previous = {sig: signal.signal(sig, worker.stop) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh tests   # the CUDA tests: flat varlen kernel, chunked loss, compile
 #   bash bench/gpu_session.sh mfu     # bench/mfu.py: defaults, loss chunk sizes, sdpa, compile
 #   bash bench/gpu_session.sh peers   # bench/vs_peers.py sft and pretrain in bf16, one repeat
+#   bash bench/gpu_session.sh sweep   # sweeps on CUDA: grid, resume after kill, multirun; overhead
 #
 # The machine has torch, transformers and pytest but not every package lmforge needs: the
 # missing ones travel as wheels in .whl (ignored; the device tool's `carry: [".whl"]`). Logs go
@@ -12,9 +13,9 @@
 # bench/RESULTS.md with the hardware and the date.
 set -euo pipefail
 case "${1:-}" in
-tests | mfu | peers) ;;
+tests | mfu | peers | sweep) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|mfu|peers" >&2
+    echo "usage: bash bench/gpu_session.sh tests|mfu|peers|sweep" >&2
     exit 2
     ;;
 esac
@@ -46,6 +47,14 @@ mfu)
         # shellcheck disable=SC2086
         python3 bench/mfu.py $args
     done 2>&1 | tee "$out/mfu.log"
+    ;;
+sweep)
+    # trials on the GPU (precision auto: bf16); the resumed trial's weights equal the uninterrupted
+    # one's only where CUDA's kernels are deterministic: a difference there is a finding, not noise.
+    # Needs optuna, cmaes, sqlalchemy, alembic, colorlog in .whl.
+    python3 -m pytest -q -p no:cacheprovider tests/integration/test_sweep.py \
+        -k "grid_sweep or interrupted or multirun or diverging" 2>&1 | tee "$out/sweep-tests.log"
+    python3 bench/sweep_overhead.py --repeats 1 2>&1 | tee "$out/sweep-overhead.log"
     ;;
 peers)
     for workload in sft pretrain; do

@@ -51,7 +51,7 @@ mfu)
 sweep)
     # trials on the GPU (precision auto: bf16); the resumed trial's weights equal the uninterrupted
     # one's only where CUDA's kernels are deterministic: a difference there is a finding, not noise.
-    # Needs optuna, cmaes, sqlalchemy, alembic, colorlog in .whl.
+    # Needs optuna, cmaes, sqlalchemy, alembic, colorlog and optuna-dashboard (with bottle) in .whl.
     python3 -m pytest -q -p no:cacheprovider tests/integration/test_sweep.py \
         -k "grid_sweep or interrupted or multirun or diverging" 2>&1 | tee "$out/sweep-tests.log"
     python3 bench/sweep_overhead.py --repeats 1 2>&1 | tee "$out/sweep-overhead.log"

@@ -9,6 +9,7 @@ it back in the queue; running the same command again resumes it from its checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,6 +43,12 @@ from lmforge.sweep.study import (
 )
 from lmforge.sweep.trial import OUTCOME, TRIAL_CONFIG, TRIAL_CONTEXT
 
+KILLS = "lmforge.kills"
+"""Trial user attribute: how often its process was killed from outside the sweep."""
+MAX_KILLS = 3
+"""A trial killed more often than this (not by its sweep) fails instead of resuming again."""
+RETRIED = "lmforge.retried"
+"""Trial user attribute: what a retry changed, and why (out of memory)."""
 HEARTBEAT = 10.0
 """Seconds between lease renewals (and checks for stale trials of other workers)."""
 PARENT = "lmforge.mlflow_parent_run"
@@ -58,6 +65,8 @@ class Running:
     params: dict[str, Any]
     slot: int
     """Which of the worker's N places it holds (its GPU, when there are several)."""
+    oom_kills: int | None = field(default_factory=lambda: out_of_memory_kills())
+    """The kernel's out-of-memory kill count when it started."""
 
 
 @dataclass
@@ -113,6 +122,8 @@ class Worker:
         process = self.spawn(trial_dir, slot)
         storage.set_trial_user_attr(trial._trial_id, LEASE, lease(process.pid))
         self.running[number] = Running(number, trial._trial_id, trial_dir, process, time.time(), params, slot)
+        if self.stopping:  # Ctrl-C came while it was being started: it pauses too
+            process.send_signal(signal.SIGTERM)
         shown = " ".join(f"{k}={_short(v)}" for k, v in params.items())
         how = "resumes from its checkpoint" if resumed else "starts"
         gpu = f" on GPU {self.devices[slot % len(self.devices)]}" if self.devices and len(self.devices) > 1 else ""
@@ -189,18 +200,27 @@ class Worker:
 
     def end(self, run: Running, code: int) -> None:
         storage = self.study._storage
-        outcome = _read_outcome(run.trial_dir, code)
+        outcome = _read_outcome(run.trial_dir, code, run.oom_kills)
         attrs = storage.get_trial(run.trial_id).user_attrs
         storage.set_trial_user_attr(run.trial_id, SECONDS, attrs.get(SECONDS, 0.0) + time.time() - run.started)
         state = outcome["state"]
         if outcome.get("best_step") is not None:
             storage.set_trial_user_attr(run.trial_id, BEST_STEP, outcome["best_step"])
         metric = self.loaded.spec.metric.name
+        killed = state == "paused" and not (run.trial_dir / OUTCOME).is_file() and not self.stopping
+        kills = attrs.get(KILLS, 0) + killed
+        if killed:
+            storage.set_trial_user_attr(run.trial_id, KILLS, kills)
+        if state == "paused" and kills > MAX_KILLS:
+            state, outcome = "failed", {"reason": f"{outcome['reason']}, {kills} times; it is not resumed again"}
         if state == "paused":
             release(self.study, run.trial_id, f"paused ({outcome.get('reason')})")
-            self.say(f"trial {run.number} paused; it resumes from its checkpoint when the sweep runs again")
+            if self.stopping:
+                self.say(f"trial {run.number} paused; it resumes from its checkpoint when the sweep runs again")
+            else:  # stopped from outside the sweep: resumed at once
+                self.say(f"trial {run.number} was stopped ({outcome.get('reason')}); it resumes from its checkpoint")
         elif state == "complete":
-            storage.set_trial_user_attr(run.trial_id, REASON, attrs.get(REASON, "") if attrs.get(ADJUSTED) else "")
+            storage.set_trial_user_attr(run.trial_id, REASON, attrs.get(RETRIED, ""))
             self.tell(run.number, outcome["value"])
             self.same_failures.clear()
             self.say(f"trial {run.number} complete: {metric} {outcome['value']:.5g} (step {outcome['best_step']})")
@@ -213,6 +233,8 @@ class Worker:
             return
         else:
             self.fail(run.number, run.trial_id, outcome["reason"])
+            if not (run.trial_dir / OUTCOME).is_file():
+                end_tracking(run.trial_dir, "FAILED")
         write_results(self.study, self.loaded)
 
     def fail(self, number: int, trial_id: int, reason: str) -> None:
@@ -249,10 +271,12 @@ class Worker:
 
             shutil.rmtree(attempt)
         run.trial_dir.rename(attempt)
+        end_tracking(attempt, "FAILED")
         storage = self.study._storage
         storage.set_trial_user_attr(run.trial_id, ADJUSTED, adjusted)
         note = f"out of memory ({reason}); retried with micro_batch_size {micro // 2}, grad_accum {accum * 2}"
         storage.set_trial_user_attr(run.trial_id, REASON, note)
+        storage.set_trial_user_attr(run.trial_id, RETRIED, note)
         new = config.model_copy(deep=True)
         new.train.micro_batch_size, new.train.grad_accum = micro // 2, accum * 2
         self.write_trial_files(run.trial_dir, new, run.trial_id)
@@ -301,6 +325,26 @@ def trial_config(
     return config
 
 
+def end_tracking(run_dir: Path, status: str) -> None:
+    """End the MLflow run of a trial process that died before it could (killed): FAILED, not
+    RUNNING forever."""
+    tracking = run_dir / "tracking.json"
+    config_file = run_dir / TRIAL_CONFIG
+    if not tracking.is_file() or not config_file.is_file():
+        return
+    run_id = json.loads(tracking.read_text()).get("backends", {}).get("mlflow", {}).get("run_id")
+    if run_id is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.tracking.mlflow import default_tracking_uri
+
+    config = load_config(config_file)
+    uri = config.tracking.mlflow.tracking_uri or default_tracking_uri(config.output_dir)
+    with contextlib.suppress(Exception):  # tracking never stops a sweep
+        MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
+
+
 def gpus_for(slots: int, environ: dict[str, str] | None = None) -> list[str]:
     """The GPUs to give the trials, one each in turn: CUDA_VISIBLE_DEVICES when it is set, else every
     GPU torch sees; none with one slot (a lone trial keeps whatever it is given)."""
@@ -322,18 +366,36 @@ def _threads_per_trial(slots: int) -> int | None:
     return max(1, cpus // slots)
 
 
-def _read_outcome(trial_dir: Path, code: int) -> dict[str, Any]:
-    """The trial's outcome.json; a process that died without one failed (SIGKILL: the kernel's
-    out-of-memory killer, most likely)."""
+def _read_outcome(trial_dir: Path, code: int, oom_kills: int | None) -> dict[str, Any]:
+    """The trial's outcome.json. A process that died without one: by a signal that asks to stop
+    (SIGTERM, SIGINT, SIGUSR1, or a SIGKILL while the kernel's out-of-memory killer killed nothing),
+    interrupted, to be resumed from its newest checkpoint; by the out-of-memory killer, out of
+    memory; otherwise failed.
+
+    Args:
+        oom_kills: the kernel's count of out-of-memory kills (/proc/vmstat) when the trial started.
+    """
     path = trial_dir / OUTCOME
     if path.is_file():
         return json.loads(path.read_text())
     if code < 0:
         name = signal.Signals(-code).name
-        if -code == signal.SIGKILL:
-            return {"state": "failed", "reason": "killed by SIGKILL (the kernel's out-of-memory killer?)", "oom": True}
-        return {"state": "failed", "reason": f"killed by {name}"}
+        if -code == signal.SIGKILL and (oom_kills is None or out_of_memory_kills() != oom_kills):
+            return {"state": "failed", "reason": "killed by the kernel's out-of-memory killer (SIGKILL)", "oom": True}
+        return {"state": "paused", "reason": f"its process was killed by {name}"}
     return {"state": "failed", "reason": f"exited with code {code} without an outcome; see {trial_dir / 'train.log'}"}
+
+
+def out_of_memory_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed since boot (None where
+    /proc/vmstat does not say)."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _short(value: Any) -> str:

@@ -98,16 +98,17 @@ def _pruning_hook(context: dict[str, Any]):
 def run_trial(trial_dir: Path) -> dict[str, Any]:
     """Train the trial; return its outcome: state (complete, pruned, paused, failed), value,
     best_step, step, reason, and oom when it ran out of memory."""
-    from rich.console import Console
-
-    from lmforge.cli import _quiet_libraries
-    from lmforge.config import load_config
     from lmforge.errors import UserError
-    from lmforge.run import run_train
 
     context = json.loads((trial_dir / TRIAL_CONTEXT).read_text())
-    console = Console(highlight=False, soft_wrap=True)
     try:
+        from rich.console import Console  # imports inside: a signal while they load pauses the trial too
+
+        from lmforge.cli import _quiet_libraries
+        from lmforge.config import load_config
+        from lmforge.run import run_train
+
+        console = Console(highlight=False, soft_wrap=True)
         config = load_config(trial_dir / TRIAL_CONFIG, check_files=True)
         _quiet_libraries()
         hook = _pruning_hook(context)
@@ -138,6 +139,8 @@ def main(argv: list[str]) -> int:
     trial_dir, worker = Path(argv[0]), int(argv[1])
     _die_with_worker(worker)
     outcome = run_trial(trial_dir)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # what is left to do is writing the outcome
+        signal.signal(sig, signal.SIG_IGN)
     tmp = trial_dir / (OUTCOME + ".tmp")
     tmp.write_text(json.dumps(outcome, indent=2))
     os.replace(tmp, trial_dir / OUTCOME)

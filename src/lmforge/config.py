@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -701,9 +702,12 @@ def _suggest(loc: list[str]) -> str:
     for part in loc[:-1]:
         field = section.model_fields.get(part)
         annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        sections = [
+            a for a in (annotation, *typing.get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not sections:  # a value, not a section (an optional section, such as lora, is one)
             return ""
-        section = annotation
+        section = sections[0]
     known = list(section.model_fields)
     match = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
     if match:

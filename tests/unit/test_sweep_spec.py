@@ -183,3 +183,46 @@ def test_several_trials_at_once_share_out_the_gpus_in_turn():
     assert gpus_for(2, {"CUDA_VISIBLE_DEVICES": "0, 3,5"}) == ["0", "3", "5"]
     assert gpus_for(1, {"CUDA_VISIBLE_DEVICES": "0,1"}) == []  # one trial keeps what it is given
     assert gpus_for(2, {}) == []  # no GPU here
+
+
+def test_every_problem_at_once_even_with_a_wrong_fixed_override_and_command_line_keys(base, tmp_path):
+    path = write_spec(
+        tmp_path,
+        """name: s
+base: base.yaml
+overrides: [train.max_steps=10, train.max_stepz=3, train.lr=1.0e-3]
+storage: postgres://me@localhost/db
+parameters:
+  lora.rr: {values: [4]}
+  train.lr: {values: [1.0e-3, abc]}
+""",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_spec(path, ["parameters.train.warmup_steps.values=[-1]", "storage=postgresql://me@h/db?password=hunter2"])
+    problems = caught.value.problems
+    text = "\n".join(problems)
+    assert "hunter2" not in text  # a password typed on the command line is never echoed
+    assert f"{path}:3: overrides: override 'train.max_stepz=3': train.max_stepz: unknown key; did you mean" in text
+    assert "override 'storage=(a URL)': storage: the URL holds a password" in text
+    assert f"{path}:6: parameters.lora.rr: unknown key; did you mean lora.r?" in text  # lora is an optional section
+    assert f"{path}:7: parameters.train.lr: also fixed by the override 'train.lr=1.0e-3'" in text
+    assert f"{path}:7: parameters.train.lr: value 'abc'" in text
+    assert "override 'parameters.train.warmup_steps.values=[-1]': parameters.train.warmup_steps: value -1" in text
+    with pytest.raises(ConfigError, match=r"max_trial: neither a sweep key nor a training setting; did you mean max_t"):
+        load_spec(path, ["max_trial=3"])
+    path.write_text(path.read_text().replace("train.max_stepz=3, train.lr=1.0e-3", "train.max_steps=3"))
+    with pytest.raises(ConfigError, match=r"sweep.yaml:4: storage: postgres:// is not a URL SQLAlchemy takes"):
+        load_spec(path)
+
+
+def test_continuing_a_sweep_with_settings_that_change_its_metric_is_refused_with_the_differences(base, tmp_path):
+    path = write_spec(tmp_path, "name: s\nbase: base.yaml\nparameters:\n  train.lr: {values: [1.0e-3, 2.0e-3]}\n")
+    loaded = load_spec(path)
+    open_study(loaded, open_storage(None, loaded.sweep_dir))
+    for allowed in (["train.log_every=7", "tracking.backends=[mlflow]", "max_trials=9"], []):
+        again = load_spec(path, allowed)
+        open_study(again, open_storage(None, again.sweep_dir))  # settings that change no trial's metric
+    changed = load_spec(path, ["train.max_steps=9", "seed=5"])
+    with pytest.raises(UserError) as caught:
+        open_study(changed, open_storage(None, changed.sweep_dir))
+    assert "base train.max_steps: 4 -> 9" in str(caught.value) and "seed: 0 -> 5" in str(caught.value)

@@ -246,7 +246,9 @@ class Worker:
         if len(self.same_failures) >= limit and len(set(self.same_failures[-limit:])) == 1:
             self.given_up = (
                 f"{limit} trials in a row failed with the same error ({reason}); the sweep stops here instead of "
-                "spending its budget on it. Fix it and run the same command: finished trials are kept"
+                "spending its budget on it. A fix outside the sweep's settings (data, environment): run the same "
+                "command, finished trials are kept. A fix that changes the search or the base config: start a new "
+                "sweep (name=...)"
             )
 
     def tell(self, number: int, value: float | None = None, state: TrialState | None = None) -> None:

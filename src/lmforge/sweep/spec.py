@@ -120,6 +120,15 @@ class SweepSpec(Strict):
     """Where the study lives: null, a journal file in the sweep directory (one machine, any number
     of workers); or postgresql://user@host:port/db for workers on several machines (the password
     comes from PGPASSWORD or ~/.pgpass, never from this file)."""
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, url: str | None) -> str | None:
+        problem = storage_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return url
+
     lease_timeout: float = Field(default=120.0, gt=0)
     """Seconds without a heartbeat after which another worker takes over a RUNNING trial (its
     machine died); on the same machine a dead process is noticed at once."""
@@ -152,15 +161,39 @@ class SweepSpec(Strict):
             return min(self.max_trials or self.grid_size(), self.grid_size())
         return self.max_trials or 20
 
-    def search_fingerprint(self) -> str:
-        """What a continued sweep must keep: the space, the method, the seed and the metric."""
-        fixed = {
-            "parameters": {k: v.model_dump() for k, v in sorted(self.parameters.items())},
-            "method": "tpe" if self.method == "bayes" else self.method,
-            "seed": self.seed,
-            "metric": self.metric.model_dump(),
-        }
-        return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def storage_problem(url: str | None) -> str | None:
+    """What is wrong with a spec's storage URL (None: nothing): it must be PostgreSQL, and hold no
+    password (that comes from PGPASSWORD or ~/.pgpass)."""
+    if url is None:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "not a database URL; use postgresql://user@host:port/db (or leave storage unset)"
+    if parsed.password is not None or "password" in parsed.query:
+        return (
+            "the URL holds a password; remove it and set PGPASSWORD (or ~/.pgpass) instead, so that it never "
+            "reaches the spec, logs or the study"
+        )
+    if parsed.drivername.split("+")[0] != "postgresql":
+        if parsed.drivername.startswith("postgres"):
+            return f"{parsed.drivername}:// is not a URL SQLAlchemy takes: write postgresql://"
+        return (
+            f"{parsed.drivername}:// is not supported: postgresql://... for workers on several machines, or leave "
+            "storage unset for the journal file on one machine (SQLite locks up under concurrent workers)"
+        )
+    return None
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as it may be printed: no password, no query."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(password=None, query={}).render_as_string(hide_password=False)
 
 
 def encode_choice(value: Any) -> Any:
@@ -208,19 +241,30 @@ def load_spec(path: Path, overrides: list[str] | None = None, check_files: bool 
     Raises:
         ConfigError: every problem at once, each with its file line, in file order.
     """
+    if path.is_dir():
+        raise ConfigError([f"{path}: a directory; give a sweep spec (a sweep's directory holds its own: sweep.yaml)"])
     raw, lines = _read_file(path)
     problems: list[str] = []
+    given: dict[str, str] = {}  # spec keys set on the command line, and by which override
     for item in overrides or []:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             problems.append(f"override {item!r}: expected key=value, e.g. max_trials=40")
         elif key.split(".")[0] in SweepSpec.model_fields:
-            _put(raw, key.strip(), _yaml_value(value))
+            _put(raw, key, _yaml_value(value))
+            given[key] = item if key != "storage" else "storage=(a URL)"  # it may hold a password: never echoed
+        elif key.split(".")[0] in Config.model_fields:
+            raw["overrides"] = [*(raw.get("overrides") or []), item]
         else:
-            raw.setdefault("overrides", []).append(item)
+            known = [*SweepSpec.model_fields, *Config.model_fields]
+            match = difflib.get_close_matches(key.split(".")[0], known, n=1, cutoff=0.5)
+            hint = f"; did you mean {match[0]}?" if match else f"; sweep keys: {', '.join(SweepSpec.model_fields)}"
+            problems.append(f"override {item!r}: {key}: neither a sweep key nor a training setting{hint}")
     if problems:
         raise ConfigError(problems, str(path))
-    spec, problems = _validated(raw, lines, path)
+    where = _locator(path, lines, given)
+    spec, problems = _validated(raw, where)
     base = None
     if isinstance(raw.get("base"), str):  # what the base says, even when the spec has problems of its own
         fixed = [o for o in raw.get("overrides") or [] if isinstance(o, str)]
@@ -231,7 +275,7 @@ def load_spec(path: Path, overrides: list[str] | None = None, check_files: bool 
             except ValidationError:
                 continue  # reported by _validated
         metric = (raw.get("metric") or {}).get("name", Metric().name) if isinstance(raw.get("metric"), dict) else None
-        base, more = _base_problems(path, lines, path.parent / raw["base"], fixed, parameters, metric, check_files)
+        base, more = _base_problems(where, path.parent / raw["base"], fixed, parameters, metric, check_files)
         problems += more
     if problems or spec is None or base is None:
         line = re.compile(re.escape(str(path)) + r":(\d+): ")
@@ -246,15 +290,15 @@ def check_spec(spec: SweepSpec, base_path: Path, check_files: bool = True) -> Lo
     Raises:
         ConfigError: every problem at once.
     """
-    base, problems = _base_problems(None, {}, base_path, spec.overrides, spec.parameters, spec.metric.name, check_files)
+    where = _locator(None, {}, {})
+    base, problems = _base_problems(where, base_path, spec.overrides, spec.parameters, spec.metric.name, check_files)
     if problems or base is None:
         raise ConfigError(problems)
     return LoadedSpec(spec, None, base_path, base)
 
 
 def _base_problems(
-    path: Path | None,
-    lines: dict[str, int],
+    where,
     base_path: Path,
     overrides: list[str],
     parameters: dict[str, Parameter],
@@ -262,13 +306,23 @@ def _base_problems(
     check_files: bool,
 ) -> tuple[Config | None, list[str]]:
     """(the base config or None, problems): the base with the fixed overrides, the metric against
-    its task, and each parameter's key and values against the schema."""
-    where = _locator(path, lines)
+    its task, and each parameter's key and values against the schema (against the base alone
+    when the fixed overrides are wrong, so that their problems hide none of the others)."""
+    problems = []
+    fixed = {o.partition("=")[0].strip(): o for o in overrides}
     try:
         base = load_config(base_path, overrides, check_files=check_files)
     except ConfigError as exc:
-        return None, [f"{where('base')}base {base_path.name}: {p}" for p in exc.problems]
-    problems = []
+        problems = [
+            f"{where('overrides')}overrides: {p}" if p.startswith("override '") else f"{where('base')}base: {p}"
+            for p in exc.problems
+        ]
+        if not overrides or not all(p.startswith("override '") for p in exc.problems):
+            return None, problems
+        try:
+            base, overrides = load_config(base_path, check_files=check_files), []
+        except ConfigError:
+            return None, problems
     produced = [f"eval/{m}" for m in EVAL_METRICS[base.model.task]]
     if metric is not None and metric not in produced:
         problems.append(
@@ -276,6 +330,12 @@ def _base_problems(
             f"{', '.join(produced)}"
         )
     for key, parameter in parameters.items():
+        if key in fixed:
+            problems.append(
+                f"{where('parameters.' + key)}parameters.{key}: also fixed by the override {fixed[key]!r}, which each "
+                "trial's value would replace: remove one of them (to cut the search, narrow its values, e.g. "
+                f"parameters.{key}.values=[...])"
+            )
         found = _value_problems(base_path, overrides, key, parameter)
         problems += [f"{where('parameters.' + key)}parameters.{key}: {p}" for p in found]
     return base, problems
@@ -305,9 +365,8 @@ def _value_problems(base_path: Path, overrides: list[str], key: str, parameter: 
     return problems
 
 
-def _validated(raw: dict[str, Any], lines: dict[str, int], path: Path) -> tuple[SweepSpec | None, list[str]]:
+def _validated(raw: dict[str, Any], where) -> tuple[SweepSpec | None, list[str]]:
     """(the spec or None, its problems with their lines)."""
-    where = _locator(path, lines)
     try:
         return SweepSpec.model_validate(raw), []
     except ValidationError as exc:
@@ -322,7 +381,7 @@ def _validated(raw: dict[str, Any], lines: dict[str, int], path: Path) -> tuple[
                 message = "unknown key" + _nearest(loc)
             elif error["type"] == "missing":
                 message = "required"
-            elif "input" in error and not isinstance(error["input"], dict):
+            elif "input" in error and not isinstance(error["input"], dict) and loc[:1] != ["storage"]:
                 message += f" (got {error['input']!r})"
             problems.append(f"{where(dotted)}{dotted}: {message}" if dotted else f"{where('')}{message}")
         return None, problems
@@ -338,8 +397,14 @@ def _nearest(loc: list[str]) -> str:
     return f"; did you mean {match[0]}?" if match else f"; known keys here: {', '.join(model.model_fields)}"
 
 
-def _locator(path: Path | None, lines: dict[str, int]):
+def _locator(path: Path | None, lines: dict[str, int], given: dict[str, str]):
+    """where(dotted key) -> the prefix naming where it was set: the command-line override that set
+    it, else "FILE:LINE: " of its nearest key in the file."""
+
     def where(dotted: str) -> str:
+        for key, item in given.items():
+            if dotted and (key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + ".")):
+                return f"override {item!r}: "
         parts = dotted.split(".") if dotted else []
         if parts[:1] == ["parameters"] and len(parts) > 2:  # parameter keys hold dots themselves
             for n in range(len(parts), 1, -1):
@@ -383,22 +448,40 @@ def _number(value: Any) -> Any:
 # ----------------------------------------------------------------------------- multirun
 
 
-_SPLIT = re.compile(r",(?![^\[\]{}]*[\]}])")  # commas outside brackets
+def split_values(text: str) -> list[str]:
+    """A multirun value split at its commas, except inside quotes and brackets:
+    `1e-4,3e-4` -> two; `"a, b",c` -> two; `[q,v],[k]` -> two."""
+    parts, current, depth, quote = [], [], 0, ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    return [*parts, "".join(current)]
 
 
 def multirun_spec(config_path: Path, overrides: list[str]) -> LoadedSpec:
     """`lmforge train CONFIG -m train.lr=1e-4,3e-4 lora.r=8,16` as a grid sweep (Hydra's multirun):
-    every override with commas is an axis, the others are fixed. The sweep's name is the config's
-    with a hash of the command, so the same command continues the same sweep.
+    every override with commas (outside quotes and brackets) is an axis, the others are fixed. The
+    sweep's name is the config's with a hash of the command, so the same command continues it.
 
     Raises:
-        ConfigError: no override has commas, or what load_spec would raise.
+        ConfigError: no override has commas, or a problem with the values, named by the option.
     """
     axes: dict[str, Parameter] = {}
     fixed: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        parts = _SPLIT.split(value) if sep else []
+        parts = split_values(value) if sep else []
         if len(parts) > 1:
             axes[key.strip()] = Parameter(values=[_yaml_value(p) for p in parts])
         else:
@@ -414,7 +497,14 @@ def multirun_spec(config_path: Path, overrides: list[str]) -> LoadedSpec:
         method="grid",
         parameters=axes,
     )
-    return check_spec(spec, config_path)
+    try:
+        return check_spec(spec, config_path)
+    except ConfigError as exc:
+        hint = " (-m splits values at commas; quote a value that holds one: 'key=\"a, b\"')"
+        problems = [
+            f"-m {p.removeprefix('parameters.')}{hint}" if p.startswith("parameters.") else p for p in exc.problems
+        ]
+        raise ConfigError(problems, str(config_path)) from None
 
 
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:

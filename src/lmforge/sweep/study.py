@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import platform
 import time
@@ -23,9 +24,9 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from lmforge.config import config_hash
+from lmforge.config import flatten, redacted_dict
 from lmforge.errors import UserError
-from lmforge.sweep.spec import LoadedSpec, Pruner, SweepSpec, decode_choice, encode_choice
+from lmforge.sweep.spec import LoadedSpec, Pruner, SweepSpec, decode_choice, encode_choice, shown_url, storage_problem
 
 JOURNAL = "study.journal"
 """The default storage: Optuna's journal file, safe for several processes on one machine (unlike
@@ -50,30 +51,20 @@ def open_storage(url: str | None, sweep_dir: Path) -> BaseStorage:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(str(sweep_dir / JOURNAL)))
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.exc import SQLAlchemyError
 
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise UserError(f"storage {url!r}: not a database URL; use postgresql://user@host:port/db") from None
-    if parsed.password is not None:
-        raise UserError(
-            "storage: the URL holds a password; remove it and set PGPASSWORD (or ~/.pgpass) instead, "
-            "so that it never reaches the spec, logs or the study"
-        )
-    if not parsed.drivername.startswith("postgresql"):
-        raise UserError(
-            f"storage {url!r}: use postgresql://... for workers on several machines, or leave storage unset "
-            "for the journal file (SQLite locks up under concurrent workers)"
-        )
+    problem = storage_problem(url)
+    if problem:
+        raise UserError(f"storage: {problem}")
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except ModuleNotFoundError as exc:
-        raise UserError(f"storage {url}: {exc.name} is not installed: pip install 'lmforge[postgres]'") from None
+        raise UserError(
+            f"storage {shown_url(url)}: {exc.name} is not installed: pip install 'lmforge[postgres]'"
+        ) from None
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        raise UserError(f"storage {url}: cannot open it: {reason}") from None
+        raise UserError(f"storage {shown_url(url)}: cannot open it: {reason}") from None
 
 
 class GridSampler(optuna.samplers.GridSampler):
@@ -111,9 +102,38 @@ def pruner_for(pruner: Pruner, eval_every: int | None) -> optuna.pruners.BasePru
     return optuna.pruners.NopPruner()
 
 
+SWEEP_SAFE = (
+    "name",
+    "output_dir",
+    "data.cache_dir",
+    "data.num_proc",
+    "data.prefetch",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.max_time",
+    "train.num_threads",
+    "eval.generate.",
+    "tracking.",
+)
+"""Base-config settings a continued sweep may change: none of them changes a trial's metric."""
+
+
+def search_record(loaded: LoadedSpec) -> dict[str, Any]:
+    """What a continued sweep must keep, flat: the spec's space, method, seed and metric, and every
+    base-config setting (with the fixed overrides) that changes a trial's metric."""
+    spec = loaded.spec
+    record: dict[str, Any] = {f"parameters.{k}": p.model_dump(exclude_none=True) for k, p in spec.parameters.items()}
+    record.update(method="tpe" if spec.method == "bayes" else spec.method, seed=spec.seed)
+    record.update({"metric.name": spec.metric.name, "metric.goal": spec.metric.goal})
+    for key, value in flatten(redacted_dict(loaded.base)).items():
+        if not any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in SWEEP_SAFE):
+            record[f"base {key}"] = value
+    return json.loads(json.dumps(record, default=str))
+
+
 SEARCH = "lmforge.search"
-"""Study user attribute: the spec's search fingerprint and the base config's hash (settings that
-define the model, data and optimisation); a continued sweep must keep both."""
+"""Study user attribute: `search_record` of the sweep when it started; a continued sweep must keep it."""
 
 
 def open_study(loaded: LoadedSpec, storage: BaseStorage, create: bool = True) -> optuna.Study:
@@ -136,15 +156,19 @@ def open_study(loaded: LoadedSpec, storage: BaseStorage, create: bool = True) ->
         direction=direction,
         load_if_exists=True,
     )
-    expected = f"{spec.search_fingerprint()}-{config_hash(loaded.base)}"
-    fingerprint = study.user_attrs.get(SEARCH)
-    if fingerprint is None:
+    expected = search_record(loaded)
+    recorded = study.user_attrs.get(SEARCH)
+    if recorded is None:
         study.set_user_attr(SEARCH, expected)
-    elif fingerprint != expected:
+    elif recorded != expected:
+        changed = [
+            f"{key}: {json.dumps(recorded.get(key))} -> {json.dumps(expected.get(key))}"
+            for key in sorted(set(recorded) | set(expected))
+            if recorded.get(key) != expected.get(key)
+        ]
         raise UserError(
-            f"the sweep {spec.name!r} was started with other parameters, method, seed or metric, or a base config "
-            "whose model, data or optimisation settings differ; its trials would not compare with the new ones. "
-            "Restore them, or give this search a new name"
+            f"the sweep {spec.name!r} was started with other settings, and its trials would not compare with new "
+            f"ones: {'; '.join(changed)}. Restore them, or start a new sweep (name=...)"
         )
     return study
 

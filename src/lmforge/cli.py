@@ -273,8 +273,9 @@ def sync_command(
 def sweep_command(
     words: list[str] = typer.Argument(
         ...,
-        help="A sweep spec and key=value overrides: run or continue the sweep. Or status and a spec: where it stands.",
-        metavar="SPEC K=V... | status SPEC",
+        help="A sweep spec (or a sweep's directory) and key=value overrides: run or continue the sweep. Or status "
+        "and the same: where it stands.",
+        metavar="SPEC K=V... | status SPEC K=V...",
     ),
     workers: int = typer.Option(1, "--workers", min=1, help="Trial processes at once on this machine."),
     worker: bool = typer.Option(
@@ -287,15 +288,15 @@ def sweep_command(
 
     Ctrl-C pauses the trials at a step boundary; the same command continues from their checkpoints.
     """
-    from lmforge.sweep.runner import run_sweep, sweep_status
+    from lmforge.sweep.runner import run_sweep, spec_path, sweep_status
     from lmforge.sweep.spec import load_spec
 
     if words[0] == "status":
-        if len(words) != 2:
-            raise UserError("usage: lmforge sweep status SWEEP.yaml")
-        sweep_status(load_spec(Path(words[1])), console)
+        if len(words) < 2:
+            raise UserError("usage: lmforge sweep status SWEEP.yaml|SWEEP_DIR [k=v ...]")
+        sweep_status(load_spec(spec_path(Path(words[1])), words[2:], check_files=False), console)
         return
-    loaded = load_spec(Path(words[0]), words[1:])  # trials quiet the libraries they import; this process has none
+    loaded = load_spec(spec_path(Path(words[0])), words[1:])  # trials quiet the libraries they import; this has none
     try:
         code = run_sweep(loaded, console, workers=workers, join=worker)
     except KeyboardInterrupt:  # before the sweep took over Ctrl-C, or a second one while it ended

@@ -21,7 +21,6 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
-from rich.table import Table
 
 from lmforge.config import dump_yaml, load_config
 from lmforge.engine.progress import format_duration
@@ -177,11 +176,9 @@ def leaderboard(study: optuna.Study, loaded: LoadedSpec, console: Console, top: 
         (r for r in rows if r["state"] in ("complete", "pruned") and _finite(r[metric])),
         key=lambda r: (r["state"] != "complete", sign * r[metric]),
     )
-    table = Table(title=f"sweep {spec.name}: {metric} ({spec.metric.goal})", title_justify="left")
-    for column in ("rank", "trial", "state", metric, "best step", *spec.parameters, "time"):
-        table.add_column(column, justify="right" if column not in ("state",) else "left")
-    for rank, r in enumerate(ranked[:top], start=1):
-        table.add_row(
+    header = ["rank", "trial", "state", metric, "best step", *spec.parameters, "time"]
+    cells = [
+        [
             str(rank),
             str(r["number"]),
             r["state"],
@@ -189,14 +186,29 @@ def leaderboard(study: optuna.Study, loaded: LoadedSpec, console: Console, top: 
             str(r["best_step"] or ""),
             *(_short(r[k]) for k in spec.parameters),
             format_duration(r["seconds"]),
-        )
-    if ranked:
-        console.print(table)
+        ]
+        for rank, r in enumerate(ranked[:top], start=1)
+    ]
+    if cells:  # plain aligned text: whole in a log file or a narrow terminal (a rich table squeezes cells)
+        console.print(f"sweep {spec.name}: best {min(top, len(ranked))} by {metric} ({spec.metric.goal})", markup=False)
+        widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
+        for row in [header, *cells]:
+            console.print(
+                "  ".join(
+                    c.rjust(w) if c[:1].isdigit() else c.ljust(w) for c, w in zip(row, widths, strict=True)
+                ).rstrip(),
+                markup=False,
+                soft_wrap=True,
+            )
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     shown = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no trials yet"
-    console.print(f"{len(rows)} of {spec.trial_budget()} trials: {shown}")
+    budget = spec.trial_budget()
+    total = (
+        f"{len(rows)} of {budget} trials" if len(rows) <= budget else f"{len(rows)} trials (max_trials now {budget})"
+    )
+    console.print(f"{total}: {shown}")
     for r in rows:
         if r["state"] == "failed":
             console.print(f"  trial {r['number']} failed: {r['reason']}", markup=False)
@@ -231,7 +243,6 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
+def _short(value: Any, width: int = 24) -> str:
+    text = f"{value:.3g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.trial import TrialState
 from rich.console import Console
 
@@ -425,6 +426,7 @@ def run_sweep(loaded: LoadedSpec, console: Console, workers: int = 1, join: bool
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(loaded, storage, create=not join)
     loaded.sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_spec_copy(loaded)
     worker = Worker(loaded, study, console, workers)
     worker.parent_run = parent_run(loaded, study, console)
     worker.devices = gpus_for(workers)
@@ -533,10 +535,34 @@ def end_parent_run(loaded: LoadedSpec, run_id: str | None, summary: dict[str, An
         pass
 
 
-def sweep_status(loaded: LoadedSpec, console: Console) -> None:
-    """The leaderboard, every trial's state and failure reason, and what is running where."""
-    from lmforge.sweep.results import print_running
+SPEC_COPY = "sweep.yaml"
+"""The spec as last run, in the sweep directory: `lmforge sweep status DIR` and `lmforge sweep DIR`
+read it (a multirun has no other spec file)."""
 
+
+def write_spec_copy(loaded: LoadedSpec) -> None:
+    """sweep.yaml in the sweep directory: the spec with its command-line settings, its base as an
+    absolute path."""
+    spec = loaded.spec.model_dump(mode="json")
+    spec["base"] = str(loaded.base_path.resolve())
+    text = "# This sweep's spec as last run, written by each run: lmforge sweep DIR and sweep status DIR read it.\n"
+    (loaded.sweep_dir / SPEC_COPY).write_text(text + yaml.safe_dump(spec, sort_keys=False))
+
+
+def spec_path(given: Path) -> Path:
+    """A spec file, or a sweep directory's copy of its spec."""
+    return given / SPEC_COPY if given.is_dir() and (given / SPEC_COPY).is_file() else given
+
+
+def sweep_status(loaded: LoadedSpec, console: Console) -> None:
+    """The leaderboard, every trial's state and failure reason, and what is running where. The sweep
+    as it last ran (its sweep.yaml) decides max_trials and the columns."""
+    from lmforge.sweep.results import print_running
+    from lmforge.sweep.spec import load_spec
+
+    copy = loaded.sweep_dir / SPEC_COPY
+    if copy.is_file() and copy.resolve() != (loaded.path.resolve() if loaded.path else None):
+        loaded = load_spec(copy, check_files=False)
     storage = open_storage(loaded.spec.storage, loaded.sweep_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}

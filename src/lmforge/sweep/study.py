@@ -158,7 +158,7 @@ def open_study(loaded: LoadedSpec, storage: BaseStorage, create: bool = True) ->
     )
     expected = search_record(loaded)
     recorded = study.user_attrs.get(SEARCH)
-    if recorded is None:
+    if not isinstance(recorded, dict):  # a new study (or one without the record)
         study.set_user_attr(SEARCH, expected)
     elif recorded != expected:
         changed = [

@@ -557,7 +557,10 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     else:
         try:
             data = yaml.safe_load(text)
-            key_lines = _yaml_key_lines(yaml.compose(text))
+            twice: list[str] = []
+            key_lines = _yaml_key_lines(yaml.compose(text), twice=twice)
+            if twice:
+                raise ConfigError([f"{path}:{problem}" for problem in twice], str(path))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
@@ -570,13 +573,18 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     return data, key_lines
 
 
-def _yaml_key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+def _yaml_key_lines(node: yaml.Node | None, prefix: str = "", twice: list[str] | None = None) -> dict[str, int]:
+    """The 1-based line of every dotted key; a key given twice in one mapping (YAML keeps the last,
+    silently) is added to `twice` as "LINE: problem"."""
     lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             dotted = f"{prefix}{key_node.value}"
-            lines[dotted] = key_node.start_mark.line + 1
-            lines.update(_yaml_key_lines(value_node, dotted + "."))
+            line = key_node.start_mark.line + 1
+            if dotted in lines and twice is not None and key_node.value != "<<":
+                twice.append(f"{line}: {dotted}: given twice (lines {lines[dotted]} and {line}); keep one")
+            lines[dotted] = line
+            lines.update(_yaml_key_lines(value_node, dotted + ".", twice))
     return lines
 
 

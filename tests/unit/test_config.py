@@ -303,3 +303,14 @@ def test_a_peers_name_for_a_setting_suggests_lmforges(config_file, key, expected
 def test_tag_values_that_are_numbers_or_booleans_are_taken_as_text(config_file):
     config = load_config(config_file, ["tracking.tags={run: 1, lr: 0.5, final: true}"], env={})
     assert config.tracking.tags == {"run": "1", "lr": "0.5", "final": "true"}
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\nname: b\ndata: {train: x.txt}\ntrain:\n  lr: 1.0\n  lr: 2.0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}:2: name: given twice (lines 1 and 2); keep one",
+        f"{path}:6: train.lr: given twice (lines 5 and 6); keep one",
+    ]

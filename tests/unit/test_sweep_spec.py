@@ -226,3 +226,27 @@ def test_continuing_a_sweep_with_settings_that_change_its_metric_is_refused_with
     with pytest.raises(UserError) as caught:
         open_study(changed, open_storage(None, changed.sweep_dir))
     assert "base train.max_steps: 4 -> 9" in str(caught.value) and "seed: 0 -> 5" in str(caught.value)
+
+
+def test_a_pruning_hook_stops_a_run_before_its_last_step_but_not_at_it(tiny_config):
+    """The evaluation hook's "pruned" ends the run there (no final model); at the last step the run is
+    complete whatever the hook says, with its final model."""
+    from rich.console import Console
+
+    from lmforge.run import run_train
+
+    calls = []
+
+    def prune(step, metrics):
+        calls.append(step)
+        return "pruned"
+
+    early = run_train(tiny_config("train.eval_every=2"), Console(quiet=True), on_eval=prune)
+    assert calls == [2] and early.eval["stop_reason"] == "pruned" and early.eval["step"] == 2
+    assert not (early.run_dir / "final").exists()
+    assert json.loads((early.run_dir / "eval.json").read_text())["stop_reason"] == "pruned"
+
+    calls.clear()
+    last = run_train(tiny_config(), Console(quiet=True), on_eval=prune)  # evaluated at the end only
+    assert calls == [4] and last.eval["stop_reason"] == "max_steps"
+    assert (last.run_dir / "final" / "model.safetensors").is_file()

@@ -110,6 +110,8 @@ class Loop:
     window_loss: torch.Tensor | None = None
     """Loss summed on device since the last log point: no host sync per step."""
     on_eval: EvalHook | None = None
+    last_step: int = 0
+    """The run's final step: a stop reason from on_eval there changes nothing (the run is done)."""
 
 
 def train(
@@ -157,7 +159,7 @@ def train(
     loop = Loop(
         config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir, chunk_size
     )
-    loop.on_eval = on_eval
+    loop.on_eval, loop.last_step = on_eval, steps
     state = _start(loop, resume_from)
 
     model.train()
@@ -235,7 +237,8 @@ def _evaluate(loop: Loop) -> bool:
         )
         best = {"early_stopping/best_step": state.best_step, "early_stopping/best": state.best_metric}
         loop.trackers.log_metrics(best, state.step)
-    if loop.on_eval is not None and state.stop_reason is None and (reason := loop.on_eval(state.step, metrics)):
+    reason = loop.on_eval(state.step, metrics) if loop.on_eval is not None and state.stop_reason is None else None
+    if reason and state.step < loop.last_step:  # (at the last step the run is complete: nothing to stop)
         state.stop_reason = reason
         loop.progress.message(f"{reason} at step {state.step}")
     return new_best

@@ -219,7 +219,7 @@ def print_running(study: optuna.Study, loaded: LoadedSpec, console: Console) -> 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         held = t.user_attrs.get(LEASE)
         run_dir = loaded.sweep_dir / t.user_attrs.get(RUN_DIR, f"trial-{t.number:04d}")
-        step = _last_step(run_dir / "metrics.jsonl")
+        step = _last_step(run_dir)
         at = f" at step {step}" if step is not None else ""
         if t.state == TrialState.WAITING:
             console.print(f"  trial {t.number} paused{at}: {t.user_attrs.get(REASON, '')}", markup=False)
@@ -232,10 +232,13 @@ def print_running(study: optuna.Study, loaded: LoadedSpec, console: Console) -> 
             )
 
 
-def _last_step(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    lines = path.read_text(encoding="utf-8").splitlines()
+def _last_step(run_dir: Path) -> int | None:
+    """The step of a trial's newest checkpoint (where it resumes), else of its last logged point."""
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    if steps:
+        return max(steps)
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     return json.loads(lines[-1])["step"] if lines else None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from lmforge.errors import ConfigError, UserError
 from lmforge.sweep.results import ADJUSTED, BEST_STEP, SECONDS, best_trial, leaderboard, write_results
 from lmforge.sweep.spec import LoadedSpec, as_override
 from lmforge.sweep.study import (
+    JOURNAL,
     LEASE,
     REASON,
     RUN_DIR,
@@ -40,6 +42,7 @@ from lmforge.sweep.study import (
     open_study,
     release,
     requeue_stale,
+    stale_reason,
     suggest,
 )
 from lmforge.sweep.trial import OUTCOME, TRIAL_CONFIG, TRIAL_CONTEXT
@@ -84,6 +87,7 @@ class Worker:
     """Why the sweep stopped handing out trials (the same failure again and again)."""
     same_failures: list[str] = field(default_factory=list)
     last_beat: float = 0.0
+    warned_shared: bool = False
     devices: list[str] | None = None
     """The GPUs the trials share out, one per slot (`gpus_for`)."""
 
@@ -146,6 +150,15 @@ class Worker:
         }
         (trial_dir / TRIAL_CONTEXT).write_text(json.dumps(context, indent=2))
 
+    def others_here(self) -> int:
+        """RUNNING trials of other live sweep processes on this machine (they share its CPUs)."""
+        here, count = platform.node(), 0
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            held = trial.user_attrs.get(LEASE)
+            if held and held["host"] == here and held["pid"] != os.getpid() and stale_reason(trial, 1e9) is None:
+                count += 1
+        return count
+
     def free_slot(self) -> int:
         taken = {run.slot for run in self.running.values()}
         return min(set(range(self.slots)) - taken)
@@ -155,7 +168,15 @@ class Worker:
         with its share of the CPU threads and, given several GPUs, its own."""
         (trial_dir / OUTCOME).unlink(missing_ok=True)
         env = dict(os.environ)
-        threads = _threads_per_trial(self.slots)
+        others = self.others_here()
+        threads = _threads_per_trial(self.slots + others)
+        if others and not self.warned_shared:
+            self.warned_shared = True
+            self.say(
+                f"[yellow]{others} trial(s) of another sweep process run on this machine: each trial started here "
+                f"gets {threads} CPU thread(s), but theirs keep what they had. One `lmforge sweep --workers N` per "
+                "machine shares the CPUs evenly[/yellow]"
+            )
         if threads is not None:
             env["OMP_NUM_THREADS"] = str(threads)
         devices = self.devices if self.devices is not None else []
@@ -422,6 +443,10 @@ def run_sweep(loaded: LoadedSpec, console: Console, workers: int = 1, join: bool
         a repeated failure.
     """
     spec = loaded.spec
+    if join and spec.storage is None and not (loaded.sweep_dir / JOURNAL).is_file():
+        raise UserError(
+            f"no sweep named {spec.name!r} in {loaded.sweep_dir} yet: start it with `lmforge sweep SPEC` first"
+        )
     storage = open_storage(spec.storage, loaded.sweep_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(loaded, storage, create=not join)
@@ -437,6 +462,12 @@ def run_sweep(loaded: LoadedSpec, console: Console, workers: int = 1, join: bool
         f"{workers} at a time{share}; in {loaded.sweep_dir}",
         highlight=False,
     )
+    points = spec.grid_size() if all(p.values is not None for p in spec.parameters.values()) else None
+    if points is not None and spec.method != "grid" and spec.trial_budget() > points:
+        console.print(
+            f"[yellow]warning: the space has {points} point(s) and max_trials is {spec.trial_budget()}: "
+            f"{spec.method} will try some points more than once; method: grid runs each once[/yellow]"
+        )
     previous = {sig: signal.signal(sig, worker.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:

@@ -14,7 +14,7 @@ import yaml
 from conftest import tiny_config_dict
 from lmforge.errors import ConfigError, UserError
 from lmforge.sweep.spec import load_spec, multirun_spec
-from lmforge.sweep.study import open_storage, open_study, stale_reason, suggest
+from lmforge.sweep.study import open_storage, open_study, stale_reason
 from lmforge.sweep.trial import best_of
 
 
@@ -100,9 +100,15 @@ def test_a_storage_url_with_a_password_is_refused(base, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["random", "tpe", "cmaes"])
-def test_a_seeded_sampler_samples_the_same_parameters_twice(base, tmp_path, method):
-    """Twelve trials (TPE past its ten random start-up trials), each told a value that depends on
-    its parameters, in two separate studies: the same parameters; another seed: others."""
+def test_a_seeded_sampler_samples_the_same_parameters_twice_and_a_continuation_draws_new_ones(base, tmp_path, method):
+    """Twelve trials (TPE past its ten random start-up trials), each told a value that depends on its
+    parameters, handed out as a sweep does, six by one process and six by the next (a continued
+    sweep, or another worker): twelve different draws; the same in a second sweep with the same
+    seed; others with another seed."""
+    from rich.console import Console
+
+    from lmforge.sweep.runner import Worker
+
     text = f"""name: s
 base: base.yaml
 method: {method}
@@ -117,17 +123,19 @@ parameters:
 
     def sample(seed: int, where: str) -> list[dict]:
         path = write_spec(tmp_path, text.replace("seed: 3", f"seed: {seed}").replace("name: s", f"name: {where}"))
-        loaded = load_spec(path)
-        study = open_study(loaded, open_storage(None, loaded.sweep_dir))
         drawn = []
-        for _ in range(12):
-            trial = study.ask()
-            params = suggest(trial, loaded.spec)
-            study.tell(trial, (params["train.lr"] - 1e-3) ** 2 + params["train.weight_decay"])
-            drawn.append(params)
+        for _process in range(2):
+            loaded = load_spec(path, ["max_trials=12"])
+            study = open_study(loaded, open_storage(None, loaded.sweep_dir))
+            worker = Worker(loaded, study, Console(quiet=True), 1)
+            for _ in range(6):
+                trial, params = worker.claim()
+                study.tell(trial, (params["train.lr"] - 1e-3) ** 2 + params["train.weight_decay"])
+                drawn.append(params)
         return drawn
 
     first, second, other = sample(3, "a"), sample(3, "b"), sample(4, "c")
+    assert len({json.dumps(p, sort_keys=True) for p in first}) == 12
     assert first == second
     assert first != other
 

@@ -42,6 +42,7 @@ from lmforge.sweep.study import (
     open_study,
     release,
     requeue_stale,
+    sampler_for,
     stale_reason,
     suggest,
 )
@@ -102,6 +103,7 @@ class Worker:
             waiting = any(t.state == TrialState.WAITING for t in trials)
             if not waiting and len(trials) >= self.loaded.spec.trial_budget():
                 return None
+            study.sampler = sampler_for(self.loaded.spec, len(trials))
             trial = study.ask()
             params = suggest(trial, self.loaded.spec)
             study._storage.set_trial_user_attr(trial._trial_id, LEASE, lease(None))

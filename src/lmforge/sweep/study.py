@@ -75,16 +75,21 @@ class GridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def sampler_for(spec: SweepSpec) -> optuna.samplers.BaseSampler:
-    """Optuna's sampler for spec.method, seeded."""
+def sampler_for(spec: SweepSpec, trials: int = 0) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for spec.method, seeded with spec.seed + `trials` (the trials the study
+    has): a sampler is made anew for each trial, so that a continued sweep, a second worker or
+    another machine draws what one uninterrupted process would, never the first draws again (a
+    sampler seeded once per process repeats its sequence in each). Optuna's samplers keep their
+    state in the study (TPE's history, CMA-ES's optimizer), not in the object."""
+    seed = spec.seed + trials
     if spec.method == "grid":
         space = {key: [encode_choice(v) for v in p.choices()] for key, p in spec.parameters.items()}
-        return GridSampler(space, seed=spec.seed)
+        return GridSampler(space, seed=seed)
     if spec.method == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if spec.method == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=spec.seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=spec.seed)
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def pruner_for(pruner: Pruner, eval_every: int | None) -> optuna.pruners.BasePruner:

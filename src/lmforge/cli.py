@@ -289,14 +289,16 @@ def sweep_command(
     Ctrl-C pauses the trials at a step boundary; the same command continues from their checkpoints.
     """
     from lmforge.sweep.runner import run_sweep, spec_path, sweep_status
-    from lmforge.sweep.spec import load_spec
+    from lmforge.sweep.spec import enter_working_dir, load_spec
 
     if words[0] == "status":
         if len(words) < 2:
             raise UserError("usage: lmforge sweep status SWEEP.yaml|SWEEP_DIR [k=v ...]")
-        sweep_status(load_spec(spec_path(Path(words[1])), words[2:], check_files=False), console)
+        path = enter_working_dir(spec_path(Path(words[1])))
+        sweep_status(load_spec(path, words[2:], check_files=False), console)
         return
-    loaded = load_spec(spec_path(Path(words[0])), words[1:])  # trials quiet the libraries they import; this has none
+    path = enter_working_dir(spec_path(Path(words[0])))
+    loaded = load_spec(path, words[1:])  # trials quiet the libraries they import; this process has none
     try:
         code = run_sweep(loaded, console, workers=workers, join=worker)
     except KeyboardInterrupt:  # before the sweep took over Ctrl-C, or a second one while it ended

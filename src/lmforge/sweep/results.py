@@ -46,7 +46,7 @@ def trial_rows(study: optuna.Study, loaded: LoadedSpec) -> list[dict[str, Any]]:
     metric = loaded.spec.metric.name
     for t in study.get_trials(deepcopy=False):
         params = decoded_params(t, loaded.spec)
-        value = t.value if t.state == TrialState.COMPLETE else _last(t)
+        value = t.value if t.state == TrialState.COMPLETE else _last(t) if t.state == TrialState.PRUNED else None
         row = {"number": t.number, "state": STATES.get(t.state, t.state.name.lower())}
         row["reason"] = t.user_attrs.get(REASON) or ""
         row.update({k: _text(params.get(k)) for k in loaded.spec.parameters})

@@ -26,6 +26,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 from rich.console import Console
+from rich.markup import escape
 
 from lmforge.config import Config, dump_yaml, load_config
 from lmforge.errors import ConfigError, UserError
@@ -51,7 +52,7 @@ from lmforge.sweep.trial import OUTCOME, TRIAL_CONFIG, TRIAL_CONTEXT
 KILLS = "lmforge.kills"
 """Trial user attribute: how often its process was killed from outside the sweep."""
 MAX_KILLS = 3
-"""A trial killed more often than this (not by its sweep) fails instead of resuming again."""
+"""A trial killed this often (not by its sweep) fails instead of resuming again."""
 RETRIED = "lmforge.retried"
 """Trial user attribute: what a retry changed, and why (out of memory)."""
 HEARTBEAT = 10.0
@@ -131,10 +132,10 @@ class Worker:
         self.running[number] = Running(number, trial._trial_id, trial_dir, process, time.time(), params, slot)
         if self.stopping:  # Ctrl-C came while it was being started: it pauses too
             process.send_signal(signal.SIGTERM)
-        shown = " ".join(f"{k}={_short(v)}" for k, v in params.items())
+        shown = escape(" ".join(f"{k}={_short(v)}" for k, v in params.items()))
         how = "resumes from its checkpoint" if resumed else "starts"
         gpu = f" on GPU {self.devices[slot % len(self.devices)]}" if self.devices and len(self.devices) > 1 else ""
-        self.say(f"trial {number} {how}{gpu}: {shown}  [dim]({trial_dir / 'train.log'})[/dim]")
+        self.say(f"trial {number} {how}{gpu}: {shown}  [dim]({escape(str(trial_dir / 'train.log'))})[/dim]")
 
     def write_trial_files(self, trial_dir: Path, config: Config, trial_id: int) -> None:
         trial_dir.mkdir(parents=True, exist_ok=True)
@@ -235,19 +236,24 @@ class Worker:
         kills = attrs.get(KILLS, 0) + killed
         if killed:
             storage.set_trial_user_attr(run.trial_id, KILLS, kills)
-        if state == "paused" and kills > MAX_KILLS:
+        if state == "paused" and kills >= MAX_KILLS:
             state, outcome = "failed", {"reason": f"{outcome['reason']}, {kills} times; it is not resumed again"}
         if state == "paused":
-            release(self.study, run.trial_id, f"paused ({outcome.get('reason')})")
+            why = f"the sweep got {self.stopping}" if self.stopping else outcome.get("reason")
+            release(self.study, run.trial_id, f"paused ({why})")
             if self.stopping:
-                self.say(f"trial {run.number} paused; it resumes from its checkpoint when the sweep runs again")
+                self.say(f"trial {run.number} paused; it resumes from its newest checkpoint when the sweep runs again")
             else:  # stopped from outside the sweep: resumed at once
-                self.say(f"trial {run.number} was stopped ({outcome.get('reason')}); it resumes from its checkpoint")
+                self.say(
+                    f"trial {run.number} was stopped ({escape(why)}); it resumes from its newest checkpoint, if any"
+                )
         elif state == "complete":
             storage.set_trial_user_attr(run.trial_id, REASON, attrs.get(RETRIED, ""))
             self.tell(run.number, outcome["value"])
             self.same_failures.clear()
-            self.say(f"trial {run.number} complete: {metric} {outcome['value']:.5g} (step {outcome['best_step']})")
+            self.say(
+                f"trial {run.number} complete: {escape(metric)} {outcome['value']:.5g} (step {outcome['best_step']})"
+            )
         elif state == "pruned":
             storage.set_trial_user_attr(run.trial_id, REASON, f"pruned at step {outcome.get('step')}")
             self.tell(run.number, state=TrialState.PRUNED)
@@ -264,7 +270,7 @@ class Worker:
     def fail(self, number: int, trial_id: int, reason: str) -> None:
         self.study._storage.set_trial_user_attr(trial_id, REASON, reason)
         self.tell(number, state=TrialState.FAIL)
-        self.say(f"[red]trial {number} failed[/red]: {reason}")
+        self.say(f"[red]trial {number} failed[/red]: {escape(reason)}")
         self.same_failures.append(re.sub(r"\d+(\.\d+)?(e-?\d+)?", "#", reason)[:300])
         limit = self.loaded.spec.max_same_failures
         if len(self.same_failures) >= limit and len(set(self.same_failures[-limit:])) == 1:
@@ -281,7 +287,9 @@ class Worker:
         try:
             self.study.tell(number, value, state=state)
         except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError) as exc:
-            self.say(f"[yellow]trial {number}: not recorded here ({exc}); another worker holds it[/yellow]")
+            self.say(
+                f"[yellow]trial {number}: not recorded here ({escape(str(exc))}); another worker holds it[/yellow]"
+            )
 
     def retry_smaller(self, run: Running, attrs: dict[str, Any], reason: str) -> bool:
         """Out of memory: run the trial again, once, with micro_batch_size halved and grad_accum
@@ -311,7 +319,7 @@ class Worker:
         self.running[run.number] = Running(
             run.number, run.trial_id, run.trial_dir, process, time.time(), run.params, run.slot
         )
-        self.say(f"[yellow]trial {run.number}[/yellow]: {note} (the first attempt is in {attempt.name}/)")
+        self.say(f"[yellow]trial {run.number}[/yellow]: {escape(note)} (the first attempt is in {attempt.name}/)")
         return True
 
     def stop(self, signum: int, frame: object) -> None:
@@ -463,6 +471,7 @@ def run_sweep(loaded: LoadedSpec, console: Console, workers: int = 1, join: bool
         f"sweep {spec.name}: {spec.method}, {spec.trial_budget()} trials, {spec.metric.name} ({spec.metric.goal}), "
         f"{workers} at a time{share}; in {loaded.sweep_dir}",
         highlight=False,
+        markup=False,
     )
     points = spec.grid_size() if all(p.values is not None for p in spec.parameters.values()) else None
     if points is not None and spec.method != "grid" and spec.trial_budget() > points:
@@ -498,11 +507,15 @@ def _finish(worker: Worker, console: Console) -> int:
     end_parent_run(loaded, worker.parent_run, summary, worker.stopping or worker.given_up or others)
     best = best_trial(study)
     if best is not None:
-        console.print(f"best:     trial {best.number}, {loaded.sweep_dir / best.user_attrs.get(RUN_DIR, '')}")
-        console.print(f"config:   {loaded.sweep_dir / 'best.yaml'} (lmforge train it to reproduce the best trial)")
-    console.print(f"results:  {loaded.sweep_dir / 'trials.csv'}, {loaded.sweep_dir / 'summary.json'}")
+        console.print(
+            f"best:     trial {best.number}, {loaded.sweep_dir / best.user_attrs.get(RUN_DIR, '')}", markup=False
+        )
+        console.print(
+            f"config:   {loaded.sweep_dir / 'best.yaml'} (lmforge train it to reproduce the best trial)", markup=False
+        )
+    console.print(f"results:  {loaded.sweep_dir / 'trials.csv'}, {loaded.sweep_dir / 'summary.json'}", markup=False)
     if worker.given_up:
-        console.print(f"[red]stopped[/red]: {worker.given_up}", highlight=False)
+        console.print(f"[red]stopped[/red]: {escape(worker.given_up)}", highlight=False)
         return 1
     if worker.stopping:
         console.print(
@@ -541,7 +554,8 @@ def parent_run(loaded: LoadedSpec, study: optuna.Study, console: Console) -> str
                 study.set_user_attr(PARENT, run_id)
         except Exception as exc:  # noqa: BLE001 - tracking never stops a sweep
             console.print(
-                f"[yellow]warning: MLflow: cannot open the sweep's run ({exc}); trials are not nested[/yellow]"
+                f"[yellow]warning: MLflow: cannot open the sweep's run ({escape(str(exc))}); "
+                "trials are not nested[/yellow]"
             )
             return known
     return run_id
@@ -578,6 +592,7 @@ def write_spec_copy(loaded: LoadedSpec) -> None:
     absolute path."""
     spec = loaded.spec.model_dump(mode="json")
     spec["base"] = str(loaded.base_path.resolve())
+    spec["working_dir"] = os.getcwd()
     text = "# This sweep's spec as last run, written by each run: lmforge sweep DIR and sweep status DIR read it.\n"
     (loaded.sweep_dir / SPEC_COPY).write_text(text + yaml.safe_dump(spec, sort_keys=False))
 

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -129,6 +130,11 @@ class SweepSpec(Strict):
             raise ValueError(problem)
         return url
 
+    working_dir: str | None = None
+    """The directory the base config's relative paths (data, output_dir, a model directory) are
+    read from, relative to this file; default: the one lmforge runs in. The copy of the spec a sweep
+    keeps (runs/sweeps/<name>/sweep.yaml) sets it, so `lmforge sweep runs/sweeps/<name>` works from
+    anywhere."""
     lease_timeout: float = Field(default=120.0, gt=0)
     """Seconds without a heartbeat after which another worker takes over a RUNNING trial (its
     machine died); on the same machine a dead process is noticed at once."""
@@ -246,9 +252,14 @@ def load_spec(path: Path, overrides: list[str] | None = None, check_files: bool 
     raw, lines = _read_file(path)
     problems: list[str] = []
     given: dict[str, str] = {}  # spec keys set on the command line, and by which override
+    seen: dict[str, str] = {}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         key = key.strip()
+        if key in seen:
+            problems.append(f"override {item!r}: {key} is given twice on the command line ({seen[key]!r}); keep one")
+            continue
+        seen[key] = item if key != "storage" else "storage=(a URL)"
         if not sep or not key:
             problems.append(f"override {item!r}: expected key=value, e.g. max_trials=40")
         elif key.split(".")[0] in SweepSpec.model_fields:
@@ -261,10 +272,9 @@ def load_spec(path: Path, overrides: list[str] | None = None, check_files: bool 
             match = difflib.get_close_matches(key.split(".")[0], known, n=1, cutoff=0.5)
             hint = f"; did you mean {match[0]}?" if match else f"; sweep keys: {', '.join(SweepSpec.model_fields)}"
             problems.append(f"override {item!r}: {key}: neither a sweep key nor a training setting{hint}")
-    if problems:
-        raise ConfigError(problems, str(path))
     where = _locator(path, lines, given)
-    spec, problems = _validated(raw, where)
+    spec, found = _validated(raw, where)
+    problems += found
     base = None
     if isinstance(raw.get("base"), str):  # what the base says, even when the spec has problems of its own
         fixed = [o for o in raw.get("overrides") or [] if isinstance(o, str)]
@@ -282,6 +292,26 @@ def load_spec(path: Path, overrides: list[str] | None = None, check_files: bool 
         ordered = sorted(problems, key=lambda p: int(m.group(1)) if (m := line.match(p)) else 1 << 30)
         raise ConfigError(ordered, str(path))
     return LoadedSpec(spec, path, path.parent / spec.base, base)
+
+
+def enter_working_dir(path: Path) -> Path:
+    """Change to the spec's working_dir, if it names one; return the spec's path, absolute.
+
+    Raises:
+        ConfigError: working_dir is not a directory.
+    """
+    path = path.resolve()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except yaml.YAMLError:
+        return path  # load_spec reports it, with its line
+    where = raw.get("working_dir") if isinstance(raw, dict) else None
+    if isinstance(where, str):
+        directory = path.parent / where
+        if not directory.is_dir():
+            raise ConfigError([f"{path}: working_dir: no directory {directory}"], str(path))
+        os.chdir(directory)
+    return path
 
 
 def check_spec(spec: SweepSpec, base_path: Path, check_files: bool = True) -> LoadedSpec:

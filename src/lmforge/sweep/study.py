@@ -285,7 +285,7 @@ def requeue_stale(study: optuna.Study, timeout: float, log) -> list[int]:
         storage.set_trial_user_attr(trial._trial_id, LEASE, None)
         if storage.set_trial_state_values(trial._trial_id, TrialState.WAITING):
             numbers.append(trial.number)
-            log(f"trial {trial.number} was left running ({reason}): it resumes from its checkpoint")
+            log(f"trial {trial.number} was left running ({reason}): it resumes from its newest checkpoint, if any")
     return numbers
 
 

@@ -20,6 +20,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+STOPPED: list[str] = []
+"""The signal that stopped this trial process at once, if one did: a KeyboardInterrupt raised inside
+an extension module's import comes out as another exception (ImportError), still a stop."""
 OUTCOME = "outcome.json"
 TRIAL_CONFIG = "trial.yaml"
 TRIAL_CONTEXT = "trial.json"
@@ -58,6 +61,7 @@ def _die_with_worker(worker: int) -> None:
     def stop_now(signum: int, frame: object) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)  # the parent-death signal comes once per thread of the worker
+        STOPPED.append(signal.Signals(signum).name)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
@@ -95,6 +99,17 @@ def _pruning_hook(context: dict[str, Any]):
     return hook
 
 
+def _from_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is behind this exception (its cause or context, at any depth)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def run_trial(trial_dir: Path) -> dict[str, Any]:
     """Train the trial; return its outcome: state (complete, pruned, paused, failed), value,
     best_step, step, reason, and oom when it ran out of memory."""
@@ -119,6 +134,8 @@ def run_trial(trial_dir: Path) -> dict[str, Any]:
         return {"state": "failed", "reason": str(exc).splitlines()[0][:500]}
     except Exception as exc:  # noqa: BLE001 - a trial's crash is its own; the sweep goes on
         traceback.print_exc()
+        if STOPPED or _from_interrupt(exc):
+            return {"state": "paused", "reason": f"stopped at once ({STOPPED[0] if STOPPED else 'a signal'})"}
         return {
             "state": "failed",
             "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],

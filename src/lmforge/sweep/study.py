@@ -77,14 +77,14 @@ class GridSampler(optuna.samplers.GridSampler):
 
 def sampler_for(spec: SweepSpec, trials: int = 0) -> optuna.samplers.BaseSampler:
     """Optuna's sampler for spec.method, seeded with spec.seed + `trials` (the trials the study
-    has): a sampler is made anew for each trial, so that a continued sweep, a second worker or
+    has; a grid with spec.seed): a sampler is made anew for each trial, so that a continued sweep, a second worker or
     another machine draws what one uninterrupted process would, never the first draws again (a
     sampler seeded once per process repeats its sequence in each). Optuna's samplers keep their
     state in the study (TPE's history, CMA-ES's optimizer), not in the object."""
     seed = spec.seed + trials
-    if spec.method == "grid":
+    if spec.method == "grid":  # its seed shuffles the grid once; trial n takes point n of that order
         space = {key: [encode_choice(v) for v in p.choices()] for key, p in spec.parameters.items()}
-        return GridSampler(space, seed=seed)
+        return GridSampler(space, seed=spec.seed)
     if spec.method == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.method == "cmaes":

@@ -363,8 +363,7 @@ def _base_problems(
         if key in fixed:
             problems.append(
                 f"{where('parameters.' + key)}parameters.{key}: also fixed by the override {fixed[key]!r}, which each "
-                "trial's value would replace: remove one of them (to cut the search, narrow its values, e.g. "
-                f"parameters.{key}.values=[...])"
+                "trial's value would replace: remove one of them (to cut the search, narrow the searched values)"
             )
         found = _value_problems(base_path, overrides, key, parameter)
         problems += [f"{where('parameters.' + key)}parameters.{key}: {p}" for p in found]

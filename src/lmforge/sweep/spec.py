@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -534,12 +533,3 @@ def multirun_spec(config_path: Path, overrides: list[str]) -> LoadedSpec:
             f"-m {p.removeprefix('parameters.')}{hint}" if p.startswith("parameters.") else p for p in exc.problems
         ]
         raise ConfigError(problems, str(config_path)) from None
-
-
-def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every point of a grid, in the order of its axes."""
-    keys = list(spec.parameters)
-    return [
-        dict(zip(keys, combo, strict=True))
-        for combo in itertools.product(*(spec.parameters[k].choices() for k in keys))
-    ]

@@ -57,7 +57,7 @@ from lmforge.eval.generation import HINTS_FILE, Prompt, hints_of, prompts_and_re
 from lmforge.eval.metrics import generation_metrics
 from lmforge.export.export import model_card
 from lmforge.models.build import build_model, count_parameters
-from lmforge.models.peft import BASE_FILE, base_record, check_quantization, write_base_record
+from lmforge.models.peft import BASE_FILE, base_record, check_quantization, save_base_config, write_base_record
 from lmforge.tracking.base import RUN_ARTIFACTS, Trackers, open_trackers, saved_ids
 
 
@@ -448,8 +448,7 @@ def save_final_model(
     with atomic_dir(final_dir) as tmp:
         model.save_pretrained(str(tmp))
         if inner is not model:  # the base's config beside the adapter: its task, labels and class
-            inner.config.architectures = [type(inner).__name__]
-            inner.config.save_pretrained(str(tmp))
+            save_base_config(model, tmp)
             if base is not None:
                 write_base_record(tmp, base)
         data.tokenizer.save_pretrained(str(tmp))

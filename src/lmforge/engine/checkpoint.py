@@ -34,6 +34,7 @@ from safetensors.torch import load_model, save_model
 
 from lmforge.atomic import atomic_dir, remove_dir
 from lmforge.engine.state import TrainState
+from lmforge.models.peft import save_base_config
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -71,10 +72,7 @@ def save_checkpoint(
     target = directory / checkpoint_name(state.step)
     with atomic_dir(target, durable=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if hasattr(inner, "config") and hasattr(inner.config, "save_pretrained"):
-            inner.config.architectures = [type(inner).__name__]
-            inner.config.save_pretrained(str(tmp))
+        save_base_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, text in (files or {}).items():  # small files that make the checkpoint usable as a model

@@ -12,7 +12,7 @@ from lmforge.atomic import check_target, owned_dir
 from lmforge.errors import UserError
 from lmforge.eval.generation import HINTS_FILE
 from lmforge.eval.target import load_target, resolve_target
-from lmforge.models.peft import BASE_FILE, verify_base, write_base_record
+from lmforge.models.peft import BASE_FILE, save_base_config, verify_base, write_base_record
 
 
 def export_run(target: Path, out: Path, merge_lora: bool = False, force: bool = False) -> Path:
@@ -44,9 +44,7 @@ def export_run(target: Path, out: Path, merge_lora: bool = False, force: bool = 
     with owned_dir(Path(out), force=force) as tmp:
         model.save_pretrained(str(tmp))
         if adapter and not merged:
-            base = model.get_base_model()
-            base.config.architectures = [type(base).__name__]
-            base.config.save_pretrained(str(tmp))
+            save_base_config(model, tmp)
             for record_path in (model_dir / BASE_FILE, run_dir / BASE_FILE):
                 if record_path.is_file():
                     record = json.loads(record_path.read_text())

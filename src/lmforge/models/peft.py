@@ -159,3 +159,13 @@ def verify_base(record: dict, adapter_dir: Path, record_path: Path, fix: str = "
             f"base gives wrong outputs. Restore that base, or train the adapter again{fix}"
         )
     return path
+
+
+def save_base_config(model, directory: Path) -> None:
+    """The config.json of the model under any adapter, its class named in `architectures`, into
+    `directory`: beside an adapter it tells its base's task, labels and class, so that a checkpoint,
+    a final/ and an export load as models. A model without a Hugging Face config writes nothing."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(inner, "config") and hasattr(inner.config, "save_pretrained"):
+        inner.config.architectures = [type(inner).__name__]
+        inner.config.save_pretrained(str(directory))

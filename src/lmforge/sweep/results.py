@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,11 @@ def trial_rows(study: optuna.Study, loaded: LoadedSpec) -> list[dict[str, Any]]:
     return rows
 
 
+def state_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Trials in each state, in the order the states first appear."""
+    return dict(Counter(row["state"] for row in rows))
+
+
 def _last(trial: FrozenTrial) -> float | None:
     if not trial.intermediate_values:
         return None
@@ -96,9 +102,7 @@ def write_results(study: optuna.Study, loaded: LoadedSpec, final: bool = False) 
 
 def summarize(study: optuna.Study, loaded: LoadedSpec, rows: list[dict[str, Any]], final: bool) -> dict[str, Any]:
     spec = loaded.spec
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    counts = state_counts(rows)
     summary: dict[str, Any] = {
         "name": spec.name,
         "metric": spec.metric.name,
@@ -184,7 +188,7 @@ def leaderboard(study: optuna.Study, loaded: LoadedSpec, console: Console, top: 
             r["state"],
             f"{r[metric]:.5g}",
             str(r["best_step"] or ""),
-            *(_short(r[k]) for k in spec.parameters),
+            *(short_value(r[k]) for k in spec.parameters),
             format_duration(r["seconds"]),
         ]
         for rank, r in enumerate(ranked[:top], start=1)
@@ -200,9 +204,7 @@ def leaderboard(study: optuna.Study, loaded: LoadedSpec, console: Console, top: 
                 markup=False,
                 soft_wrap=True,
             )
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    counts = state_counts(rows)
     shown = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no trials yet"
     budget = spec.trial_budget()
     total = (
@@ -246,6 +248,7 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _short(value: Any, width: int = 24) -> str:
+def short_value(value: Any, width: int | None = 24) -> str:
+    """A parameter's value as shown: floats to 3 significant digits, text cut at `width` (None: whole)."""
     text = f"{value:.3g}" if isinstance(value, float) else str(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"

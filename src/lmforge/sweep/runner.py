@@ -30,7 +30,7 @@ from rich.markup import escape
 
 from lmforge.config import Config, dump_yaml, load_config
 from lmforge.errors import ConfigError, UserError
-from lmforge.sweep.results import ADJUSTED, BEST_STEP, SECONDS, best_trial, leaderboard, write_results
+from lmforge.sweep.results import ADJUSTED, BEST_STEP, SECONDS, best_trial, leaderboard, short_value, write_results
 from lmforge.sweep.spec import LoadedSpec, as_override
 from lmforge.sweep.study import (
     JOURNAL,
@@ -132,7 +132,7 @@ class Worker:
         self.running[number] = Running(number, trial._trial_id, trial_dir, process, time.time(), params, slot)
         if self.stopping:  # Ctrl-C came while it was being started: it pauses too
             process.send_signal(signal.SIGTERM)
-        shown = escape(" ".join(f"{k}={_short(v)}" for k, v in params.items()))
+        shown = escape(" ".join(f"{k}={short_value(v, None)}" for k, v in params.items()))
         how = "resumes from its checkpoint" if resumed else "starts"
         gpu = f" on GPU {self.devices[slot % len(self.devices)]}" if self.devices and len(self.devices) > 1 else ""
         self.say(f"trial {number} {how}{gpu}: {shown}  [dim]({escape(str(trial_dir / 'train.log'))})[/dim]")
@@ -430,10 +430,6 @@ def out_of_memory_kills() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 # ------------------------------------------------------------------------------- the sweep

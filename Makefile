@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# Debian packages the tests use (PostgreSQL), installed when missing; lmforge itself needs none.
+# Debian packages the tests use (PostgreSQL, Chromium), installed when missing; lmforge itself needs none.
 system-packages:
 	bash scripts/system-packages.sh
 

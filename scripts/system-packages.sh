@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # The Debian packages the test suite needs, installed when missing (make test runs this first):
-#   postgresql   the sweep tests start their own PostgreSQL server (a study shared by workers)
+#   postgresql       the sweep tests start their own PostgreSQL server (a study shared by workers)
+#   chromium         the report tests open lmforge's HTML report in a real headless browser
+#   chromium-driver  (chromedriver, through which selenium drives it)
 # lmforge itself needs none of them.
 set -euo pipefail
 missing=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
     missing+=(postgresql)
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+    missing+=(chromium)
+fi
+if ! command -v chromedriver >/dev/null 2>&1; then
+    missing+=(chromium-driver)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

@@ -1,0 +1,1 @@
+"""What runs produced, read back and judged: per-example predictions, statistics, run tables, the HTML report."""

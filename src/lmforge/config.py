@@ -295,6 +295,10 @@ class GenerateConfig(Section):
     """Nucleus sampling: only among the most likely tokens whose probabilities add up to p."""
     stop: list[str] = []
     """Strings that end a generation (not included in the text)."""
+    max_examples: int = Field(default=200, ge=0)
+    """The final evaluation answers this many held-out examples greedily (batched), for
+    predictions.jsonl and the generation metrics in eval.json; 0: none. Losses are computed for
+    every example regardless."""
 
     @field_validator("stop")
     @classmethod
@@ -313,6 +317,15 @@ class EvalConfig(Section):
     """Also evaluate before the first step, so the improvement is on record."""
     generate: GenerateConfig = GenerateConfig()
     """Sample generation."""
+    predictions: bool = True
+    """Write predictions.jsonl at the final evaluation: every example of the test split (else
+    validation) with its input, reference, greedy answer, loss and scores."""
+    metrics_plugins: list[str] = []
+    """Custom metrics, "module:function" each: a function (predictions, references, inputs) ->
+    {name: number (corpus level) or list of numbers (one per example)}, imported from the working
+    directory or the Python path. A plugin that fails is reported and loses nothing else."""
+    bootstrap_resamples: int = Field(default=1000, ge=0)
+    """Resamples of the 95% bootstrap intervals of the final metrics (0: none)."""
 
 
 class MlflowConfig(Section):

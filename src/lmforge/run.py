@@ -54,7 +54,6 @@ from lmforge.engine.progress import format_duration
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
 from lmforge.eval.generation import HINTS_FILE, Prompt, hints_of, prompts_and_references, respond
-from lmforge.eval.metrics import generation_metrics
 from lmforge.export.export import model_card
 from lmforge.models.build import build_model, count_parameters
 from lmforge.models.peft import BASE_FILE, base_record, check_quantization, save_base_config, write_base_record
@@ -81,6 +80,7 @@ def quick_test_config(config: Config) -> Config:
     quick.eval.at_start = False
     quick.eval.generate.num_examples = min(config.eval.generate.num_examples, 2)
     quick.eval.generate.max_new_tokens = min(config.eval.generate.max_new_tokens, 16)
+    quick.eval.generate.max_examples = min(config.eval.generate.max_examples, 8)
     return quick
 
 
@@ -186,6 +186,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
     """run_train after the checks: data, model, plan, training, outputs."""
     if config.train.num_threads is not None:
         torch.set_num_threads(config.train.num_threads)
+    plugins = _plugins(config)
     with process.main_process_first():  # the main process fills the data cache, the others read it
         data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
@@ -235,7 +236,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
         if not main:
             status = "FINISHED"
             return RunOutcome(run_dir, {})
-        final_eval = finish_outputs(result, data, config, trackers, run_dir, prompts, console, base, hints)
+        final_eval = finish_outputs(result, data, config, trackers, run_dir, prompts, console, base, hints, plugins)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -329,12 +330,14 @@ def finish_outputs(
     console,
     base: dict | None = None,
     hints: dict | None = None,
+    plugins: list | None = None,
 ) -> dict:
-    """Best-weight restore, test evaluation, final/ model, eval.json, samples, artifacts.
+    """Best-weight restore, test evaluation, predictions.jsonl, final/ model, eval.json, samples, artifacts.
 
     Args:
         base: an adapter run's base record (`peft.base_record`), saved beside the adapter.
-        hints: `generation.hints_of` the data: how prompts are cut and answers end, saved too."""
+        hints: `generation.hints_of` the data: how prompts are cut and answers end, saved too.
+        plugins: `results.plugins.load_plugins` of eval.metrics_plugins."""
     model, state = result.model, result.state
     stopping = config.train.early_stopping
     validation = state.eval_history[-1]
@@ -348,19 +351,17 @@ def finish_outputs(
     if "test" in data.splits:
         details: dict = {}
         final_eval["test"] = evaluate_split(model, data, "test", config, details=details)
-        trackers.log_metrics({f"test/{k}": v for k, v in final_eval["test"].items()}, state.step)
+        if not config.eval.predictions:
+            trackers.log_metrics({f"test/{k}": v for k, v in final_eval["test"].items()}, state.step)
         if details:
             final_eval["test_confusion_matrix"] = {"labels": data.labels, "matrix": details["confusion_matrix"]}
     after = respond(model, data.tokenizer, prompts, config.eval.generate, seed=config.seed, hints=hints)
-    scored = [p for p in prompts if p.reference is not None]
-    if scored and config.data.format not in ("text", "classification"):  # score greedy answers to held-out prompts
-        greedy = config.eval.generate.model_copy(update={"temperature": 0.0})
-        if greedy == config.eval.generate and len(scored) == len(prompts):
-            predictions = after  # the samples already are greedy answers to these prompts
-        else:
-            predictions = respond(model, data.tokenizer, scored, greedy, seed=config.seed, hints=hints)
-        final_eval["generation"] = generation_metrics(predictions, [p.reference for p in scored])
-        trackers.log_metrics({f"generation/{k}": v for k, v in final_eval["generation"].items()}, state.step)
+    if config.eval.predictions:
+        final_eval.update(_predictions(model, data, config, run_dir, final_eval, hints, plugins, console))
+        for section in ("generation", "test"):
+            if section in final_eval:
+                numbers = {k: v for k, v in final_eval[section].items() if isinstance(v, int | float)}
+                trackers.log_metrics({f"{section}/{k}": v for k, v in numbers.items()}, state.step)
     (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
     card = model_card(run_dir, config, adapter_only=config.lora is not None)
     save_final_model(model, data, run_dir / "final", card, base, hints)
@@ -371,6 +372,53 @@ def finish_outputs(
     joiner = "  ->  " if config.model.task == "classification" else ""
     final_eval["samples"] = [p.text + joiner + t for p, t in zip(prompts, after, strict=True)]
     return final_eval
+
+
+def _plugins(config: Config) -> list:
+    """eval.metrics_plugins imported up front, so that a typo fails before training, not after."""
+    from lmforge.results.plugins import load_plugins
+
+    if not config.eval.metrics_plugins:
+        return []
+    if config.data.format == "text":
+        raise UserError(
+            "eval.metrics_plugins: a text (pretraining) run has no answers for a metric to score; "
+            "plugins score the greedy answers of prompt/completion, chat, seq2seq and classification data"
+        )
+    if not config.eval.predictions:
+        raise UserError("eval.metrics_plugins needs eval.predictions: true (plugins score the predictions)")
+    return load_plugins(config.eval.metrics_plugins)
+
+
+def _predictions(model, data, config: Config, run_dir: Path, final_eval: dict, hints, plugins, console) -> dict:
+    """predictions.jsonl of the test split (else validation), and what it adds to eval.json: the
+    generation metrics of its greedy answers, a classifier's plugin values, plugin errors."""
+    from lmforge.data.prepare import split_records
+    from lmforge.results.predictions import PREDICTIONS, write_predictions
+
+    split = "test" if "test" in data.splits else "validation"
+    summary = write_predictions(
+        run_dir / PREDICTIONS,
+        model,
+        data.tokenizer,
+        split_records(config.data, split),
+        config.data,
+        config.eval,
+        split,
+        labels=data.labels,
+        seed=config.seed,
+        hints=hints,
+        plugins=plugins,
+        warn=lambda m: console.print(f"[yellow]{m}[/yellow]", highlight=False),
+    )
+    added: dict = {"predictions": {"split": split, "examples": summary.examples, "pieces": summary.pieces}}
+    if summary.generation:
+        added["generation"] = {"split": split, **summary.generation}
+    if summary.classification:
+        added[split] = {**final_eval[split], **summary.classification}
+    if summary.plugin_errors:
+        added["plugin_errors"] = summary.plugin_errors
+    return added
 
 
 _RUN_DIR = r"-\d{8}-\d{6}(-\d+)?$"

@@ -88,11 +88,7 @@ def cache_root(config: Config) -> Path:
 def prepare_data(config: Config, log: Callable[[str], None] = print) -> PreparedData:
     """Tokenizer and packed splits for a config, from the cache when the inputs are unchanged."""
     data = config.data
-    sources = {
-        "train": resolve_sources(data.train, "data.train"),
-        "validation": resolve_sources(data.validation, "data.validation") if data.validation else [],
-        "test": resolve_sources(data.test, "data.test") if data.test else [],
-    }
+    sources = _sources(data)
     settings = data.model_dump(
         include={"format", "columns", "template", "chat_template", "loss_on", "text_field", "txt_documents"}
     )
@@ -110,6 +106,20 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
         return _prepare(config, source_fp, splits, log)
     except RecordError as exc:  # how many records are like it decides the advice
         raise RecordError(f"{exc}{_invalid_advice(splits, data)}") from None
+
+
+def _sources(data: DataConfig) -> dict[str, list[Source]]:
+    return {
+        "train": resolve_sources(data.train, "data.train"),
+        "validation": resolve_sources(data.validation, "data.validation") if data.validation else [],
+        "test": resolve_sources(data.test, "data.test") if data.test else [],
+    }
+
+
+def split_records(data: DataConfig, split: str) -> Iterator[Record]:
+    """The records of one split, streamed in file order, exactly those `prepare_data` puts in it
+    (held-out records are chosen from the training files by the same hash)."""
+    yield from SplitReader(_sources(data), data).records(split)
 
 
 def _prepare(config: Config, source_fp: str, splits: SplitReader, log: Callable[[str], None]) -> PreparedData:

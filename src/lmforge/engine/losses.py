@@ -179,6 +179,27 @@ def linear_cross_entropy_hits(
     return total, hits
 
 
+@torch.no_grad()
+def linear_cross_entropy_each(
+    states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For per-example scoring: the (N,) cross-entropy of each row of states @ weight.T + bias
+    against its target (nats, in the exact dtype of `linear_cross_entropy`) and whether its highest
+    score is the target, `chunk_size` rows at a time: no (tokens x vocab) logits for the whole batch."""
+    dtype = _compute_dtype(weight)
+    exact = torch.promote_types(dtype, torch.float32)
+    w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
+    losses, hits = [], []
+    with _no_autocast(states.device.type):
+        for _, t, _, logits in _chunk_logits(states, w, b, targets, chunk_size, exact):
+            logits = logits[: len(t)]
+            hits.append(logits.argmax(-1) == t)
+            losses.append(F.cross_entropy(logits, t, reduction="none"))
+    if not losses:
+        return states.new_zeros(0, dtype=exact), torch.zeros(0, dtype=torch.bool, device=states.device)
+    return torch.cat(losses), torch.cat(hits)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states, weight, bias, targets, chunk_size, dtype, grads):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from lmforge.engine.losses import (
     at_least_fp32,
     causal_lm_inputs,
     hidden_states_out,
+    linear_cross_entropy_each,
     linear_cross_entropy_hits,
     next_token_targets,
     scoring_chunk_size,
@@ -112,6 +114,64 @@ def evaluate(
     }
 
 
+@dataclass
+class RowScores:
+    """Per-row results of one batch whose rows are single examples."""
+
+    loss: torch.Tensor
+    """(B,) float64: the summed loss of each row's targets, in nats."""
+    targets: torch.Tensor
+    """(B,) target tokens of each row (1 for a classifier's row)."""
+    correct: torch.Tensor
+    """(B,) targets whose highest-scoring token (class) is right."""
+    probabilities: torch.Tensor | None = None
+    """(B, C) class probabilities, for classifiers."""
+
+
+@torch.no_grad()
+def score_rows(
+    model: nn.Module, batch: dict[str, torch.Tensor], task: str, chunk_size: int | None, autocast=nullcontext
+) -> RowScores:
+    """Each row's loss, target count and hits, scored exactly as `evaluate` scores the rows'
+    examples (so the sums over rows equal its totals up to float rounding); a causal LM with a
+    chunk size is scored from the hidden states of its targets, no full logits for the batch.
+
+    Args:
+        batch: a collated batch (`loader.collate` / `collate_encoder`) on the model's device.
+        chunk_size: `scoring_chunk_size` of the model, or None for one batch's logits at once.
+    """
+    if task == "classification":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"]
+        loss = nn.functional.cross_entropy(logits, labels, reduction="none")
+        return RowScores(loss.double(), torch.ones_like(labels), logits.argmax(-1) == labels, logits.softmax(-1))
+    rows = batch["labels"].shape[0]
+    if task == "causal-lm" and chunk_size is not None:
+        with causal_lm_inputs(model, batch) as inputs, hidden_states_out(model) as head, autocast():
+            hidden = model(**inputs).logits  # (B, T, H): the identity head passed them through
+            index = batch.get("target_index")
+            states, picked = target_rows(hidden, batch["labels"], index)  # (N, H), (N,)
+            each, hits = linear_cross_entropy_each(states, head.weight, head.bias, picked, chunk_size)  # (N,), (N,)
+        if index is None:
+            index = (next_token_targets(batch["labels"]).reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+        row = index.to(each.device) // batch["labels"].shape[1]  # (N,): the row of each target
+        zeros = torch.zeros(rows, dtype=torch.float64, device=each.device)
+        return RowScores(
+            zeros.index_add(0, row, each.double()),
+            zeros.index_add(0, row, torch.ones_like(each, dtype=torch.float64)).long(),
+            zeros.index_add(0, row, hits.double()).long(),
+        )
+    if task == "seq2seq":
+        logits, targets = at_least_fp32(seq2seq_logits(model, batch)), batch["labels"]  # (B, T, V), (B, T)
+    else:
+        targets = next_token_targets(batch["labels"])  # (B, T)
+        with causal_lm_inputs(model, batch) as inputs:
+            logits = at_least_fp32(model(**inputs).logits)  # (B, T, V)
+    mask = targets != IGNORE_INDEX
+    loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return RowScores(loss.double().sum(1), mask.sum(1), ((logits.argmax(-1) == targets) & mask).sum(1))
+
+
 def evaluate_split(
     model: nn.Module, data, split: str, config, accelerator=None, details=None, loss_chunk_size="auto"
 ) -> dict[str, float]:
@@ -148,12 +208,18 @@ def macro_f1(confusion: list[list[int]]) -> float:
 
 
 def describe(metrics: dict[str, float]) -> str:
-    """One line, e.g. 'loss 2.3100  perplexity 10.07  token accuracy 0.412'."""
+    """One line, e.g. 'loss 2.3100  perplexity 10.07  token accuracy 0.412' (counts of answers as
+    whole numbers; sizes, steps and text left out)."""
     parts = []
     for key, value in metrics.items():
-        if key in ("tokens", "examples"):
+        if key in ("tokens", "examples", "step") or isinstance(value, str | bool) or not isinstance(value, int | float):
             continue
+        name = key.replace("_", " ")
         parts.append(
-            f"{key.replace('_', ' ')} {value:.4f}" if key == "loss" else f"{key.replace('_', ' ')} {value:.3f}"
+            f"{name} {value}"
+            if isinstance(value, int)
+            else f"{name} {value:.4f}"
+            if key == "loss"
+            else f"{name} {value:.3f}"
         )
     return "  ".join(parts)

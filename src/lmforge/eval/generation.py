@@ -38,20 +38,23 @@ def prompts_and_references(
     trained one (the record's own answer decides where the boundary lies)."""
     if cfg.prompts:
         return [Prompt(p) for p in cfg.prompts[: cfg.num_examples]]
+    return [held_out_prompt(sample, tokenizer, cfg) for sample in samples[: cfg.num_examples]]
+
+
+def held_out_prompt(sample: dict[str, str], tokenizer: PreTrainedTokenizerBase, cfg: GenerateConfig) -> Prompt:
+    """The prompt of one held-out record (`tokenize.prompt_and_reference`'s sample): its prompt and
+    true completion, or a document's first `cfg.prompt_tokens` tokens and their continuation."""
     add_bos = adds_bos(tokenizer)
-    prompts = []
-    for sample in samples[: cfg.num_examples]:
-        if "prompt" not in sample:  # a document: its first tokens as the training row has them
-            ((ids, _),) = encode_marked([[Segment(sample["text"], True)]], tokenizer, add_bos)
-            ids = ids.tolist()
-            cut = cfg.prompt_tokens + (len(ids) > 0 and add_bos and ids[0] == tokenizer.bos_token_id)
-            text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
-            reference = tokenizer.decode(ids[cut : cut + cfg.max_new_tokens], skip_special_tokens=True)
-            prompts.append(Prompt(text, reference, tuple(ids[:cut]), len(text)))
-        else:  # (an encoder-decoder or a classifier ignores the ids)
-            ids, covered = prompt_ids(sample["prompt"], tokenizer, add_bos, [sample["reference"]])
-            prompts.append(Prompt(sample["prompt"], sample["reference"], tuple(ids), covered))
-    return prompts
+    if "prompt" not in sample:  # a document: its first tokens as the training row has them
+        ((ids, _),) = encode_marked([[Segment(sample["text"], True)]], tokenizer, add_bos)
+        ids = ids.tolist()
+        cut = cfg.prompt_tokens + (len(ids) > 0 and add_bos and ids[0] == tokenizer.bos_token_id)
+        text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        reference = tokenizer.decode(ids[cut : cut + cfg.max_new_tokens], skip_special_tokens=True)
+        return Prompt(text, reference, tuple(ids[:cut]), len(text))
+    # (an encoder-decoder or a classifier ignores the ids)
+    ids, covered = prompt_ids(sample["prompt"], tokenizer, add_bos, [sample["reference"]])
+    return Prompt(sample["prompt"], sample["reference"], tuple(ids), covered)
 
 
 HINTS_FILE = "lmforge_generation.json"
@@ -94,6 +97,16 @@ def model_inputs(
     return prompt_ids(prompt.text, tokenizer, adds_bos(tokenizer), answer_starts)
 
 
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    """The new text (as `generate` returns it)."""
+    new_tokens: int
+    """Tokens the model wrote, its end-of-sequence token included."""
+    hit_limit: bool
+    """Cut by max_new_tokens: no end of sequence, no stop string."""
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -110,6 +123,26 @@ def generate(
     Runs under a forked RNG seeded by `seed`, so sampling gives the same text every time and leaves
     the random streams of training untouched.
     """
+    return [g.text for g in generate_each(model, tokenizer, prompts, cfg, seed, answer_starts)]
+
+
+@torch.no_grad()
+def generate_each(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt | str],
+    cfg: GenerateConfig,
+    seed: int = 0,
+    answer_starts: list[str] | None = None,
+    batch_size: int = 1,
+) -> list[Generated]:
+    """`generate`, `batch_size` prompts per call of the model's `generate`, with what each output is.
+
+    A batch's prompts are padded on the left for a decoder-only model (on the right for an
+    encoder-decoder's encoder), with an attention mask; greedy answers are the same as one prompt
+    at a time up to float rounding. Sampled answers depend on the batch size (the random draws are
+    shared out differently), so samples stay at one prompt per call.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -117,30 +150,58 @@ def generate(
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for prompt in prompts:
-            ids, covered = model_inputs(model, tokenizer, prompt, answer_starts)
-            if not ids:  # an empty prompt starts from a document boundary
-                ids = [tokenizer.eos_token_id]
-            input_ids = torch.tensor([ids], device=device)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=cfg.temperature > 0,
-                temperature=cfg.temperature if cfg.temperature > 0 else None,
-                top_k=cfg.top_k if cfg.temperature > 0 else None,
-                top_p=cfg.top_p if cfg.temperature > 0 else None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **({"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}),
-            )
-            new = out[0] if model.config.is_encoder_decoder else out[0, input_ids.shape[1] :]
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            left = (prompt if isinstance(prompt, str) else prompt.text)[covered:]  # the model wrote it
-            text = text.removeprefix(left) if left and text.startswith(left) else text
-            outputs.append(cut_at_stop(text, cfg.stop))
+        for first in range(0, len(prompts), batch_size):
+            outputs += _generate_batch(model, tokenizer, prompts[first : first + batch_size], cfg, answer_starts)
     model.train(was_training)
     return outputs
+
+
+def _generate_batch(
+    model, tokenizer, prompts: list[Prompt | str], cfg: GenerateConfig, answer_starts
+) -> list[Generated]:
+    device = next(model.parameters()).device
+    encoder_decoder = model.config.is_encoder_decoder
+    inputs = [model_inputs(model, tokenizer, prompt, answer_starts) for prompt in prompts]
+    rows = [ids or [tokenizer.eos_token_id] for ids, _ in inputs]  # an empty prompt starts from a document boundary
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(rows):
+        span = slice(0, len(ids)) if encoder_decoder else slice(width - len(ids), width)
+        input_ids[i, span] = torch.tensor(ids)
+        attention_mask[i, span] = 1
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.temperature > 0,
+        temperature=cfg.temperature if cfg.temperature > 0 else None,
+        top_k=cfg.top_k if cfg.temperature > 0 else None,
+        top_p=cfg.top_p if cfg.temperature > 0 else None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **({"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}),
+    )
+    new = (out[:, 1:] if encoder_decoder else out[:, width:]).tolist()  # an encoder-decoder's start token goes
+    results = []
+    for prompt, (_, covered), tokens in zip(prompts, inputs, new, strict=True):
+        ended = tokenizer.eos_token_id in tokens
+        written = tokens[: tokens.index(tokenizer.eos_token_id) + 1] if ended else _unpadded(tokens, tokenizer)
+        text = tokenizer.decode(written, skip_special_tokens=True)
+        left = (prompt if isinstance(prompt, str) else prompt.text)[covered:]  # the model wrote it
+        text = text.removeprefix(left) if left and text.startswith(left) else text
+        cut = cut_at_stop(text, cfg.stop)
+        hit_limit = not ended and len(written) >= cfg.max_new_tokens and cut == text
+        results.append(Generated(cut, len(written), hit_limit))
+    return results
+
+
+def _unpadded(tokens: list[int], tokenizer) -> list[int]:
+    """A finished row of a batch is padded to the longest: the padding after what it wrote goes."""
+    end = len(tokens)
+    while end and tokens[end - 1] == tokenizer.pad_token_id:
+        end -= 1
+    return tokens[:end]
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -312,7 +312,8 @@ class EvalConfig(Section):
     batch_size: int | None = Field(default=None, ge=1)
     """Rows per evaluation batch. Default: train.micro_batch_size."""
     max_batches: int | None = Field(default=None, ge=1)
-    """Evaluate on at most this many batches (the same ones every time)."""
+    """Validate on at most this many batches (the same ones every time). The final test
+    evaluation and predictions.jsonl always cover the whole split."""
     at_start: bool = True
     """Also evaluate before the first step, so the improvement is on record."""
     generate: GenerateConfig = GenerateConfig()

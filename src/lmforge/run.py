@@ -350,7 +350,7 @@ def finish_outputs(
     final_eval["validation"] = validation
     if "test" in data.splits:
         details: dict = {}
-        final_eval["test"] = evaluate_split(model, data, "test", config, details=details)
+        final_eval["test"] = evaluate_split(model, data, "test", config, details=details, whole=True)
         if not config.eval.predictions:
             trackers.log_metrics({f"test/{k}": v for k, v in final_eval["test"].items()}, state.step)
         if details:
@@ -394,7 +394,8 @@ def _predictions(model, data, config: Config, run_dir: Path, final_eval: dict, h
     """predictions.jsonl of the test split (else validation), and what it adds to eval.json: the
     generation metrics of its greedy answers, a classifier's plugin values, plugin errors."""
     from lmforge.data.prepare import split_records
-    from lmforge.results.predictions import PREDICTIONS, write_predictions
+    from lmforge.results.analysis import intervals
+    from lmforge.results.predictions import PREDICTIONS, read_predictions, write_predictions
 
     split = "test" if "test" in data.splits else "validation"
     summary = write_predictions(
@@ -412,6 +413,8 @@ def _predictions(model, data, config: Config, run_dir: Path, final_eval: dict, h
         warn=lambda m: console.print(f"[yellow]{m}[/yellow]", highlight=False),
     )
     added: dict = {"predictions": {"split": split, "examples": summary.examples, "pieces": summary.pieces}}
+    rows = read_predictions(run_dir / PREDICTIONS)
+    added["intervals"] = intervals(rows, data.labels, split, config.eval.bootstrap_resamples, config.seed)
     if summary.generation:
         added["generation"] = {"split": split, **summary.generation}
     if summary.classification:

@@ -81,14 +81,18 @@ def check_losses_add_up(run_dir, split="test"):
     metrics = final[split]
     assert tokens == metrics.get("tokens", metrics.get("examples"))
     assert loss == pytest.approx(metrics["loss"], rel=1e-4)
+    interval = final["intervals"][f"{split}/loss"]  # the bootstrap interval of the same mean
+    assert interval["value"] == pytest.approx(loss) and interval["low"] <= loss <= interval["high"]
     for r in rows:
         assert r["loss"] == pytest.approx(r["loss_sum"] / r["tokens"])
     return rows, final
 
 
-def test_causal_sft_predictions_and_plugins(tmp_path):
-    # a plugin module in the directory lmforge is started from: one per-example, one corpus-level,
-    # one that raises
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A prompt-completion run from scratch with two plugins (one per-example and corpus-level, one
+    that raises) from a module in the directory lmforge is started from."""
+    tmp_path = tmp_path_factory.mktemp("sft")
     (tmp_path / "my_metrics.py").write_text(
         "def letters(predictions, references, inputs):\n"
         "    return {'letter_overlap': [len(set(p) & set(r)) / max(len(set(r)), 1) for p, r in "
@@ -108,8 +112,16 @@ def test_causal_sft_predictions_and_plugins(tmp_path):
     cfg["eval"]["generate"]["max_examples"] = 12
     cfg["eval"]["metrics_plugins"] = ["my_metrics:letters", "my_metrics:broken"]
     run_dir, out = train(tmp_path, cfg, cwd=tmp_path)
+    return tmp_path, cfg, run_dir, out
+
+
+def test_causal_sft_predictions_and_plugins(sft_run):
+    tmp_path, cfg, run_dir, out = sft_run
     rows, final = check_losses_add_up(run_dir)
     assert len(rows) == 30
+    assert final["intervals"]["generation/letter_overlap"]["value"] == pytest.approx(
+        final["generation"]["letter_overlap"]
+    )
     generated = [r for r in rows if "prediction" in r]
     assert [r["index"] for r in generated] == list(range(12))  # bounded by eval.generate.max_examples
     assert all(r["input"].startswith("Spell ") and r["reference"] for r in rows)
@@ -231,3 +243,67 @@ def test_batched_greedy_answers_equal_one_at_a_time(tmp_path, tokenizer):
     batched = generate_each(model, tokenizer, prompts, cfg, batch_size=4)
     assert [g.text for g in batched] == [g.text for g in one]
     assert all(g.new_tokens == 6 and g.hit_limit for g in one if tokenizer.eos_token not in g.text)
+
+
+def test_eval_against_the_base_model(sft_run):
+    """A LoRA run on top of the SFT run, evaluated against its base: the baseline's predictions are
+    the base's own (its run's predictions.jsonl), and the comparison is of the two files."""
+    tmp_path, cfg, base_run, _ = sft_run
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    lora = dict(cfg, output_dir=str(lora_dir / "runs"), model={"name_or_path": str(base_run / "final")})
+    lora = {k: v for k, v in lora.items() if k != "tokenizer"} | {"lora": {"r": 4, "alpha": 8}}
+    lora_run, _ = train(lora_dir, lora, cwd=tmp_path)
+    out = tmp_path / "comparison"
+    proc = subprocess.run(
+        lmforge_command("eval", str(lora_run), "--baseline", "base", "--out", str(out), "--resamples", "200"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["loss"] == pytest.approx(
+        json.loads((lora_run / "eval.json").read_text())["test"]["loss"]
+    )
+    mine, theirs = read_jsonl(out / "predictions.jsonl"), read_jsonl(out / "baseline.predictions.jsonl")
+    base_rows = read_jsonl(base_run / "predictions.jsonl")
+    assert [r["loss_sum"] for r in theirs] == pytest.approx([r["loss_sum"] for r in base_rows], rel=1e-5)
+    assert [r.get("prediction") for r in theirs] == [r.get("prediction") for r in base_rows]
+    comparison = json.loads((out / "comparison.json").read_text())
+    loss = comparison["metrics"]["test/loss"]
+    mean = lambda rows: sum(r["loss_sum"] for r in rows) / sum(r["tokens"] for r in rows)  # noqa: E731
+    assert loss["candidate"] == pytest.approx(mean(mine)) and loss["baseline"] == pytest.approx(mean(theirs))
+    assert loss["low"] <= loss["difference"] <= loss["high"] and 0 < loss["p_value"] <= 1
+    assert loss["better"] == (loss["difference"] < 0)
+    right = lambda r: r["scores"]["exact_match"] == 1.0  # noqa: E731
+    pairs = [(right(a), right(b)) for a, b in zip(mine, theirs, strict=True) if "prediction" in a]
+    assert comparison["fixed"] == sum(a and not b for a, b in pairs)
+    assert comparison["broken"] == sum(b and not a for a, b in pairs)
+    assert "test/loss" in proc.stderr and "fixed" in proc.stderr
+    # compared with itself: no difference, nothing fixed or broken, p = 1
+    same = subprocess.run(
+        lmforge_command("eval", str(lora_run), "--baseline", str(lora_run), "--out", str(tmp_path / "same")),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert same.returncode == 0, same.stderr
+    itself = json.loads((tmp_path / "same" / "comparison.json").read_text())
+    assert all(t["difference"] == 0 and t["p_value"] == 1.0 for t in itself["metrics"].values())
+    assert itself["fixed"] == itself["broken"] == 0
+
+
+def test_a_scratch_run_has_no_base_to_compare_with(sft_run):
+    tmp_path, _, run_dir, _ = sft_run
+    proc = subprocess.run(
+        lmforge_command("eval", str(run_dir), "--baseline", "base", "--out", str(tmp_path / "x")),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "was trained from scratch" in proc.stderr and "Traceback" not in proc.stderr

@@ -173,16 +173,17 @@ def score_rows(
 
 
 def evaluate_split(
-    model: nn.Module, data, split: str, config, accelerator=None, details=None, loss_chunk_size="auto"
+    model: nn.Module, data, split: str, config, accelerator=None, details=None, loss_chunk_size="auto", whole=False
 ) -> dict[str, float]:
-    """`evaluate` on one split of prepared data (a PreparedData) as the config sets it up."""
+    """`evaluate` on one split of prepared data (a PreparedData) as the config sets it up; `whole`:
+    every batch, whatever eval.max_batches says (the final test evaluation)."""
     labels = data.labels
     return evaluate(
         model,
         data.splits[split],
         data.tokenizer.pad_token_id,
         config.eval.batch_size or config.train.micro_batch_size,
-        config.eval.max_batches,
+        None if whole else config.eval.max_batches,
         accelerator,
         task=config.model.task,
         num_labels=len(labels) if labels else None,

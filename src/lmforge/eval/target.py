@@ -6,21 +6,26 @@ import functools
 import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 from transformers import AutoConfig
 
-from lmforge.config import Config, DataConfig, override_data
-from lmforge.data.prepare import prepare_data, tokenize_files
-from lmforge.data.sources import resolve_paths
+from lmforge.config import Config, DataConfig, EvalConfig, override_data
+from lmforge.data.prepare import prepare_data, split_records, tokenize_files
+from lmforge.data.sources import read_records, resolve_paths
 from lmforge.engine.checkpoint import MANIFEST, latest_valid, verify
 from lmforge.errors import DataError, UserError
 from lmforge.eval.evaluate import evaluate
+from lmforge.eval.generation import read_hints
 from lmforge.models.build import load_pretrained, task_of
 from lmforge.models.peft import adapter_base, is_adapter_dir
 from lmforge.models.tokenizer import load_tokenizer
+from lmforge.results.analysis import compare
+from lmforge.results.plugins import load_plugins
+from lmforge.results.predictions import PREDICTIONS, read_predictions, write_predictions
 
 
 def load_target(target: Path):
@@ -140,15 +145,23 @@ def evaluate_target(
     batch_size: int,
     log: Callable[[str], None] = print,
     overrides: list[str] | None = None,
+    out_dir: Path | None = None,
+    baseline: Path | str | None = None,
+    resamples: int = 1000,
 ) -> dict[str, float]:
-    """Metrics of a trained model on files (`data`) or on its run's own split.
+    """Metrics of a trained model on files (`data`) or on its run's own split; with `out_dir`, also
+    its predictions.jsonl there, and with `baseline` the baseline's (baseline.predictions.jsonl, on
+    the same records encoded the same way) and comparison.json (`results.analysis.compare`).
 
     Args:
         overrides: dotted data.* settings (data.text_field=body) over the run's data settings, or
             over the defaults for the model's task when `target` is a bare model directory.
+        baseline: a run, checkpoint or model directory, or "base": the run's model.name_or_path
+            (the model before fine-tuning).
+        resamples: of the paired bootstrap (0: no significance test).
 
     Raises:
-        UserError: a target, a split or data that cannot be evaluated, named with the fix.
+        UserError: a target, a split, a baseline or data that cannot be evaluated, named with the fix.
     """
     model, tokenizer, run_config = load_target(target)
     task = task_of(model_dir_of(target))
@@ -157,8 +170,16 @@ def evaluate_target(
         settings = settings.model_copy(update={"max_length": max_length})
     settings = override_data(settings, overrides or [])
     labels = [model.config.id2label[i] for i in range(len(model.config.id2label))] if task == "classification" else None
+    other = _load_baseline(baseline, target, run_config, task, labels) if baseline is not None else None
     if data:
-        dataset = tokenize_files(resolve_paths(data, "--data"), settings, tokenizer, labels)
+        paths = resolve_paths(data, "--data")
+        dataset = tokenize_files(paths, settings, tokenizer, labels)
+        split = "data"
+
+        def records():
+            return (r for path in paths for r in read_records(path, settings.txt_documents))
+
+        where = nullcontext()
     else:
         if run_config is None:
             raise UserError(f"{target} is a model directory, not a run: pass --data FILE to evaluate on")
@@ -171,7 +192,97 @@ def evaluate_target(
         if split not in prepared.splits:
             raise UserError(f"the run has no {split!r} split; known: {', '.join(prepared.splits)}")
         dataset = prepared.splits[split]
-    return evaluate(model, dataset, tokenizer.pad_token_id, batch_size, task=task, num_labels=len(labels or []) or None)
+
+        def records():
+            return split_records(settings, split)
+
+        where = run_working_dir(target)
+    metrics = evaluate(
+        model, dataset, tokenizer.pad_token_id, batch_size, task=task, num_labels=len(labels or []) or None
+    )
+    if out_dir is None:
+        return metrics
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eval_cfg = (run_config.eval if run_config else EvalConfig()).model_copy(update={"batch_size": batch_size})
+    with where:
+        plugins = load_plugins(eval_cfg.metrics_plugins) if eval_cfg.metrics_plugins else []
+        hints = read_hints(model_dir_of(target))
+        seed = run_config.seed if run_config else 0
+        mine = write_predictions(
+            out_dir / PREDICTIONS,
+            model,
+            tokenizer,
+            records(),
+            settings,
+            eval_cfg,
+            split,
+            labels,
+            seed,
+            hints,
+            plugins,
+            log,
+        )
+        summary = {"target": str(target), "split": split, "metrics": metrics, "predictions": asdict(mine)}
+        if other is not None:
+            base_model, base_tokenizer, name = other
+            if settings.format == "chat" and not getattr(base_tokenizer, "chat_template", None):
+                base_tokenizer.chat_template = tokenizer.chat_template  # prompted as the candidate was
+            theirs = write_predictions(
+                out_dir / BASELINE_PREDICTIONS,
+                base_model,
+                base_tokenizer,
+                records(),
+                settings,
+                eval_cfg,
+                split,
+                labels,
+                seed,
+                hints,
+                plugins,
+                log,
+            )
+            summary["baseline"] = {"target": name, "predictions": asdict(theirs)}
+    (out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+    if other is not None:
+        comparison = compare(
+            read_predictions(out_dir / PREDICTIONS),
+            read_predictions(out_dir / BASELINE_PREDICTIONS),
+            labels,
+            split,
+            resamples,
+        )
+        comparison = {"candidate": str(target), "baseline": other[2], "split": split, **comparison}
+        (out_dir / COMPARISON).write_text(json.dumps(comparison, indent=2, ensure_ascii=False))
+    return metrics
+
+
+BASELINE_PREDICTIONS = "baseline.predictions.jsonl"
+COMPARISON = "comparison.json"
+
+
+def _load_baseline(baseline: Path | str, target: Path, run_config, task: str, labels):
+    """(model, tokenizer, name) of the baseline; "base" is the run's model.name_or_path.
+
+    Raises:
+        UserError: no base to take, or a baseline of another task or with other classes.
+    """
+    if str(baseline) == "base":
+        base = run_config.model.name_or_path if run_config else None
+        if not base:
+            raise UserError(f"--baseline base: {target} was trained from scratch; it has no base model to compare with")
+        with run_working_dir(target):
+            path = Path(base).resolve()
+        baseline = path
+    baseline = Path(baseline)
+    if task_of(model_dir_of(baseline)) != task:
+        raise UserError(f"--baseline {baseline}: a {task_of(model_dir_of(baseline))} model; {target} is {task}")
+    model, tokenizer, _ = load_target(baseline)
+    if labels is not None:
+        theirs = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+        if theirs != labels:
+            raise UserError(f"--baseline {baseline}: its classes {theirs} are not the candidate's {labels}")
+    return model, tokenizer, str(baseline)
 
 
 @contextmanager

@@ -307,6 +307,26 @@ def sweep_command(
     raise typer.Exit(code)
 
 
+@app.command("runs")
+def runs_command(
+    directory: Path = typer.Argument(Path("runs"), help="A runs directory, a sweep directory or one run."),
+    filters: list[str] = typer.Option(
+        None, "--filter", help="KEY OP VALUE, OP one of >= <= != == = > < ~ (regex), e.g. 'lora.r>=8' (repeatable)."
+    ),
+    sort: list[str] = typer.Option(None, "--sort", help="A column, -column for descending (repeatable)."),
+    fmt: str = typer.Option(None, "--format", help="table (default), csv, json or parquet (needs --out)."),
+    out: Path = typer.Option(None, "--out", help="Write csv, json or parquet here (format from the suffix)."),
+    columns: str = typer.Option(None, "--columns", help="These columns, comma-separated, e.g. run,state,lora.r."),
+) -> None:
+    """List runs with their state, settings and final metrics: a table, or csv/json/parquet.
+
+    The table shows each run's state and step, the settings that differ between the runs, and their final metrics.
+    """
+    from lmforge.results.runs import list_runs
+
+    list_runs(directory, filters or [], sort or [], fmt, out, columns, console, err_console)
+
+
 @data_app.command("inspect")
 def data_inspect(
     config: Path = typer.Argument(..., help="YAML or JSON config file."),

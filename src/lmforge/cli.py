@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -119,17 +120,78 @@ def eval_command(
     ),
     data: list[str] = typer.Option(None, "--data", help="Evaluate on these files instead of a split."),
     split: str = typer.Option("test", "--split", help="test, validation or train: the run's own split."),
+    baseline: str = typer.Option(
+        None,
+        "--baseline",
+        help="Compare with this run, checkpoint or model on the same examples (paired bootstrap, fixed and broken "
+        "examples); 'base': the run's base model, before fine-tuning.",
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="Where predictions.jsonl (and comparison.json) go. Default: runs/evaluations/NAME-TIME/."
+    ),
     max_length: int = typer.Option(None, "--max-length", min=8, help="Tokens per row (default: the run's)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
+    resamples: int = typer.Option(1000, "--resamples", min=0, help="Bootstrap resamples of the comparison."),
 ) -> None:
-    """Evaluate a trained model: loss, perplexity and token accuracy."""
-    from lmforge.eval.target import evaluate_target
+    """Evaluate a trained model: loss, perplexity and token accuracy (or accuracy and macro-F1) on
+    stdout as JSON; every example's prediction and scores in predictions.jsonl; with --baseline,
+    the comparison in comparison.json."""
+    from lmforge.eval.target import COMPARISON, evaluate_target
 
     _quiet_libraries()
+    if out is None:
+        name = target.resolve().name + (f"-vs-{Path(baseline).resolve().name}" if baseline else "")
+        out = Path("runs") / "evaluations" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = evaluate_target(
-        target, data or None, split, max_length, batch_size, log=err_console.print, overrides=overrides or []
+        target,
+        data or None,
+        split,
+        max_length,
+        batch_size,
+        log=err_console.print,
+        overrides=overrides or [],
+        out_dir=out,
+        baseline=baseline,
+        resamples=resamples,
     )
     console.print(json.dumps(metrics, indent=2))
+    err_console.print(f"predictions: {out / 'predictions.jsonl'}", highlight=False, markup=False)
+    if baseline:
+        comparison = json.loads((out / COMPARISON).read_text())
+        _print_comparison(comparison)
+        err_console.print(f"comparison:  {out / COMPARISON}", highlight=False, markup=False)
+
+
+def _print_comparison(comparison: dict) -> None:
+    """The paired tests, one line a metric, and the fixed and broken counts, on stderr."""
+    err_console.print(f"candidate {comparison['candidate']} against baseline {comparison['baseline']}:", markup=False)
+    for name, test in comparison["metrics"].items():
+        verdict = "better" if test["better"] else "worse" if test["difference"] else "same"
+        err_console.print(
+            f"  {name:<24} {test['candidate']:10.4f} vs {test['baseline']:10.4f}  difference {test['difference']:+.4f} "
+            f"[{test['low']:+.4f}, {test['high']:+.4f}]  p={test['p_value']:.4f}  {verdict}",
+            markup=False,
+            highlight=False,
+        )
+    err_console.print(f"  fixed {comparison['fixed']} examples, broke {comparison['broken']}", markup=False)
+
+
+@app.command("report")
+def report_command(
+    paths: list[Path] = typer.Argument(..., help="Runs, run directories or sweep directories (runs/sweeps/NAME)."),
+    baseline: Path = typer.Option(
+        None, "--baseline", help="A run every other run is tested against on the same examples (paired bootstrap)."
+    ),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+    resamples: int = typer.Option(1000, "--resamples", min=1, help="Bootstrap resamples of the comparisons."),
+) -> None:
+    """One self-contained HTML file about a run, several runs or a sweep: leaderboard, curves,
+    sweep plots, significance against a baseline, error analysis, samples. Opens offline."""
+    from lmforge.results.report import build_report
+
+    written = build_report(list(paths), out, baseline=baseline, resamples=resamples)
+    size = written.stat().st_size
+    err_console.print(f"report: {written} ({size / 1024:.0f} KB)", markup=False, highlight=False)
 
 
 @app.command("generate")

@@ -91,3 +91,9 @@ def test_metrics_by_input_length():
     buckets = analysis.by_length(rows, buckets=2)
     assert [b["count"] for b in buckets] == [4, 4]
     assert buckets[0]["loss"] == pytest.approx((1 + 2 + 3 + 4) / 8)
+
+
+def test_seed_groups_without_variance_are_not_tested():
+    found = analysis.seed_groups({"base": [0.0, 0.0], "a": [0.0, 0.0], "b": [0.1, 0.3]}, baseline="base")
+    assert found["tests"]["a"]["p_holm"] != found["tests"]["a"]["p_holm"]  # NaN: nothing to test
+    assert found["tests"]["b"]["p_holm"] == pytest.approx(found["tests"]["b"]["p_value"])  # one test: no correction

@@ -163,7 +163,10 @@ def seed_groups(values: dict[str, Sequence[float]], baseline: str | None = None)
     if len(values[baseline]) < 2:
         return summary
     tests = {name: stats.welch_test(values[name], values[baseline]) for name in others}
-    for name, adjusted in zip(others, stats.holm([tests[n]["p_value"] for n in others]), strict=True):
+    testable = [n for n in others if math.isfinite(tests[n]["p_value"])]  # no variance in either group: no test
+    for name in others:
+        tests[name]["p_holm"] = math.nan
+    for name, adjusted in zip(testable, stats.holm([tests[n]["p_value"] for n in testable]), strict=True):
         tests[name]["p_holm"] = adjusted
     summary["against"], summary["tests"] = baseline, tests
     return summary

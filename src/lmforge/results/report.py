@@ -80,8 +80,9 @@ def build_report(
     table = _ranked(table, metric, goal)
     runs = [_read(row) for row in table.to_dict("records")]
     base = _read_baseline(baseline) if baseline is not None else None
+    _label(runs + ([base] if base else []))
     sections = [
-        ("leaderboard", "Leaderboard", leaderboard(table, metric)),
+        ("leaderboard", "Leaderboard", leaderboard(table, metric, [r.name for r in runs])),
         ("curves", "Training curves", curves(runs)),
     ]
     for sweep in sweeps:
@@ -96,6 +97,19 @@ def build_report(
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
     return out
+
+
+def _label(runs: list[RunData]) -> None:
+    """Name each run by its directory, relative to the directory the runs share (two runs of one
+    config share a name, never a directory)."""
+    import os
+
+    if len(runs) == 1:
+        runs[0].name = runs[0].path.name
+        return
+    common = Path(os.path.commonpath([r.path.resolve() for r in runs]))
+    for run in runs:
+        run.name = str(run.path.resolve().relative_to(common)) if run.path.resolve() != common else run.path.name
 
 
 def _title(paths: list[Path], runs: list[RunData]) -> str:
@@ -259,18 +273,22 @@ def _small_plot(runs: list[RunData], column: str, label: str) -> str | None:
 # --------------------------------------------------------------------------- sections
 
 
-def leaderboard(table, metric: str | None) -> str:
+def leaderboard(table, metric: str | None, labels: list[str] | None = None) -> str:
     """A sortable table: rank, run, state, step, the settings that differ between runs, the final metrics."""
+    import pandas as pd
+
     from lmforge.results.runs import differing_settings, metric_columns
 
     settings = differing_settings(table)
-    metrics = metric_columns(table)
+    metrics = [c for c in metric_columns(table) if pd.api.types.is_numeric_dtype(table[c])]  # (not the split's name)
     extra = [c for c in ("sweep", "trial") if c in table.columns and table[c].notna().any()]
     columns = ["name", *extra, "state", "step", *metrics, *settings]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["#", *columns])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["#", "run", *columns])
     body = []
     for rank, row in enumerate(table.to_dict("records"), start=1):
-        cells = [f"<td>{rank}</td>"] + [f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in columns]
+        label = labels[rank - 1] if labels else Path(row["run"]).name
+        cells = [f"<td>{rank}</td><td>{html.escape(label)}</td>"]
+        cells += [f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in columns]
         body.append(f"<tr>{''.join(cells)}</tr>")
     note = f"<p>Ranked by <b>{html.escape(metric)}</b>; click a column to sort.</p>" if metric else ""
     rows = "".join(body)

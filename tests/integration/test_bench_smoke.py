@@ -114,3 +114,9 @@ def test_sweep_overhead_smoke():
     assert trials == "2" and float(sweep_s) > 0 and float(plain_s) > 0
     assert float(ratio) == pytest.approx(float(sweep_s) / float(plain_s), rel=0.01)
     assert lines[-1].startswith("summary (cpu, medians of 1): sweep of 2 trials / 2 plain runs wall time ")
+
+
+def test_report_size_smoke(tmp_path):
+    lines = run_bench("report_size.py", "--smoke", "--workspace", str(tmp_path))
+    assert lines[0].startswith("one run: ") and lines[1].startswith("sweep of 10 trials: ")
+    assert (tmp_path / "sweep.html").stat().st_size > (tmp_path / "one.html").stat().st_size

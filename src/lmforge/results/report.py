@@ -27,7 +27,7 @@ from lmforge.errors import UserError
 from lmforge.results import analysis, stats
 from lmforge.results.predictions import PREDICTIONS, read_predictions
 
-MAX_CURVES = 24
+MAX_CURVES = 12
 """Runs drawn one axis each (the leaderboard's first); the rest are in the overlay of all runs."""
 MAX_ERROR_RUNS = 3
 """Runs whose error analysis is shown (the leaderboard's first)."""

@@ -367,7 +367,8 @@ def finish_outputs(
     save_final_model(model, data, run_dir / "final", card, base, hints)
     _write_examples(run_dir / "examples.jsonl", prompts, after, "after", state.step, append=True)
     for name in RUN_ARTIFACTS:
-        trackers.log_artifact(run_dir / name)
+        if (run_dir / name).is_file():
+            trackers.log_artifact(run_dir / name)
     trackers.log_model(run_dir)
     joiner = "  ->  " if config.model.task == "classification" else ""
     final_eval["samples"] = [p.text + joiner + t for p, t in zip(prompts, after, strict=True)]

@@ -27,8 +27,16 @@ from lmforge import malloc
 from lmforge.config import Config, flatten, redacted_dict
 from lmforge.secrets import redact, redact_text
 
-RUN_ARTIFACTS = ("config.yaml", "data_report.json", "eval.json", "examples.jsonl", "metrics.jsonl", "final/README.md")
-"""The files of a finished run that every backend receives, relative to the run directory."""
+RUN_ARTIFACTS = (
+    "config.yaml",
+    "data_report.json",
+    "eval.json",
+    "examples.jsonl",
+    "metrics.jsonl",
+    "predictions.jsonl",
+    "final/README.md",
+)
+"""The files of a finished run that every backend receives (those it has), relative to the run directory."""
 TRACKING_FILE = "tracking.json"
 """Per run directory: each backend's run id and whether it received every point."""
 

@@ -263,9 +263,9 @@ def test_early_stopping_resumed_mid_patience_stops_at_the_same_step(tmp_path_fac
 
 
 def test_first_sigint_pauses_at_a_step_boundary_second_exits_at_once(tmp_path):
-    # Steps of 128 rows take long enough that the second signal, 5 ms after the first, lands inside
-    # the step: with tiny steps the pause could already be complete, and the second Ctrl-C would
-    # then (rightly) interrupt the printing of the resume command instead.
+    # Steps of 128 rows take long enough that the second signal, sent as soon as the first is
+    # acknowledged, lands inside the step: with tiny steps the pause could already be complete, and
+    # the second Ctrl-C would then (rightly) interrupt the printing of the resume command instead.
     config = write_config(tmp_path, max_steps=400, eval_every=None, save_every=None, micro_batch_size=16, grad_accum=8)
     runs = tmp_path / "runs"
 
@@ -281,7 +281,8 @@ def test_first_sigint_pauses_at_a_step_boundary_second_exits_at_once(tmp_path):
     proc = start(config, "--resume", "auto")
     wait_until(proc, lambda: logged_step([run_dir], int(paused.name.split("-")[1]) + 2))
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.005)
+    # the second signal once the first is handled (two signals a few ms apart may arrive as one)
+    wait_until(proc, lambda: "SIGINT: stopping after this step" in sorted(tmp_path.glob("run.*.log"))[-1].read_text())
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     log = sorted(tmp_path.glob("run.*.log"))[-1].read_text()

@@ -1,7 +1,7 @@
 """Stopping at a step boundary on SIGTERM/SIGINT instead of dying mid-step.
 
-The first signal only sets `requested`; the loop saves a checkpoint after the current step and
-returns. A second SIGINT (or SIGTERM) exits at once. SIGUSR1 pauses the same way but never
+The first signal only sets `requested` (and says so on stderr); the loop saves a checkpoint after
+the current step and returns. A second SIGINT (or SIGTERM) exits at once. SIGUSR1 pauses the same way but never
 escalates, however often it comes: it is SLURM's warning before a job's time limit
 (`--signal=B:USR1@120`), and the signal a sweep's trial gets when its worker dies (Linux sends
 the parent-death signal once for each thread of the parent).
@@ -9,6 +9,7 @@ the parent-death signal once for each thread of the parent).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -32,6 +33,8 @@ class StopOnSignal:
         if self.requested is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
         self.requested = signal.Signals(signum).name
+        # os.write, not print: the handler may run while the main thread is inside a print
+        os.write(2, f"{self.requested}: stopping after this step (again to stop at once)\n".encode())
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():

@@ -224,4 +224,3 @@ def test_report_of_a_sweep(runs, browser, tmp_path):
     assert len(sweep.find_elements("css selector", "svg")) >= 2
     rows = browser.find_elements("css selector", "#leaderboard-table tbody tr")
     assert len(rows) == 3
-

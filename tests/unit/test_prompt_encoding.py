@@ -11,7 +11,7 @@ from conftest import chapters
 from lmforge.config import DataConfig, GenerateConfig
 from lmforge.data.sources import Record
 from lmforge.data.tokenize import IGNORE_INDEX, Counts, adds_bos, prompt_and_reference, prompt_ids, record_examples
-from lmforge.eval.generation import generate, prompts_and_references
+from lmforge.eval.generation import generate_each, prompts_and_references
 
 OWN_TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
@@ -150,7 +150,7 @@ def test_generate_prompts_the_model_with_those_ids_and_returns_what_follows_the_
     model.generate = lambda input_ids, **kw: seen.append(input_ids[0].tolist()) or real(input_ids=input_ids, **kw)
     prompt = "<human>: What is the capital of France?\n<assistant>: "
     cfg = GenerateConfig(max_new_tokens=3, temperature=0.0)
-    (text,) = generate(model, tokenizer, [prompt], cfg)
+    (text,) = [g.text for g in generate_each(model, tokenizer, [prompt], cfg)]
     ids, covered = prompt_ids(prompt, tokenizer, True)
     assert seen == [ids] and ids[0] == tokenizer.bos_token_id and covered == len(prompt) - 1
     whole = tokenizer.decode(real(input_ids=torch.tensor([ids]), max_new_tokens=3, do_sample=False)[0, len(ids) :])

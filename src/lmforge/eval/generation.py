@@ -108,25 +108,6 @@ class Generated:
 
 
 @torch.no_grad()
-def generate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[Prompt | str],
-    cfg: GenerateConfig,
-    seed: int = 0,
-    answer_starts: list[str] | None = None,
-) -> list[str]:
-    """Continue each prompt; return only the new text: what follows the prompt's text (a part of
-    the prompt that training put inside the answer's first token, such as a template's trailing
-    space, is written by the model and not repeated).
-
-    Runs under a forked RNG seeded by `seed`, so sampling gives the same text every time and leaves
-    the random streams of training untouched.
-    """
-    return [g.text for g in generate_each(model, tokenizer, prompts, cfg, seed, answer_starts)]
-
-
-@torch.no_grad()
 def generate_each(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -136,7 +117,13 @@ def generate_each(
     answer_starts: list[str] | None = None,
     batch_size: int = 1,
 ) -> list[Generated]:
-    """`generate`, `batch_size` prompts per call of the model's `generate`, with what each output is.
+    """Continue each prompt; each output's text is only the new text: what follows the prompt's text
+    (a part of the prompt that training put inside the answer's first token, such as a template's
+    trailing space, is written by the model and not repeated).
+
+    Runs under a forked RNG seeded by `seed`, so sampling gives the same text every time and leaves
+    the random streams of training untouched. `batch_size` prompts go to each call of the model's
+    `generate`.
 
     A batch's prompts are padded on the left for a decoder-only model (on the right for an
     encoder-decoder's encoder), with an attention mask; greedy answers are the same as one prompt
@@ -268,4 +255,4 @@ def respond(
     hints = hints or {}
     if hints.get("stop"):
         cfg = cfg.model_copy(update={"stop": [*cfg.stop, *(s for s in hints["stop"] if s not in cfg.stop)]})
-    return generate(model, tokenizer, prompts, cfg, seed=seed, answer_starts=hints.get("answer_starts"))
+    return [g.text for g in generate_each(model, tokenizer, prompts, cfg, seed, hints.get("answer_starts"))]

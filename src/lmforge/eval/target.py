@@ -209,39 +209,17 @@ def evaluate_target(
         plugins = load_plugins(eval_cfg.metrics_plugins) if eval_cfg.metrics_plugins else []
         hints = read_hints(model_dir_of(target))
         seed = run_config.seed if run_config else 0
-        mine = write_predictions(
-            out_dir / PREDICTIONS,
-            model,
-            tokenizer,
-            records(),
-            settings,
-            eval_cfg,
-            split,
-            labels,
-            seed,
-            hints,
-            plugins,
-            log,
-        )
+        predict = functools.partial(
+            write_predictions, records=None, data=settings, eval_cfg=eval_cfg, split=split, labels=labels, seed=seed,
+            hints=hints, plugins=plugins, warn=log,
+        )  # fmt: skip
+        mine = predict(out_dir / PREDICTIONS, model, tokenizer, records=records())
         summary = {"target": str(target), "split": split, "metrics": metrics, "predictions": asdict(mine)}
         if other is not None:
             base_model, base_tokenizer, name = other
             if settings.format == "chat" and not getattr(base_tokenizer, "chat_template", None):
                 base_tokenizer.chat_template = tokenizer.chat_template  # prompted as the candidate was
-            theirs = write_predictions(
-                out_dir / BASELINE_PREDICTIONS,
-                base_model,
-                base_tokenizer,
-                records(),
-                settings,
-                eval_cfg,
-                split,
-                labels,
-                seed,
-                hints,
-                plugins,
-                log,
-            )
+            theirs = predict(out_dir / BASELINE_PREDICTIONS, base_model, base_tokenizer, records=records())
             summary["baseline"] = {"target": name, "predictions": asdict(theirs)}
     (out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
     if other is not None:

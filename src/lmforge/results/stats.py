@@ -285,10 +285,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> Metric:
     Raises:
         ValueError: Empty, lengths differ, or a non-string entry.
     """
-    _texts(predictions, references)
-    scorer = BLEU()
-    stats = np.array(scorer._extract_corpus_statistics(list(predictions), [list(references)]), dtype=np.float64)
-    return Metric("bleu", stats, _row_by_row(lambda row: scorer._compute_score_from_stats(row).score))
+    return _sacrebleu_metric("bleu", BLEU(), predictions, references)
 
 
 def chrf(predictions: Sequence[str], references: Sequence[str]) -> Metric:
@@ -307,10 +304,14 @@ def chrf(predictions: Sequence[str], references: Sequence[str]) -> Metric:
     Raises:
         ValueError: Empty, lengths differ, or a non-string entry.
     """
+    return _sacrebleu_metric("chrf", CHRF(), predictions, references)
+
+
+def _sacrebleu_metric(name: str, scorer, predictions: Sequence[str], references: Sequence[str]) -> Metric:
+    """A sacrebleu metric from its per-sentence sufficient statistics, scored by sacrebleu itself."""
     _texts(predictions, references)
-    scorer = CHRF()
     stats = np.array(scorer._extract_corpus_statistics(list(predictions), [list(references)]), dtype=np.float64)
-    return Metric("chrf", stats, _row_by_row(lambda row: scorer._compute_score_from_stats(row).score))
+    return Metric(name, stats, _row_by_row(lambda row: scorer._compute_score_from_stats(row).score))
 
 
 def mean(values: Sequence[float] | np.ndarray, name: str = "mean") -> Metric:

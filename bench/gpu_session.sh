@@ -6,6 +6,8 @@
 #   bash bench/gpu_session.sh mfu     # bench/mfu.py: defaults, loss chunk sizes, sdpa, compile
 #   bash bench/gpu_session.sh peers   # bench/vs_peers.py sft and pretrain in bf16, one repeat
 #   bash bench/gpu_session.sh sweep   # sweeps on CUDA: grid, resume after kill, multirun; overhead
+#   bash bench/gpu_session.sh results # predictions.jsonl on CUDA (per-row chunked loss, batched greedy
+#                                     # generation with left padding), eval --baseline, report size
 #
 # The machine has torch, transformers and pytest but not every package lmforge needs: the
 # missing ones travel as wheels in .whl (ignored; the device tool's `carry: [".whl"]`). Logs go
@@ -13,9 +15,9 @@
 # bench/RESULTS.md with the hardware and the date.
 set -euo pipefail
 case "${1:-}" in
-tests | mfu | peers | sweep) ;;
+tests | mfu | peers | sweep | results) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|mfu|peers|sweep" >&2
+    echo "usage: bash bench/gpu_session.sh tests|mfu|peers|sweep|results" >&2
     exit 2
     ;;
 esac
@@ -55,6 +57,14 @@ sweep)
     python3 -m pytest -q -p no:cacheprovider tests/integration/test_sweep.py \
         -k "grid_sweep or interrupted or multirun or diverging" 2>&1 | tee "$out/sweep-tests.log"
     python3 bench/sweep_overhead.py --repeats 1 2>&1 | tee "$out/sweep-overhead.log"
+    ;;
+results)
+    # per-example losses must add up to the packed evaluation's (bf16 here: a tolerance finding is
+    # a finding), and batched greedy answers must equal one-at-a-time ones on CUDA's kernels.
+    # Needs sacrebleu, rouge-score, scipy, pandas, jinja2, matplotlib in .whl where missing.
+    python3 -m pytest -q -p no:cacheprovider tests/integration/test_predictions.py tests/unit/test_stats.py \
+        tests/unit/test_analysis.py 2>&1 | tee "$out/results-tests.log"
+    python3 bench/report_size.py 2>&1 | tee "$out/report-size.log"
     ;;
 peers)
     for workload in sft pretrain; do

@@ -143,6 +143,11 @@ def test_causal_sft_predictions_and_plugins(sft_run):
     points = read_jsonl(run_dir / "metrics.jsonl")
     assert any(p.get("generation/letter_overlap") == pytest.approx(generation["letter_overlap"]) for p in points)
     assert (run_dir / "final" / "config.json").is_file()
+    # and the report: the plugin's metric on the leaderboard and among the intervals
+    from lmforge.results.report import build_report
+
+    page = build_report([run_dir], tmp_path / "report.html").read_text()
+    assert page.count("generation/letter_overlap") >= 2
 
 
 def test_a_plugin_that_cannot_be_imported_stops_the_run_before_training(tmp_path):

@@ -287,6 +287,11 @@ def test_eval_against_the_base_model(sft_run):
     assert comparison["fixed"] == sum(a and not b for a, b in pairs)
     assert comparison["broken"] == sum(b and not a for a, b in pairs)
     assert "test/loss" in proc.stderr and "fixed" in proc.stderr
+    # an `lmforge eval --out` directory is a baseline for the report (here: the run's own predictions)
+    from lmforge.results.report import build_report
+
+    page = build_report([lora_run], tmp_path / "report.html", baseline=out, resamples=50).read_text()
+    assert 'id="significance-table"' in page and "+0 [+0, +0]" in page
     # compared with itself: no difference, nothing fixed or broken, p = 1
     same = subprocess.run(
         lmforge_command("eval", str(lora_run), "--baseline", str(lora_run), "--out", str(tmp_path / "same")),

@@ -156,16 +156,30 @@ def _read(row: dict[str, Any]) -> RunData:
 
 
 def _read_baseline(path: Path) -> RunData:
+    """The baseline: a run directory with predictions.jsonl, or the output of `lmforge eval
+    --out DIR` (its predictions.jsonl: a model that was never trained here, such as a base model).
+
+    Raises:
+        UserError: no such directory, several runs in it, or no predictions.
+    """
     from lmforge.results.runs import load_runs
 
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--baseline {path}: no such directory")
+    if (path / PREDICTIONS).is_file() and not (path / "config.yaml").is_file():  # an evaluation
+        return RunData(path, path.name, {"run": str(path)}, predictions=read_predictions(path / PREDICTIONS))
     table = load_runs(path)
     if len(table) != 1:
-        raise UserError(f"--baseline {path}: expected one run directory, found {len(table)} runs")
+        raise UserError(
+            f"--baseline {path}: expected one run directory (or an `lmforge eval --out` directory), "
+            f"found {len(table)} runs"
+        )
     run = _read(table.to_dict("records")[0])
     if run.predictions is None:
         raise UserError(
-            f"--baseline {path}: it has no {PREDICTIONS} (runs write it at their final evaluation since "
-            "lmforge 0.1; `lmforge eval RUN --out DIR` writes one for an older run)"
+            f"--baseline {path}: it has no {PREDICTIONS} (a run writes it at its final evaluation; for a run "
+            f"that has none, `lmforge eval {path} --out DIR` writes one, and DIR is a baseline)"
         )
     return run
 
@@ -430,6 +444,8 @@ def _parallel(trials, params: list[str], metric: str) -> str:
     import matplotlib
 
     complete = trials[trials[metric].notna()]
+    if complete.empty:
+        return "<p>No trial has a value of the metric yet.</p>"
     axes_names = [*params, metric]
     columns = []
     for name in axes_names:

@@ -163,16 +163,16 @@ def eval_command(
 
 
 def _print_comparison(comparison: dict) -> None:
-    """The paired tests, one line a metric, and the fixed and broken counts, on stderr."""
+    """The paired tests, one line a metric (the difference, its 95% interval, the p-value, and the
+    verdict at p < 0.05), and the fixed and broken counts, on stderr."""
     err_console.print(f"candidate {comparison['candidate']} against baseline {comparison['baseline']}:", markup=False)
     for name, test in comparison["metrics"].items():
-        verdict = "better" if test["better"] else "worse" if test["difference"] else "same"
-        err_console.print(
-            f"  {name:<24} {test['candidate']:10.4f} vs {test['baseline']:10.4f}  difference {test['difference']:+.4f} "
-            f"[{test['low']:+.4f}, {test['high']:+.4f}]  p={test['p_value']:.4f}  {verdict}",
-            markup=False,
-            highlight=False,
+        line = (
+            f"  {name:<24} {test['candidate']:10.4f} vs {test['baseline']:10.4f}  difference {test['difference']:+.4f}"
         )
+        if "p_value" in test:
+            line += f" [{test['low']:+.4f}, {test['high']:+.4f}]  p={test['p_value']:.4f}"
+        err_console.print(f"{line}  {test['verdict']}", markup=False, highlight=False)
     err_console.print(f"  fixed {comparison['fixed']} examples, broke {comparison['broken']}", markup=False)
 
 
@@ -434,10 +434,11 @@ def config_show(config: Path = typer.Argument(...), overrides: list[str] = OVERR
 def config_validate(config: Path = typer.Argument(...), overrides: list[str] = OVERRIDES) -> None:
     """Check a config; print every problem at once and exit 1 if there is any."""
     from lmforge.config import load_config
+    from lmforge.results.plugins import plugins_for
 
     try:
-        load_config(config, overrides or [], check_files=True)
-    except ConfigError as exc:
+        plugins_for(load_config(config, overrides or [], check_files=True))  # (imported as training would)
+    except (ConfigError, UserError) as exc:
         err_console.print(f"error: {exc}", markup=False)
         raise typer.Exit(1) from None
     console.print(f"{config}: valid")

@@ -57,6 +57,7 @@ from lmforge.eval.generation import HINTS_FILE, Prompt, hints_of, prompts_and_re
 from lmforge.export.export import model_card
 from lmforge.models.build import build_model, count_parameters
 from lmforge.models.peft import BASE_FILE, base_record, check_quantization, save_base_config, write_base_record
+from lmforge.results.plugins import plugins_for
 from lmforge.tracking.base import RUN_ARTIFACTS, Trackers, open_trackers, saved_ids
 
 
@@ -186,7 +187,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
     """run_train after the checks: data, model, plan, training, outputs."""
     if config.train.num_threads is not None:
         torch.set_num_threads(config.train.num_threads)
-    plugins = _plugins(config)
+    plugins = plugins_for(config)
     with process.main_process_first():  # the main process fills the data cache, the others read it
         data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
@@ -375,22 +376,6 @@ def finish_outputs(
     return final_eval
 
 
-def _plugins(config: Config) -> list:
-    """eval.metrics_plugins imported up front, so that a typo fails before training, not after."""
-    from lmforge.results.plugins import load_plugins
-
-    if not config.eval.metrics_plugins:
-        return []
-    if config.data.format == "text":
-        raise UserError(
-            "eval.metrics_plugins: a text (pretraining) run has no answers for a metric to score; "
-            "plugins score the greedy answers of prompt/completion, chat, seq2seq and classification data"
-        )
-    if not config.eval.predictions:
-        raise UserError("eval.metrics_plugins needs eval.predictions: true (plugins score the predictions)")
-    return load_plugins(config.eval.metrics_plugins)
-
-
 def _predictions(model, data, config: Config, run_dir: Path, final_eval: dict, hints, plugins, console) -> dict:
     """predictions.jsonl of the test split (else validation), and what it adds to eval.json: the
     generation metrics of its greedy answers, a classifier's plugin values, plugin errors."""
@@ -415,7 +400,10 @@ def _predictions(model, data, config: Config, run_dir: Path, final_eval: dict, h
     )
     added: dict = {"predictions": {"split": split, "examples": summary.examples, "pieces": summary.pieces}}
     rows = read_predictions(run_dir / PREDICTIONS)
-    added["intervals"] = intervals(rows, data.labels, split, config.eval.bootstrap_resamples, config.seed)
+    try:
+        added["intervals"] = intervals(rows, data.labels, split, config.eval.bootstrap_resamples, config.seed)
+    except ValueError as exc:  # an analysis problem must not cost the run its final model
+        console.print(f"[yellow]no bootstrap intervals: {exc}[/yellow]", highlight=False)
     if summary.generation:
         added["generation"] = {"split": split, **summary.generation}
     if summary.classification:

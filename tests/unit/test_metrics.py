@@ -48,3 +48,9 @@ def test_repetitive_answers():
     assert not is_repetitive("a b r a h a m")  # letters repeat; no 3-word phrase loops
     assert not is_repetitive("in the beginning god created the heaven and the earth")
     assert summary(["", "x"], ["a", "x"])["empty"] == 1
+
+
+def test_character_loops_are_repetitive():
+    assert is_repetitive("................")
+    assert is_repetitive("ab" * 12)
+    assert not is_repetitive("1000000")  # seven zeros: a number, not a loop

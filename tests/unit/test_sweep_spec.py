@@ -258,3 +258,27 @@ def test_a_pruning_hook_stops_a_run_before_its_last_step_but_not_at_it(tiny_conf
     last = run_train(tiny_config(), Console(quiet=True), on_eval=prune)  # evaluated at the end only
     assert calls == [4] and last.eval["stop_reason"] == "max_steps"
     assert (last.run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_importances_name_the_parameter_that_alone_sets_the_metric():
+    # a 2 x 2 grid where only the learning rate matters (Optuna's default PED-ANOVA, comparing the
+    # top 10% of four trials, can split the importance evenly here)
+    import optuna
+
+    from lmforge.sweep.results import importances
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    for lr, r, loss in ((1e-3, 8, 4.96), (1e-3, 32, 4.95), (3e-3, 8, 3.90), (3e-3, 32, 3.91)):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"train.lr": lr, "lora.r": r},
+                distributions={
+                    "train.lr": optuna.distributions.CategoricalDistribution([1e-3, 3e-3]),
+                    "lora.r": optuna.distributions.CategoricalDistribution([8, 32]),
+                },
+                value=loss,
+            )
+        )
+    found = importances(study)
+    assert found["train.lr"] > 0.8 > found["lora.r"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 
@@ -62,11 +63,17 @@ def generation_summary(rows: list[dict]) -> dict[str, float]:
 
 def is_repetitive(text: str, n: int = 3, times: int = 3) -> bool:
     """Whether an answer loops: some word n-gram (3 words) occurs `times` (3) times or more and
-    fewer than half of its n-grams are distinct. A loose version of the repetition rate of
-    Welleck et al. (2019), "Neural text degeneration with unlikelihood training"."""
+    fewer than half of its n-grams are distinct (a loose version of the repetition rate of Welleck
+    et al. (2019), "Neural text degeneration with unlikelihood training"), or, without words to
+    count, a unit of 1-8 characters repeats 10 times running ("................", "abababab...")."""
+    if _LOOP.search("".join(text.split())):
+        return True
     words = text.split()
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return False
     most = Counter(grams).most_common(1)[0][1]
     return most >= times and len(set(grams)) < len(grams) / 2
+
+
+_LOOP = re.compile(r"(.{1,8}?)\1{9,}", re.DOTALL)

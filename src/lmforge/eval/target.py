@@ -171,42 +171,22 @@ def evaluate_target(
     settings = override_data(settings, overrides or [])
     labels = [model.config.id2label[i] for i in range(len(model.config.id2label))] if task == "classification" else None
     other = _load_baseline(baseline, target, run_config, task, labels) if baseline is not None else None
-    if data:
-        paths = resolve_paths(data, "--data")
-        dataset = tokenize_files(paths, settings, tokenizer, labels)
-        split = "data"
-
-        def records():
-            return (r for path in paths for r in read_records(path, settings.txt_documents))
-
-        where = nullcontext()
-    else:
-        if run_config is None:
-            raise UserError(f"{target} is a model directory, not a run: pass --data FILE to evaluate on")
-        run_config.data = settings
-        with run_working_dir(target):
-            try:
-                prepared = prepare_data(run_config, log=log)
-            except DataError as exc:
-                raise DataError(f"{exc}; or evaluate on other files with --data FILE") from None
-        if split not in prepared.splits:
-            raise UserError(f"the run has no {split!r} split; known: {', '.join(prepared.splits)}")
-        dataset = prepared.splits[split]
-
-        def records():
-            return split_records(settings, split)
-
-        where = run_working_dir(target)
+    eval_cfg = (run_config.eval if run_config else EvalConfig()).model_copy(update={"batch_size": batch_size})
+    plugins = []
+    if out_dir is not None and eval_cfg.metrics_plugins:  # imported before the long passes, as training does
+        with run_working_dir(target) if run_config else nullcontext():
+            plugins = load_plugins(eval_cfg.metrics_plugins)
+    if out_dir is not None:
+        out_dir = Path(out_dir).resolve()
+        _check_out_dir(out_dir)
+    dataset, split, records, where = _evaluated(target, data, split, settings, run_config, tokenizer, labels, log)
     metrics = evaluate(
         model, dataset, tokenizer.pad_token_id, batch_size, task=task, num_labels=len(labels or []) or None
     )
     if out_dir is None:
         return metrics
-    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    eval_cfg = (run_config.eval if run_config else EvalConfig()).model_copy(update={"batch_size": batch_size})
-    with where:
-        plugins = load_plugins(eval_cfg.metrics_plugins) if eval_cfg.metrics_plugins else []
+    with where():
         hints = read_hints(model_dir_of(target))
         seed = run_config.seed if run_config else 0
         predict = functools.partial(
@@ -235,8 +215,65 @@ def evaluate_target(
     return metrics
 
 
+def _evaluated(target, data, split, settings, run_config, tokenizer, labels, log):
+    """(the tokenized dataset, the split's name, a function streaming its records again, a context
+    in which their paths resolve): the --data files, or the run's own split.
+
+    Raises:
+        UserError: a model directory without --data, or a split the run does not have.
+    """
+    if data:
+        paths = resolve_paths(data, "--data")
+        dataset = tokenize_files(paths, settings, tokenizer, labels)
+        return dataset, "data", lambda: (r for p in paths for r in read_records(p, settings.txt_documents)), nullcontext
+    if run_config is None:
+        raise UserError(f"{target} is a model directory, not a run: pass --data FILE to evaluate on")
+    run_config.data = settings
+    with run_working_dir(target):
+        try:
+            prepared = prepare_data(run_config, log=log)
+        except DataError as exc:
+            raise DataError(f"{exc}; or evaluate on other files with --data FILE") from None
+    if split not in prepared.splits:
+        raise UserError(f"the run has no {split!r} split; known: {', '.join(prepared.splits)}")
+    return prepared.splits[split], split, lambda: split_records(settings, split), lambda: run_working_dir(target)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Raises UserError for an --out that is a run, checkpoint or model directory: its eval.json
+    (or config) would be overwritten."""
+    for marker, what in (("config.yaml", "a run or checkpoint"), ("config.json", "a model"), ("trial.yaml", "a trial")):
+        if (out_dir / marker).is_file():
+            raise UserError(
+                f"--out {out_dir}: that is {what} directory; writing there would replace its eval.json: "
+                "give a new directory (default: runs/evaluations/NAME-TIME/)"
+            )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: a file, not a directory")
+
+
 BASELINE_PREDICTIONS = "baseline.predictions.jsonl"
 COMPARISON = "comparison.json"
+
+
+def _base_of(target: Path, run_config) -> Path:
+    """The model a run was fine-tuned from: the directory its adapter recorded at training time (a
+    `-latest` link may have moved on since), else its model.name_or_path as the run resolves it.
+
+    Raises:
+        UserError: a run trained from scratch.
+    """
+    from lmforge.models.peft import BASE_FILE
+
+    base = run_config.model.name_or_path if run_config else None
+    if not base:
+        raise UserError(f"--baseline base: {target} was trained from scratch; it has no base model to compare with")
+    model_dir = model_dir_of(target)
+    for record in (model_dir / BASE_FILE, model_dir.parent / BASE_FILE, model_dir.parent.parent / BASE_FILE):
+        if record.is_file():
+            return Path(json.loads(record.read_text())["path"])
+    with run_working_dir(target):
+        return Path(base).resolve()
 
 
 def _load_baseline(baseline: Path | str, target: Path, run_config, task: str, labels):
@@ -246,12 +283,7 @@ def _load_baseline(baseline: Path | str, target: Path, run_config, task: str, la
         UserError: no base to take, or a baseline of another task or with other classes.
     """
     if str(baseline) == "base":
-        base = run_config.model.name_or_path if run_config else None
-        if not base:
-            raise UserError(f"--baseline base: {target} was trained from scratch; it has no base model to compare with")
-        with run_working_dir(target):
-            path = Path(base).resolve()
-        baseline = path
+        baseline = _base_of(target, run_config)
     baseline = Path(baseline)
     if task_of(model_dir_of(baseline)) != task:
         raise UserError(f"--baseline {baseline}: a {task_of(model_dir_of(baseline))} model; {target} is {task}")

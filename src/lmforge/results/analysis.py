@@ -19,8 +19,10 @@ import numpy as np
 from lmforge.errors import UserError
 from lmforge.results import stats
 
-BUILT_IN_SCORES = {"exact_match", "bleu", "chrf", "rouge1", "rouge2", "correct"}
+BUILT_IN_SCORES = {"exact_match", "bleu", "chrf", "correct"}
 """Per-example scores that a corpus metric already covers (BLEU and chrF are scored over the corpus)."""
+SIGNIFICANCE = 0.05
+"""The level at which a comparison's verdict calls a difference better or worse."""
 
 
 def metrics_of(rows: list[dict], labels: list[str] | None = None, split: str = "test") -> dict[str, stats.Metric]:
@@ -105,14 +107,26 @@ def compare(
     for name in mine.keys() & theirs.keys():
         if mine[name].n != theirs[name].n:  # e.g. a different number of generated answers
             continue
-        result = stats.paired_bootstrap(mine[name], theirs[name], resamples, seed)
-        if result["difference"] == 0 and result["low"] == result["high"] == 0:
-            result["p_value"] = 1.0  # no resample differs: nothing to test (sacrebleu's count would give 1/(R+1))
-        higher = mine[name].higher_is_better
-        result["higher_is_better"] = higher
-        result["better"] = (result["difference"] > 0) == higher and result["difference"] != 0
-        tests[name] = result
+        tests[name] = _paired(mine[name], theirs[name], resamples, seed)
     return {"metrics": dict(sorted(tests.items())), **fixed_and_broken(candidate, baseline)}
+
+
+def _paired(candidate: stats.Metric, baseline: stats.Metric, resamples: int, seed: int) -> dict[str, Any]:
+    """`stats.paired_bootstrap` with the verdict: "better" or "worse" where p < SIGNIFICANCE, else
+    "no significant difference"; with no resamples, the values and the difference alone."""
+    if resamples == 0:
+        mine, theirs = candidate.value(), baseline.value()
+        result = {"candidate": mine, "baseline": theirs, "difference": mine - theirs, "verdict": "not tested"}
+        return result | {"higher_is_better": candidate.higher_is_better}
+    result = stats.paired_bootstrap(candidate, baseline, resamples, seed)
+    if result["difference"] == 0 and result["low"] == result["high"] == 0:
+        result["p_value"] = 1.0  # no resample differs: nothing to test (sacrebleu's count would give 1/(R+1))
+    higher = candidate.higher_is_better
+    result["higher_is_better"] = higher
+    result["better"] = (result["difference"] > 0) == higher and result["difference"] != 0
+    significant = result["p_value"] < SIGNIFICANCE
+    result["verdict"] = ("better" if result["better"] else "worse") if significant else "no significant difference"
+    return result
 
 
 def _right(row: dict) -> bool | None:

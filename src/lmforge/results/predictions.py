@@ -34,12 +34,18 @@ from lmforge.data.prepare import row_bos
 from lmforge.data.sources import Record
 from lmforge.data.tokenize import Counts, Example, prompt_and_reference, record_examples
 from lmforge.engine.losses import scoring_chunk_size
+from lmforge.errors import UserError
 from lmforge.eval.evaluate import score_rows
 from lmforge.eval.generation import generate_each, held_out_prompt
 from lmforge.eval.metrics import generation_summary, is_repetitive, sentence_scores
 from lmforge.results.plugins import Plugin, run_plugins
 
 PREDICTIONS = "predictions.jsonl"
+BUILT_IN_METRICS = frozenset(
+    {"exact_match", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "empty", "truncated", "repetitive", "examples"}
+    | {"split", "loss", "perplexity", "token_accuracy", "tokens", "accuracy", "macro_f1", "correct"}
+)
+"""Names lmforge's own metrics and counts use: a plugin may not return them (it would overwrite them)."""
 RECORDS_PER_CHUNK = 256
 INPUT_CHARS = 2000
 """A document's input is kept to its first 2000 characters (its id names the whole of it)."""
@@ -239,9 +245,14 @@ def _apply_plugins(
     else:
         rows, scored = None, generated or []
     if not scored:
+        warn("eval.metrics_plugins: no example was answered (eval.generate.max_examples is 0): the plugins did not run")
         return
     corpus, per_example, errors = run_plugins(
-        plugins, [r["prediction"] for r in scored], [r["reference"] for r in scored], [r["input"] for r in scored]
+        plugins,
+        [r["prediction"] for r in scored],
+        [r["reference"] for r in scored],
+        [r["input"] for r in scored],
+        reserved=BUILT_IN_METRICS,
     )
     for name, message in errors.items():
         warn(f"eval.metrics_plugins: {name} failed: {message}; the other results are kept")
@@ -259,5 +270,23 @@ def _apply_plugins(
 
 
 def read_predictions(path: Path) -> list[dict]:
-    """The rows of a predictions.jsonl."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a predictions.jsonl.
+
+    Raises:
+        UserError: a line that is not a JSON object, named file:line.
+    """
+    rows = []
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"{path}:{number}: not valid JSON ({exc.msg}); the file was changed or cut off"
+                ) from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, found {type(row).__name__}")
+            rows.append(row)
+    return rows

@@ -68,13 +68,15 @@ def build_report(
 
     from lmforge.results.runs import load_runs
 
+    out = _out_file(Path(out))
     tables = []
     for path in paths:
         table = load_runs(path)
         if table.empty:
             raise UserError(f"{path}: no runs in it (a run directory holds config.yaml and metrics.jsonl)")
         tables.append(table)
-    table = pd.concat(tables, ignore_index=True).drop_duplicates("run")
+    table = pd.concat(tables, ignore_index=True)
+    table = table[~table["run"].map(lambda p: str(Path(p).resolve())).duplicated()]  # a run given twice, or in two ways
     sweeps = [Path(p) for p in paths if (Path(p) / "trials.csv").is_file()]
     metric, goal = _main_metric(table, sweeps)
     table = _ranked(table, metric, goal)
@@ -91,11 +93,28 @@ def build_report(
     sections.append(("errors", "Error analysis", errors(runs, base)))
     sections.append(("samples", "Samples before and after training", samples(runs)))
     page = render(title or _title(paths, runs), sections)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--out {out}: cannot write it ({exc.strerror})") from None
+    return out
+
+
+def _out_file(out: Path) -> Path:
+    """`out`, its directory made; checked before any work.
+
+    Raises:
+        UserError: `out` is a directory, or its directory cannot be made.
+    """
+    if out.is_dir():
+        raise UserError(f"--out {out}: a directory; give the file to write, e.g. {out / 'report.html'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot make its directory {out.parent} ({exc.strerror})") from None
     return out
 
 

@@ -104,14 +104,19 @@ def load_runs(path: str | os.PathLike[str]) -> pd.DataFrame:
     return _as_table(rows)
 
 
+TRACKER_STORES = frozenset({"mlartifacts", "mlruns", "wandb", "comet", "tensorboard"})
+"""Directories trackers keep under runs/: MLflow's copies of a run's files look like a run."""
+
+
 def find_run_dirs(root: Path) -> list[Path]:
-    """The run directories at or under `root`, in name order; symbolic links and hidden entries
-    (names starting with a dot: atomic writes in progress) are skipped."""
+    """The run directories at or under `root`, in name order; symbolic links, hidden entries
+    (names starting with a dot: atomic writes in progress) and trackers' stores (TRACKER_STORES:
+    MLflow keeps copies of config.yaml and metrics.jsonl there) are skipped."""
     if is_run_dir(root):
         return [root]
     found: list[Path] = []
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+        if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir() or entry.name in TRACKER_STORES:
             continue
         with contextlib.suppress(PermissionError):  # a directory this user may not list holds no run of theirs
             found.extend(find_run_dirs(entry))
@@ -150,7 +155,7 @@ def read_run(run_dir: Path, sweeps: dict[Path, dict[int, dict[str, str]]] | None
         "name": config.get("name") or _STAMP.sub("", run_dir.name),
         "started": _started(run_dir, first),
         "state": state,
-        "step": results.get("step", last["step"] if last else None),
+        "step": results.get("step", _newest_step(run_dir, last)),
         "stop_reason": results.get("stop_reason"),
         "duration_s": round(last["time"] - first["time"], 3) if first and last else None,
     }
@@ -163,6 +168,14 @@ def read_run(run_dir: Path, sweeps: dict[Path, dict[int, dict[str, str]]] | None
     if problems:
         row["state"], row["problem"] = "unreadable", "; ".join(problems)
     return row
+
+
+def _newest_step(run_dir: Path, last: dict[str, Any] | None) -> int | None:
+    """Where a run without eval.json stands: its newest checkpoint's step (a paused run resumes
+    there) or its last logged point, whichever is later."""
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    logged = [last["step"]] if last else []
+    return max(steps + logged) if steps or logged else None
 
 
 def _state(run_dir: Path, results: dict[str, Any], tracking: dict[str, Any]) -> tuple[str, bool]:
@@ -794,6 +807,9 @@ def output_format(fmt: str | None, out: Path | None) -> str:
         raise UserError("--out writes csv, json or parquet; the table is printed (add --format csv, json or parquet)")
     if fmt == "parquet" and out is None:
         raise UserError("--format parquet writes a binary file: name it with --out FILE.parquet")
+    suffix = out.suffix.lstrip(".").lower() if out is not None else ""
+    if suffix in FORMATS[1:] and suffix != fmt:
+        raise UserError(f"--out {out} with --format {fmt}: the file's suffix says {suffix}; make them agree")
     return fmt
 
 
@@ -805,6 +821,8 @@ def export_runs(table: pd.DataFrame, fmt: str, out: Path | None) -> str | None:
     Each reads back with pandas to the same rows and values: `read_csv(f, parse_dates=["started"])`,
     `read_json(f)` (then `pd.to_datetime` on `started`), `read_parquet(f)` (every type kept).
     """
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
         table.to_parquet(out, index=False)
         return None

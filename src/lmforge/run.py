@@ -600,5 +600,7 @@ def _print_summary(console, run_dir, history, final_eval, trackers, started) -> 
     console.print(f"metrics:  {run_dir / 'metrics.jsonl'}", highlight=False)
     console.print(f"eval:     {run_dir / 'eval.json'}", highlight=False)
     console.print(f"samples:  {run_dir / 'examples.jsonl'}", highlight=False)
+    if (run_dir / "predictions.jsonl").is_file():
+        console.print(f"per example: {run_dir / 'predictions.jsonl'} (lmforge report {run_dir})", highlight=False)
     for line in trackers.describe():
         console.print(line, highlight=False)

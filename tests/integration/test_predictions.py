@@ -287,10 +287,16 @@ def test_eval_against_the_base_model(sft_run):
     assert comparison["fixed"] == sum(a and not b for a, b in pairs)
     assert comparison["broken"] == sum(b and not a for a, b in pairs)
     assert "test/loss" in proc.stderr and "fixed" in proc.stderr
-    # an `lmforge eval --out` directory is a baseline for the report (here: the run's own predictions)
+    # an `lmforge eval --out` directory of one model is a baseline for the report (here: the run's
+    # own predictions); one holding a comparison is refused, naming both models
+    from lmforge.errors import UserError
+    from lmforge.eval.target import evaluate_target
     from lmforge.results.report import build_report
 
-    page = build_report([lora_run], tmp_path / "report.html", baseline=out, resamples=50).read_text()
+    with pytest.raises(UserError, match="it holds two models' predictions"):
+        build_report([lora_run], tmp_path / "report.html", baseline=out)
+    evaluate_target(lora_run, None, "test", None, 8, log=lambda _: None, out_dir=tmp_path / "alone")
+    page = build_report([lora_run], tmp_path / "report.html", baseline=tmp_path / "alone", resamples=50).read_text()
     assert 'id="significance-table"' in page and "+0 [+0, +0]" in page
     # compared with itself: no difference, nothing fixed or broken, p = 1
     same = subprocess.run(

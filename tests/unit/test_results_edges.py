@@ -60,7 +60,8 @@ def test_report_out_is_checked_first_and_a_run_given_twice_is_one(tmp_path):
 
 def test_a_corrupt_predictions_line_is_named(tmp_path):
     run = make_run(tmp_path, "a")
-    (run / "predictions.jsonl").write_text('{"index": 0}\n{"index": 1, cut\n')
+    line = '{"index": 0, "id": "a", "input": "x", "loss_sum": 1.0, "tokens": 1}'
+    (run / "predictions.jsonl").write_text(line + '\n{"index": 1, cut\n')
     with pytest.raises(UserError, match=r"predictions.jsonl:2: not valid JSON"):
         build_report([run], tmp_path / "r.html")
 
@@ -108,5 +109,54 @@ def test_baseline_base_is_the_base_the_adapter_recorded(tmp_path):
     (run / "final" / "lmforge_base.json").write_text(json.dumps({"path": str(recorded), "given_as": "q-latest/final"}))
     config = SimpleNamespace(model=SimpleNamespace(name_or_path="q-latest/final"))
     assert _base_of(run, config) == recorded
+    (run / "final" / "lmforge_base.json").unlink()
     with pytest.raises(UserError, match="trained from scratch"):
         _base_of(run, SimpleNamespace(model=SimpleNamespace(name_or_path=None)))
+
+
+def test_a_plugins_metric_has_no_direction_and_answers_are_compared_where_both_answered():
+    def row(i, prediction, plen):
+        return {"id": str(i), "input": "x", "reference": "a", "loss_sum": 1.0, "tokens": 1, "prediction": prediction,
+                "scores": {"exact_match": float(prediction == "a"), "plen": plen}}  # fmt: skip
+
+    short = [row(i, "a", 1.0) for i in range(30)]
+    long = [row(i, "a a a", 5.0) for i in range(20)] + [{"id": str(i), "input": "x", "loss_sum": 1.0, "tokens": 1}
+                                                       for i in range(20, 30)]  # fmt: skip
+    found = analysis.compare(short, long, resamples=100)["metrics"]
+    assert found["generation/plen"]["verdict"] == "lower" and found["generation/plen"]["better"] is None
+    assert found["generation/exact_match"]["verdict"] == "better"
+    assert found["generation/exact_match"]["candidate"] == 1.0  # on the 20 examples both answered
+
+
+def test_predictions_lines_missing_fields_are_named(tmp_path):
+    from lmforge.results.predictions import read_predictions
+
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"index": 0, "id": "a", "input": "x", "loss_sum": 1.0, "tokens": 1}\n{}\n')
+    with pytest.raises(UserError, match=r"predictions.jsonl:2: index, id, input, loss_sum, tokens missing"):
+        read_predictions(path)
+    path.write_text('{"index": 0, "id": "a", "input": "x", "loss_sum": 1.0, "tokens": 1, "prediction": null}\n')
+    with pytest.raises(UserError, match=r":1: prediction missing or of the wrong type"):
+        read_predictions(path)
+
+
+def test_eval_out_may_not_be_a_directory_of_other_files(tmp_path):
+    from lmforge.eval.target import _check_out_dir
+
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "trials.csv").write_text("number\n")
+    with pytest.raises(UserError, match="not empty and not an earlier evaluation"):
+        _check_out_dir(tmp_path / "sweep")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "eval.json").write_text('{"target": "runs/a", "split": "test"}')
+    _check_out_dir(tmp_path / "earlier")  # an earlier evaluation is replaced
+
+
+def test_baseline_base_of_a_final_directory_is_its_recorded_base(tmp_path):
+    from lmforge.eval.target import _base_of
+
+    run = make_run(tmp_path, "lora")
+    (run / "final" / "config.json").write_text("{}")
+    recorded = tmp_path / "base-model"
+    (run / "final" / "lmforge_base.json").write_text(json.dumps({"path": str(recorded)}))
+    assert _base_of(run / "final", None) == recorded

@@ -250,6 +250,12 @@ def _check_out_dir(out_dir: Path) -> None:
             )
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: a file, not a directory")
+    earlier = out_dir / "eval.json"
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (earlier.is_file() and '"target"' in earlier.read_text()):
+        raise UserError(
+            f"--out {out_dir}: not empty and not an earlier evaluation; give a new directory "
+            "(an earlier `lmforge eval --out` directory is replaced)"
+        )
 
 
 BASELINE_PREDICTIONS = "baseline.predictions.jsonl"
@@ -265,13 +271,14 @@ def _base_of(target: Path, run_config) -> Path:
     """
     from lmforge.models.peft import BASE_FILE
 
-    base = run_config.model.name_or_path if run_config else None
-    if not base:
-        raise UserError(f"--baseline base: {target} was trained from scratch; it has no base model to compare with")
     model_dir = model_dir_of(target)
     for record in (model_dir / BASE_FILE, model_dir.parent / BASE_FILE, model_dir.parent.parent / BASE_FILE):
         if record.is_file():
             return Path(json.loads(record.read_text())["path"])
+    base = run_config.model.name_or_path if run_config else None
+    if not base:
+        why = "was trained from scratch" if run_config else "is a model directory with no record of a base"
+        raise UserError(f"--baseline base: {target} {why}; it has no base model to compare with")
     with run_working_dir(target):
         return Path(base).resolve()
 

@@ -21,6 +21,9 @@ from lmforge.results import stats
 
 BUILT_IN_SCORES = {"exact_match", "bleu", "chrf", "correct"}
 """Per-example scores that a corpus metric already covers (BLEU and chrF are scored over the corpus)."""
+DIRECTED = {"loss", "accuracy", "macro_f1", "exact_match", "bleu", "chrf", "rouge1", "rouge2", "rougeL"}
+"""Metrics whose better direction lmforge knows; a plugin's metric has none, so its verdict is
+"higher" or "lower", never "better" or "worse"."""
 SIGNIFICANCE = 0.05
 """The level at which a comparison's verdict calls a difference better or worse."""
 
@@ -102,13 +105,32 @@ def compare(
             f"({len(candidate)} against {len(baseline)} rows{'; e.g. ' + ', '.join(missing) if missing else ''}); "
             "evaluate both on the same split or --data files"
         )
+    candidate, baseline = _answered_by_both(candidate, baseline)
     mine, theirs = metrics_of(candidate, labels, split), metrics_of(baseline, labels, split)
     tests = {}
     for name in mine.keys() & theirs.keys():
-        if mine[name].n != theirs[name].n:  # e.g. a different number of generated answers
-            continue
         tests[name] = _paired(mine[name], theirs[name], resamples, seed)
+        if name.split("/")[-1] not in DIRECTED:
+            tests[name]["better"] = None
+            tests[name]["verdict"] = tests[name]["verdict"].replace("better", "higher").replace("worse", "lower")
     return {"metrics": dict(sorted(tests.items())), **fixed_and_broken(candidate, baseline)}
+
+
+def _answered_by_both(candidate: list[dict], baseline: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The rows with the answers only one side has left out (runs with different
+    eval.generate.max_examples): generation metrics are compared on the examples both answered."""
+    both = ["prediction" in a and "prediction" in b for a, b in zip(candidate, baseline, strict=True)]
+    if all(both) or "label" in (candidate[0] if candidate else {}):
+        return candidate, baseline
+
+    def only(rows):
+        return [r if kept or "prediction" not in r else _unanswered(r) for r, kept in zip(rows, both, strict=True)]
+
+    return only(candidate), only(baseline)
+
+
+def _unanswered(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("prediction", "scores")}
 
 
 def _paired(candidate: stats.Metric, baseline: stats.Metric, resamples: int, seed: int) -> dict[str, Any]:

@@ -269,6 +269,10 @@ def _apply_plugins(
             out.write(json.dumps(by_index.get(row["index"], row), ensure_ascii=False) + "\n")
 
 
+REQUIRED = {"index": int, "id": str, "input": str, "loss_sum": (int, float), "tokens": int}
+"""What every line holds, with its type (what the analyses read)."""
+
+
 def read_predictions(path: Path) -> list[dict]:
     """The rows of a predictions.jsonl.
 
@@ -288,5 +292,12 @@ def read_predictions(path: Path) -> list[dict]:
                 ) from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object, found {type(row).__name__}")
+            missing = [k for k in REQUIRED if not isinstance(row.get(k), REQUIRED[k])]
+            if "prediction" in row and not isinstance(row["prediction"], str):
+                missing.append("prediction")
+            if missing:
+                raise UserError(
+                    f"{path}:{number}: {', '.join(missing)} missing or of the wrong type; not a line lmforge wrote"
+                )
             rows.append(row)
     return rows

@@ -187,6 +187,13 @@ def _read_baseline(path: Path) -> RunData:
     if not path.is_dir():
         raise UserError(f"--baseline {path}: no such directory")
     if (path / PREDICTIONS).is_file() and not (path / "config.yaml").is_file():  # an evaluation
+        said = _json(path / "eval.json")
+        if (path / "baseline.predictions.jsonl").is_file():
+            raise UserError(
+                f"--baseline {path}: it holds two models' predictions, {said.get('target')} (predictions.jsonl) and "
+                f"{said.get('baseline', {}).get('target')} (baseline.predictions.jsonl); evaluate the one you mean "
+                "alone (`lmforge eval MODEL --out DIR`) and give DIR"
+            )
         return RunData(path, path.name, {"run": str(path)}, predictions=read_predictions(path / PREDICTIONS))
     table = load_runs(path)
     if len(table) != 1:
@@ -527,9 +534,7 @@ def _against_baseline(runs: list[RunData], base: RunData, resamples: int) -> str
             rows.append(f'<tr><td>{html.escape(name)}</td><td colspan="7">{html.escape(result["problem"])}</td></tr>')
             continue
         for metric, t in result["metrics"].items():
-            verdict = (
-                "better" if t["better"] and t["p_holm"] < 0.05 else "worse" if t["p_holm"] < 0.05 else "no difference"
-            )
+            verdict = _verdict(t)
             rows.append(
                 f"<tr><td>{html.escape(name)}</td><td>{html.escape(metric)}</td><td>{t['candidate']:.4g}</td>"
                 f"<td>{t['baseline']:.4g}</td><td>{t['difference']:+.4g} [{t['low']:+.4g}, {t['high']:+.4g}]</td>"
@@ -546,8 +551,19 @@ def _against_baseline(runs: list[RunData], base: RunData, resamples: int) -> str
     )
     return (
         f"<p>Paired bootstrap ({resamples} resamples) of each run against <b>{html.escape(base.name)}</b> on the "
-        f"same examples; p-values Holm-corrected over the {len(candidates)} run(s).</p>{table}<ul>{fixes}</ul>"
+        "same examples (generation metrics on the examples both answered); p-values Holm-corrected, for each "
+        f"metric, over the runs compared on it.</p>{table}<ul>{fixes}</ul>"
     )
+
+
+def _verdict(test: dict) -> str:
+    """At 5% after Holm: better or worse, higher or lower for a metric with no known direction
+    (a plugin's), else no significant difference."""
+    if test["p_holm"] >= analysis.SIGNIFICANCE:
+        return "no significant difference"
+    if test["better"] is None:
+        return "higher" if test["difference"] > 0 else "lower"
+    return "better" if test["better"] else "worse"
 
 
 def _intervals_table(runs: list[RunData]) -> str:

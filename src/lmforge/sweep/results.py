@@ -126,8 +126,10 @@ def summarize(study: optuna.Study, loaded: LoadedSpec, rows: list[dict[str, Any]
 
 
 def importances(study: optuna.Study) -> dict[str, float] | str:
-    """Parameter importances over the complete trials (fraction of the metric's variance each
-    parameter explains), or why there are none: Optuna's fANOVA (Hutter et al. 2014, "An
+    """Parameter importances over the complete trials, or why there are none: Optuna's fANOVA
+    estimate of the fraction of the metric's variance each parameter explains, from a random
+    forest fitted to the trials (an estimate: on a handful of trials a parameter that explains
+    nothing still gets a few percent) (Hutter et al. 2014, "An
     Efficient Approach for Assessing Hyperparameter Importance"; a seeded random forest). Not
     Optuna's default PED-ANOVA, which compares the top 10% of trials with the rest: in a sweep of a
     few trials that top is one trial, and a parameter that alone sets the metric can come out as

@@ -280,24 +280,36 @@ def read_predictions(path: Path) -> list[dict]:
         UserError: a line that is not a JSON object, named file:line.
     """
     rows = []
-    with Path(path).open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"{path}:{number}: not valid JSON ({exc.msg}); the file was changed or cut off"
-                ) from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, found {type(row).__name__}")
-            missing = [k for k in REQUIRED if not isinstance(row.get(k), REQUIRED[k])]
-            if "prediction" in row and not isinstance(row["prediction"], str):
-                missing.append("prediction")
-            if missing:
-                raise UserError(
-                    f"{path}:{number}: {', '.join(missing)} missing or of the wrong type; not a line lmforge wrote"
-                )
-            rows.append(row)
+    for number, row in enumerate(read_jsonl(Path(path)), start=1):
+        missing = [k for k in REQUIRED if not isinstance(row.get(k), REQUIRED[k])]
+        if "prediction" in row and not isinstance(row["prediction"], str):
+            missing.append("prediction")
+        if missing:
+            fields = ", ".join(missing)
+            raise UserError(f"{path}:{number}: {fields} missing or of the wrong type; not a line lmforge wrote")
+        rows.append(row)
     return rows
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSONL file (lmforge's metrics.jsonl, predictions.jsonl); a last line
+    without its newline that does not parse was cut off by a crash and is passed over.
+
+    Raises:
+        UserError: any other line that is not a JSON object with the `required` keys (file:line).
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                return
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(record, dict) or any(k not in record for k in required):
+            keys = f" with {', '.join(required)}" if required else ""
+            raise UserError(f"{path}:{number}: expected a JSON object{keys}, found {line[:80]}")
+        yield record

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lmforge.errors import UserError
+from lmforge.results.predictions import read_jsonl
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -430,7 +431,7 @@ def load_metrics(run: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{path}: no such file; is {run} a run directory (runs/<name>-<time>/)?")
     steps: dict[Any, dict[str, Any]] = {}
-    for point in _jsonl(path, required=("step", "time")):
+    for point in read_jsonl(path, required=("step", "time")):
         values = {k: _number(v) if k not in ("step", "time") else v for k, v in point.items()}
         steps.setdefault(point["step"], {}).update(values)  # a value logged again replaces the earlier one
     if not steps:
@@ -466,36 +467,12 @@ def load_predictions(run: str | os.PathLike[str]) -> pd.DataFrame:
             f"{path}: no such file; {run} has no per-example predictions (runs made before lmforge wrote "
             "predictions.jsonl have none)"
         )
-    records = list(_jsonl(path))
+    records = list(read_jsonl(path))
     scores = [record.pop("scores", None) or {} for record in records]
     table = pd.DataFrame.from_records(records)
     if any(scores):
         table = table.join(pd.DataFrame(scores, index=table.index).add_prefix("score/"))
     return table
-
-
-def _jsonl(path: Path, required: tuple[str, ...] = ()) -> Iterable[dict[str, Any]]:
-    """The JSON objects of a JSONL file; a last line without its newline that does not parse was
-    cut off by a crash and is passed over.
-
-    Raises:
-        UserError: any other line that is not a JSON object with the `required` keys (file:line).
-    """
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines) and not text.endswith("\n"):
-                return
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-        if not isinstance(record, dict) or any(k not in record for k in required):
-            keys = f" with {', '.join(required)}" if required else ""
-            raise UserError(f"{path}:{number}: expected a JSON object{keys}, found {line[:80]}")
-        yield record
 
 
 # ----------------------------------------------------------------------------- filter and sort

@@ -213,7 +213,7 @@ def describe(metrics: dict[str, float]) -> str:
     whole numbers; sizes, steps and text left out)."""
     parts = []
     for key, value in metrics.items():
-        if key in ("tokens", "examples", "step") or isinstance(value, str | bool) or not isinstance(value, int | float):
+        if key in ("tokens", "examples", "step") or isinstance(value, bool) or not isinstance(value, int | float):
             continue
         name = key.replace("_", " ")
         parts.append(

@@ -276,6 +276,27 @@ class TrainConfig(Section):
     """Consecutive steps with a non-finite loss or gradient norm (each skipped) before the run fails."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when the validation metric stops improving; absent: train for the full length."""
+    mirror: str | None = None
+    """Copy every complete checkpoint (after its manifest) and, at the end, the run's outputs to
+    remote storage in the background, so that `lmforge train CONFIG --resume auto` on a fresh
+    machine continues from it: s3://bucket/prefix (an S3-compatible server through `storage`) or a
+    local directory (a mounted network drive, e.g. Google Drive on Colab). A failing upload is
+    retried and reported like a failing tracker; it never blocks a step. Credentials come from
+    the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never from here. See docs/cloud.md."""
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_url(cls, mirror: str | None) -> str | None:
+        if mirror is None:
+            return None
+        if "://" in mirror and not mirror.startswith(("s3://", "file://")):
+            raise ValueError(
+                f"{mirror!r}: a mirror is s3://bucket/prefix or a local directory (file:// or a path); "
+                "hf:// and mlflow:// are for `lmforge push`"
+            )
+        if mirror.startswith("s3://") and not mirror[len("s3://") :].split("/")[0]:
+            raise ValueError(f"{mirror!r}: no bucket; write s3://bucket/prefix")
+        return mirror
 
 
 class GenerateConfig(Section):
@@ -308,6 +329,39 @@ class GenerateConfig(Section):
         return stop
 
 
+class JudgeConfig(Section):
+    base_url: str
+    """The OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    (`lmforge serve`)."""
+    model: str
+    """The judge model's name at that endpoint."""
+    api_key_env: str | None = None
+    """The environment variable holding the endpoint's API key (the key itself never goes in a
+    config); null: no key."""
+    criteria: list[str] = Field(default=["relevance", "completeness", "clarity"], min_length=1)
+    """What the judge grades, each from 1 (poor) to 5 (excellent); each becomes a metric judge_<name>."""
+    max_examples: int = Field(default=100, ge=1)
+    """Answers graded, at most (of those eval.generate.max_examples produced)."""
+    timeout: float = Field(default=60.0, gt=0)
+    """Seconds per request."""
+    max_tokens: int = Field(default=256, ge=1)
+    """Length of the judge's reply."""
+    concurrency: int = Field(default=4, ge=1)
+    """Requests in flight at once."""
+
+
+class StorageConfig(Section):
+    endpoint_url: str | None = None
+    """An S3-compatible server (MinIO, Ceph, R2, a moto server) for s3:// URLs. Default: the
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL environment variable, else AWS itself."""
+    region: str | None = None
+    """The bucket's region. Default: AWS_REGION / AWS_DEFAULT_REGION / the AWS config."""
+    multipart_threshold_mb: int = Field(default=64, ge=5)
+    """Files at least this large (MiB) are uploaded in parts, in parallel and each retried alone."""
+    multipart_chunk_mb: int = Field(default=64, ge=5)
+    """Part size (MiB; S3's minimum is 5)."""
+
+
 class EvalConfig(Section):
     batch_size: int | None = Field(default=None, ge=1)
     """Rows per evaluation batch. Default: train.micro_batch_size."""
@@ -327,6 +381,9 @@ class EvalConfig(Section):
     directory or the Python path. A plugin that fails is reported and loses nothing else."""
     bootstrap_resamples: int = Field(default=1000, ge=0)
     """Resamples of the 95% bootstrap intervals of the final metrics (0: none)."""
+    judge: JudgeConfig | None = None
+    """Grade each greedy answer of the final evaluation with an LLM judge (any OpenAI-compatible
+    endpoint); absent: no judge."""
 
 
 class MlflowConfig(Section):
@@ -429,6 +486,8 @@ class Config(Section):
     """Evaluation and sampling."""
     tracking: TrackingConfig = TrackingConfig()
     """Experiment tracking."""
+    storage: StorageConfig = StorageConfig()
+    """Remote storage for s3:// URLs: train.mirror, `lmforge push/pull`, model.name_or_path."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -1086,6 +1145,8 @@ RESUME_SAFE = (
     "train.max_time",
     "train.max_bad_steps",
     "train.num_threads",
+    "train.mirror",
+    "storage.",
     "eval.",
     "tracking.",
 )

@@ -122,15 +122,18 @@ def run_train(
     warn = lambda message: console.print(f"[yellow]warning: {message}[/yellow]")  # noqa: E731
     precision = resolve_precision(config.train.precision)  # fails early on an impossible choice
     check_quantization(config)
-    if run_dir is not None:
-        checkpoint = latest_valid(run_dir / "checkpoints", warn) if (run_dir / "checkpoints").is_dir() else None
-    else:
-        checkpoint = find_resume_checkpoint(config, resume, warn) if resume else None
-    if checkpoint is not None:
-        check_resume_config(checkpoint, config, warn)
     process = PartialState(cpu=distributed_cpu())  # one per process of a job; the main one writes and logs
     if not process.is_main_process:
         console = Console(quiet=True)
+    check_mirror(config)
+    if run_dir is not None:
+        checkpoint = latest_valid(run_dir / "checkpoints", warn) if (run_dir / "checkpoints").is_dir() else None
+    else:
+        with process.main_process_first():  # a checkpoint in the mirror is downloaded once, by the main process
+            log = lambda message: console.print(message, highlight=False)  # noqa: E731
+            checkpoint = find_resume_checkpoint(config, resume, warn, log) if resume else None
+    if checkpoint is not None:
+        check_resume_config(checkpoint, config, warn)
     held = run_dir or (checkpoint.path.parent.parent if checkpoint is not None else None)
     if held is not None and process.is_main_process:
         held.mkdir(parents=True, exist_ok=True)
@@ -416,19 +419,20 @@ def _predictions(model, data, config: Config, run_dir: Path, final_eval: dict, h
 _RUN_DIR = r"-\d{8}-\d{6}(-\d+)?$"
 
 
-def find_resume_checkpoint(config: Config, resume: str, warn) -> Checkpoint | None:
-    """The checkpoint to resume from; None when "auto" finds no earlier run."""
+def find_resume_checkpoint(config: Config, resume: str, warn, log=print) -> Checkpoint | None:
+    """The checkpoint to resume from; None when "auto" finds no earlier run. With train.mirror,
+    "auto" takes the mirror's newest checkpoint when it is newer than the local one (downloading it
+    into output_dir), so a fresh machine continues where the lost one stopped."""
     if resume == "auto":
         pattern = re.compile(re.escape(config.name) + _RUN_DIR)
         out = Path(config.output_dir)
         runs = sorted((d for d in out.glob(f"{config.name}-*") if pattern.match(d.name)), reverse=True)
-        for run in runs:
-            checkpoint = latest_valid(run / "checkpoints", warn)
-            if checkpoint is not None:
-                return checkpoint
-        console_hint = f"no checkpoint of a run named {config.name!r} in {out}/: starting a new run"
-        warn(console_hint)
-        return None
+        local = next((c for run in runs if (c := latest_valid(run / "checkpoints", warn)) is not None), None)
+        if config.train.mirror:
+            return _newer_in_mirror(config, pattern, local, warn, log)
+        if local is None:
+            warn(f"no checkpoint of a run named {config.name!r} in {out}/: starting a new run")
+        return local
     path = Path(resume)
     if (path / "manifest.json").exists() or path.name.startswith("step-"):
         problem = verify(path)
@@ -441,6 +445,39 @@ def find_resume_checkpoint(config: Config, resume: str, warn) -> Checkpoint | No
             raise UserError(f"--resume {resume}: no valid checkpoint in {path / 'checkpoints'}")
         return checkpoint
     raise UserError(f"--resume {resume}: neither a checkpoint (with manifest.json) nor a run directory")
+
+
+def _newer_in_mirror(config: Config, pattern, local: Checkpoint | None, warn, log) -> Checkpoint | None:
+    """The local checkpoint, or the mirror's newest when it is newer (a later run, or a later step
+    of the same run): downloaded into output_dir first."""
+    from lmforge.publish.mirror import fetch_checkpoint, newest_mirrored
+
+    remote = newest_mirrored(config, pattern, warn)
+    mine = (local.path.parent.parent.name, local.step) if local is not None else None
+    if remote is None or (mine is not None and mine >= remote):
+        if local is None:
+            warn(
+                f"no checkpoint of a run named {config.name!r} in {config.output_dir}/ or the mirror "
+                f"{config.train.mirror}: starting a new run"
+            )
+        return local
+    return fetch_checkpoint(config, *remote, log=log)
+
+
+def check_mirror(config: Config) -> None:
+    """Say at once when train.mirror cannot be reached (a wrong bucket, no credentials), not after
+    the first checkpoint.
+
+    Raises:
+        UserError: the mirror refuses or cannot be reached.
+    """
+    from lmforge.publish.mirror import mirror_store
+
+    if config.train.mirror:
+        try:
+            mirror_store(config).children()
+        except UserError as exc:
+            raise UserError(f"train.mirror: {exc}") from None
 
 
 def check_resume_config(checkpoint: Checkpoint, config: Config, warn) -> None:

@@ -266,7 +266,7 @@ def _save(loop: Loop) -> None:
         return
     model = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False)
     scaler = loop.accelerator.scaler
-    save_checkpoint(
+    checkpoint = save_checkpoint(
         loop.checkpoint_dir,
         state,
         model,
@@ -277,6 +277,7 @@ def _save(loop: Loop) -> None:
         tokenizer=loop.data.tokenizer,
         files={HINTS_FILE: json.dumps(hints_of(loop.data, loop.config), ensure_ascii=False)},
     )
+    loop.trackers.log_checkpoint(checkpoint.path)  # complete on disk: the mirror may copy it
     prune(loop.checkpoint_dir, cfg.keep_last, {state.best_step} if state.best_step is not None else set())
 
 

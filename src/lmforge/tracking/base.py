@@ -235,7 +235,9 @@ class Channel:
                 if self.failing is None:
                     self._warn(
                         f"tracking: {self.name} failed in {method} ({short_error(exc)}); training goes on, "
-                        "its points are kept and retried, and metrics.jsonl has them all"
+                        + getattr(
+                            self.tracker, "keeps", "its points are kept and retried, and metrics.jsonl has them all"
+                        )
                     )
                 self.failing = short_error(exc)
                 time.sleep(backoff)  # not woken by new calls: each retry may cost a network timeout
@@ -273,6 +275,11 @@ class Channel:
         with self._cond:
             queued = sum(len(args[0]) for method, args in self._calls if method == "log_metrics")
         return queued + self.dropped
+
+    def pending(self) -> int:
+        """Calls not delivered yet."""
+        with self._cond:
+            return len(self._calls)
 
     def close(self, timeout: float) -> bool:
         """Wait until every queued call is delivered; give up after `timeout` seconds in which the
@@ -347,6 +354,11 @@ class Trackers:
         for channel in self.channels:
             channel.put("reconcile", points)
 
+    def log_checkpoint(self, path: Path) -> None:
+        """A complete checkpoint, for backends that copy them (the mirror, `train.mirror`)."""
+        for channel in self.channels:
+            channel.put("log_checkpoint", path)
+
     def log_model(self, run_dir: Path) -> None:
         """The finished run's model, for backends that log models (MLflow)."""
         for channel in self.channels:
@@ -364,15 +376,19 @@ class Trackers:
             delivered = channel.close(self.flush_timeout)
             lacks = getattr(channel.tracker, "lacks", None)
             count = lacks(points) if lacks is not None and channel.started else channel.missing()
+            what = "metric values"
+            files = hasattr(channel.tracker, "log_checkpoint")  # a backend of files: the mirror
+            if files and not count and (not delivered or channel.rejected):
+                count, what = max(channel.pending(), len(channel.rejected), 1), "uploads"
             if not count:
                 continue
             missing[channel.name] = count
             why = "it is still failing" if not delivered else "it refused calls"
             detail = f" ({channel.failing})" if not delivered else ""
+            has = "metrics.jsonl has them all" if what == "metric values" else "the run directory has everything"
             self.warn(
-                f"tracking: {why}{detail}: {channel.name} is missing {count} metric values. metrics.jsonl has "
-                f"them all: run `lmforge sync {self.run_dir}`"
-                + (f" when {channel.name} is back" if not delivered else "")
+                f"tracking: {why}{detail}: {channel.name} is missing {count} {what}. {has}: run "
+                f"`lmforge sync {self.run_dir}`" + (f" when {channel.name} is back" if not delivered else "")
             )
         self._record(status=status, missing=missing)
         return missing
@@ -451,9 +467,14 @@ def open_trackers(
         return Trackers(None, [], None, warn)
     info = RunInfo(config, run_dir, run_tags(config, run_dir, project_dir), resume_step)
     names = [name for name in config.tracking.backends if name != "none"]
+    backends = [open_backend(name, info) for name in names]
+    if config.train.mirror:
+        from lmforge.publish.mirror import MirrorTracker
+
+        backends.append(MirrorTracker(info))
     trackers = Trackers(
         JsonlTracker(run_dir / "metrics.jsonl", keep_lines),
-        [open_backend(name, info) for name in names],
+        backends,
         run_dir,
         warn,
         resume_ids,

@@ -49,6 +49,8 @@ def sync_run(run_dir: Path, overrides: Iterable[str], log: Callable[[str], None]
             held[name], lacking[name] = _sync_mlflow(config, run_dir, saved_ids(run_dir).get(name), status, log)
         elif name in OFFLINE_HINTS:
             log(f"{name}: " + OFFLINE_HINTS[name].format(run_dir=run_dir))
+    if config.train.mirror:
+        _sync_mirror(config, run_dir, status, log)
     if held:
         record = json.loads((run_dir / TRACKING_FILE).read_text()) if (run_dir / TRACKING_FILE).is_file() else record
         record.setdefault("backends", {})
@@ -93,6 +95,25 @@ def _sync_mlflow(config: Config, run_dir: Path, run_id: str | None, status: str,
         f"{tracker.points()} (metrics.jsonl: {local}), status {status}"
     )
     return tracker.points(), tracker.lacks(points)
+
+
+def _sync_mirror(config: Config, run_dir: Path, status: str, log) -> None:
+    """Copy to train.mirror whatever of the run directory it lacks (files already there unchanged
+    are not sent again).
+
+    Raises:
+        UserError: the mirror cannot be reached or refuses a file; running sync again sends only
+            what is still missing.
+    """
+    from lmforge.publish.mirror import MirrorTracker
+
+    mirror = MirrorTracker(RunInfo(config, run_dir, {}))
+    try:
+        mirror.start(None)
+        mirror.finish(status)
+    except UserError as exc:
+        raise UserError(f"train.mirror: {exc}. Run lmforge sync again: it sends only what is still missing") from None
+    log(f"{mirror.where()}: holds the run directory")
 
 
 def _step_runner(tracker: MlflowTracker, log: Callable[[str], None]) -> Callable[[str, Callable[[], object]], None]:

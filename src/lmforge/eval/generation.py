@@ -116,6 +116,7 @@ def generate_each(
     seed: int = 0,
     answer_starts: list[str] | None = None,
     batch_size: int = 1,
+    generate_kwargs: dict | None = None,
 ) -> list[Generated]:
     """Continue each prompt; each output's text is only the new text: what follows the prompt's text
     (a part of the prompt that training put inside the answer's first token, such as a template's
@@ -129,6 +130,9 @@ def generate_each(
     encoder-decoder's encoder), with an attention mask; greedy answers are the same as one prompt
     at a time up to float rounding. Sampled answers depend on the batch size (the random draws are
     shared out differently), so samples stay at one prompt per call.
+
+    `generate_kwargs` go to every call of `generate` as they are: a `streamer` that receives each
+    new token, `stopping_criteria` that end it early (`lmforge serve`).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -138,13 +142,14 @@ def generate_each(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for first in range(0, len(prompts), batch_size):
-            outputs += _generate_batch(model, tokenizer, prompts[first : first + batch_size], cfg, answer_starts)
+            batch = prompts[first : first + batch_size]
+            outputs += _generate_batch(model, tokenizer, batch, cfg, answer_starts, generate_kwargs or {})
     model.train(was_training)
     return outputs
 
 
 def _generate_batch(
-    model, tokenizer, prompts: list[Prompt | str], cfg: GenerateConfig, answer_starts
+    model, tokenizer, prompts: list[Prompt | str], cfg: GenerateConfig, answer_starts, generate_kwargs: dict
 ) -> list[Generated]:
     device = next(model.parameters()).device
     encoder_decoder = model.config.is_encoder_decoder
@@ -163,20 +168,20 @@ def _generate_batch(
         max_new_tokens=cfg.max_new_tokens,
         do_sample=cfg.temperature > 0,
         temperature=cfg.temperature if cfg.temperature > 0 else None,
-        top_k=cfg.top_k if cfg.temperature > 0 else None,
+        top_k=(cfg.top_k or 0) if cfg.temperature > 0 else None,  # 0: no top-k (None would be transformers' 50)
         top_p=cfg.top_p if cfg.temperature > 0 else None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **({"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}),
+        **generate_kwargs,
     )
     new = (out[:, 1:] if encoder_decoder else out[:, width:]).tolist()  # an encoder-decoder's start token goes
     results = []
     for prompt, (_, covered), tokens in zip(prompts, inputs, new, strict=True):
         ended = tokenizer.eos_token_id in tokens
         written = tokens[: tokens.index(tokenizer.eos_token_id) + 1] if ended else _unpadded(tokens, tokenizer)
-        text = tokenizer.decode(written, skip_special_tokens=True)
         left = (prompt if isinstance(prompt, str) else prompt.text)[covered:]  # the model wrote it
-        text = text.removeprefix(left) if left and text.startswith(left) else text
+        text = strip_prompt_tail(tokenizer.decode(written, skip_special_tokens=True), left)
         cut = cut_at_stop(text, cfg.stop)
         hit_limit = not ended and len(written) >= cfg.max_new_tokens and cut == text
         results.append(Generated(cut, len(written), hit_limit))
@@ -189,6 +194,13 @@ def _unpadded(tokens: list[int], tokenizer) -> list[int]:
     while end and tokens[end - 1] == tokenizer.pad_token_id:
         end -= 1
     return tokens[:end]
+
+
+def strip_prompt_tail(text: str, tail: str) -> str:
+    """`text` without `tail` in front: the end of the prompt that training put inside the answer's
+    first token (a template's trailing space), which the model writes again; `text` as it is when it
+    does not start with it."""
+    return text.removeprefix(tail) if tail and text.startswith(tail) else text
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

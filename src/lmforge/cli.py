@@ -331,6 +331,33 @@ def sync_command(
     sync_run(run, overrides or [], log=console.print)
 
 
+@app.command("serve")
+def serve_command(
+    target: Path = typer.Argument(..., help=TARGET_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="The address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    api_key_env: str = typer.Option(
+        None,
+        "--api-key-env",
+        help="An environment variable holding the API key clients must send (Authorization: Bearer KEY); "
+        "default: no key. Not an LMFORGE_ name: those are config overrides.",
+    ),
+    model_name: str = typer.Option(None, "--model-name", help="What clients call the model (default: TARGET's name)."),
+    raw: bool = typer.Option(
+        False, "--raw", help="Completions continue the prompt as given, without the run's template.", metavar=""
+    ),
+) -> None:
+    """Serve a trained model over an OpenAI-compatible HTTP API until Ctrl-C.
+
+    /v1/completions and /v1/chat/completions (streaming too) for language models, /v1/classify for
+    classifiers, /v1/models, /health. Prompts go through the template the model was trained with.
+    """
+    from lmforge.serve.app import serve
+
+    _quiet_libraries()
+    serve(target, host, port, api_key_env, model_name, raw, log=lambda m: console.print(m, markup=False))
+
+
 @app.command("sweep")
 def sweep_command(
     words: list[str] = typer.Argument(

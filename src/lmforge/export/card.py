@@ -1,0 +1,334 @@
+"""The model card (README.md) of a final/ directory or an export: Hugging Face Hub metadata built
+with huggingface_hub's ModelCardData (base model and its relation, datasets, licence, library,
+pipeline tag, tags, the final metrics as a model-index) above a body that says what was trained,
+on what, how well, and how to load it.
+
+Nothing secret reaches a card: the training settings come from the redacted config, and every
+value and the body pass through `lmforge.secrets` on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load, try_to_load_from_cache
+
+from lmforge.config import Config, looks_local, redacted_dict
+from lmforge.data.sources import HUB_PREFIX, hub_name
+from lmforge.models.peft import BASE_FILE
+from lmforge.secrets import redact_text
+
+PIPELINE_TAGS = {
+    "causal-lm": "text-generation",
+    "seq2seq": "text2text-generation",
+    "classification": "text-classification",
+}
+"""The Hub's pipeline tag (and model-index task type) of each model.task."""
+
+METRIC_SPLITS = ("validation", "test", "generation")
+"""The sections of eval.json whose numbers are the card's final metrics."""
+
+
+def model_card(
+    run_dir: Path,
+    config: Config,
+    adapter_only: bool,
+    checkpoint_step: int | None = None,
+    license: str | None = None,
+) -> str:
+    """README.md of a run's model: Hub metadata, then base model, data, training settings, final
+    metrics, data report, intended use, how to load, prompt format.
+
+    Args:
+        run_dir: the run directory (eval.json, data_report.json and lmforge_base.json are read from it).
+        config: the run's resolved config.
+        adapter_only: the model is saved as a LoRA adapter (False for full weights and merged LoRA).
+        checkpoint_step: the step of a checkpoint taken during training: the card then has no
+            final metrics and says which step it is.
+        license: the Hub licence id (e.g. apache-2.0); None carries the base model's, when its
+            README.md (local, or in the Hugging Face cache) names one, and else leaves it out.
+
+    Returns:
+        The card's text; `huggingface_hub.ModelCard.load` reads its metadata back.
+    """
+    final = _read_json(run_dir / "eval.json")
+    trained = f"{final.get('step', '?')} steps, stopped by {final.get('stop_reason', '?')}"
+    if checkpoint_step is not None:
+        final, trained = {}, f"{checkpoint_step} steps (a checkpoint taken during training)"
+    report = _read_json(run_dir / "data_report.json")
+    base = recorded_base(run_dir, config)
+    metadata = card_metadata(config, adapter_only, final, base, report.get("working_dir"), license)
+    body = redact_text(_body(run_dir, config, adapter_only, final, trained, report))
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}"))
+
+
+def recorded_base(run_dir: Path, config: Config) -> str | None:
+    """The base model a run started from: an adapter's as lmforge_base.json recorded it (resolved
+    path, or the Hub id), a full fine-tune's as the config names it, None when trained from scratch."""
+    record = _read_json(run_dir / BASE_FILE)
+    return record.get("path") or config.model.name_or_path
+
+
+def card_metadata(
+    config: Config,
+    adapter_only: bool,
+    final: dict,
+    base: str | None,
+    working_dir: str | None = None,
+    license: str | None = None,
+) -> ModelCardData:
+    """The card's Hub metadata.
+
+    `base_model` is set only for a base the Hub knows (an "org/name" id that is no local directory,
+    relative paths taken from `working_dir`, where the run started): the Hub refuses a card whose
+    base_model is no model id, so a local base is named in the card's text only. Its relation:
+    adapter (a LoRA adapter), merge (LoRA merged into the base), finetune (full fine-tune).
+    """
+    hub_base = base if base and _is_hub_id(base, working_dir) else None
+    if license is None and base:
+        license = base_license(base, working_dir)
+    task = config.model.task
+    tags = ["lmforge", task, *(["lora"] if adapter_only else [])]
+    relation = None
+    if hub_base:
+        relation = "finetune" if config.lora is None else "adapter" if adapter_only else "merge"
+    results = eval_results(config, final)
+    return ModelCardData(
+        base_model=redact_text(hub_base) if hub_base else None,
+        base_model_relation=relation,
+        datasets=data_names(config, ("train", "validation", "test")) or None,
+        license=license,
+        library_name="peft" if adapter_only else "transformers",
+        pipeline_tag=PIPELINE_TAGS[task],
+        tags=tags,
+        model_name=config.name if results else None,
+        eval_results=results or None,
+    )
+
+
+def data_names(config: Config, splits: tuple[str, ...]) -> list[str]:
+    """The names of the data sources of `splits`, as far as they mean something beside the model:
+    a Hub dataset's id (hub:org/name), a file's or directory's name; a glob names nothing.
+    Redacted, in order, each once."""
+    names: list[str] = []
+    for split in splits:
+        spec = getattr(config.data, split)
+        entries = spec if isinstance(spec, list) else [spec] if spec else []
+        for entry in entries:
+            text = str(getattr(entry, "path", entry))
+            if text.startswith(HUB_PREFIX):
+                names.append(hub_name(Path(text))[0])
+            elif not any(c in text for c in "*?["):
+                names.append(Path(text).name or text)
+    return list(dict.fromkeys(redact_text(name) for name in names if name))
+
+
+def eval_results(config: Config, final: dict) -> list[EvalResult]:
+    """eval.json's final numbers as model-index entries: one per split and metric (floats only:
+    token and example counts are no metrics; NaN and infinities are left out)."""
+    task = PIPELINE_TAGS[config.model.task]
+    results = []
+    for section in METRIC_SPLITS:
+        values = final.get(section)
+        if not isinstance(values, dict):
+            continue
+        split = section
+        if section == "generation":  # greedy answers to the test split's prompts (else validation's)
+            split = values.get("split") or ("test" if "test" in final else "validation")
+        names = data_names(config, (split,) if getattr(config.data, split) else ("train",))  # split off train
+        dataset = " + ".join(names) or config.name
+        results += [
+            EvalResult(
+                task_type=task,
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_split=split,
+                metric_type=metric,
+                metric_value=value,
+                metric_name=f"{split} {metric}",
+            )
+            for metric, value in values.items()
+            if isinstance(value, float) and math.isfinite(value)
+        ]
+    return results
+
+
+def base_license(base: str, working_dir: str | None = None) -> str | None:
+    """The licence id in the base model's README.md metadata: a local base's own file, a Hub base's
+    copy in the Hugging Face cache (nothing is downloaded); None when there is none."""
+    local = Path(base).expanduser()
+    if not local.is_absolute() and working_dir:
+        local = Path(working_dir) / local
+    readme: Path | None = local / "README.md"
+    if not readme.is_file():
+        cached = try_to_load_from_cache(base, "README.md") if _is_hub_id(base, working_dir) else None
+        readme = Path(cached) if isinstance(cached, str) else None
+    if readme is None:
+        return None
+    try:
+        found = (metadata_load(readme) or {}).get("license")
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError):  # a broken card names no licence
+        return None
+    return found if isinstance(found, str) and found else None
+
+
+def _is_hub_id(name: str, working_dir: str | None) -> bool:
+    """Whether a base is a Hugging Face Hub id rather than a directory on this machine."""
+    relative = Path(working_dir) / name if working_dir else Path(name)
+    return not looks_local(name) and not relative.exists()
+
+
+def _body(run_dir: Path, config: Config, adapter_only: bool, final: dict, trained: str, report: dict) -> str:
+    """The card's Markdown below the metadata."""
+    base = config.model.name_or_path or f"none: trained from scratch ({config.model.preset or 'explicit sizes'})"
+    record = _read_json(run_dir / BASE_FILE)
+    if record:  # an adapter: the base it was trained on, resolved
+        fingerprint = f"; weights fingerprint {record['fingerprint'][:12]}" if record.get("fingerprint") else ""
+        base = f"{record['path']} (given as {record['given_as']}{fingerprint})"
+    data = config.data
+    sources = data.train if isinstance(data.train, str) else ", ".join(str(getattr(e, "path", e)) for e in data.train)
+    task = config.model.task
+    metrics = "\n".join(
+        f"| {split} | {name} | {value:.4f} |"
+        for split in METRIC_SPLITS
+        for name, value in (final.get(split) or {}).items()
+        if isinstance(value, float)
+    )
+    settings = redacted_dict(config)
+    settings = yaml.safe_dump({"train": settings["train"], "lora": settings["lora"]}, sort_keys=False)
+    return f"""
+# {config.name}
+
+Trained with lmforge ({"LoRA adapter" if adapter_only else "full weights"}).
+
+- **Base model:** {base}
+- **Task:** {task}
+- **Data:** {sources} (format {data.format}, max length {data.max_length})
+- **Trained for:** {trained}
+
+## Final metrics
+
+| split | metric | value |
+|---|---|---|
+{metrics}
+{data_summary(report)}
+## Intended use
+
+A {task} model fine-tuned on the data above; evaluate it on your own data before use.
+It inherits the limitations and licence of its base model and data.
+
+## How to load
+
+```python
+{load_snippet(task, adapter_only)}
+```
+{prompt_format(config)}
+## Training settings
+
+```yaml
+{settings}```
+"""
+
+
+def data_summary(report: dict) -> str:
+    """The card's section on what data preparation kept and dropped, from data_report.json's
+    `splits` (records read, examples kept, records dropped by reason, truncated, tokens);
+    empty without a report."""
+    splits = report.get("splits") or {}
+    if not splits:
+        return ""
+    rows = []
+    for name, s in splits.items():
+        dropped = s.get("dropped") or {}
+        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+        rows.append(
+            f"| {name} | {s.get('records', 0):,} | {s.get('examples', 0):,} | {sum(dropped.values()):,}"
+            f"{f' ({reasons})' if reasons else ''} | {s.get('truncated', 0):,} | {s.get('tokens', 0):,} "
+            f"| {s.get('trained_tokens', 0):,} |"
+        )
+    packing = "packed" if report.get("packing") else "not packed"
+    return (
+        f"\n## Data\n\nRecords read, examples kept (a long record may become several pieces), records dropped, "
+        f"records truncated at max length {report.get('max_length', '?')}, tokens and tokens trained on "
+        f"({packing}).\n\n| split | records | examples | dropped | truncated | tokens | trained tokens |\n"
+        f"|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+CARD_PATH = "."
+"""Where the model card's snippet loads from: the directory the card is in."""
+
+
+def load_snippet(task: str, adapter_only: bool) -> str:
+    """Python that loads the exported directory in plain transformers/peft and uses it once; the
+    tests run it against every kind of export."""
+    auto = _auto_class(task)
+    lines = [f'PATH = "{CARD_PATH}"  # this directory: run from it, or give its path']
+    if adapter_only and task == "classification":
+        lines += [  # peft builds the base with its default 2 classes unless told the run's
+            f"from peft import AutoPeft{auto[4:]}",
+            "from transformers import AutoConfig, AutoTokenizer",
+            "",
+            "labels = AutoConfig.from_pretrained(PATH).id2label  # the class names, saved beside the adapter",
+            f"model = AutoPeft{auto[4:]}.from_pretrained(",
+            "    PATH, num_labels=len(labels), id2label=labels, label2id={name: i for i, name in labels.items()}",
+            ")",
+        ]
+    elif adapter_only:
+        lines += [f"from peft import AutoPeft{auto[4:]}", "from transformers import AutoTokenizer", ""]
+        lines += [f"model = AutoPeft{auto[4:]}.from_pretrained(PATH)  # the base model is found from the adapter"]
+    else:
+        lines += [f"from transformers import {auto}, AutoTokenizer", "", f"model = {auto}.from_pretrained(PATH)"]
+    lines += ["tokenizer = AutoTokenizer.from_pretrained(PATH)", ""]
+    if task == "classification":
+        lines += [
+            'inputs = tokenizer("Your text here", return_tensors="pt")',
+            "print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])",
+        ]
+    else:
+        lines += [
+            'inputs = tokenizer("Your prompt here", return_tensors="pt")',
+            "output = model.generate(**inputs, max_new_tokens=32)",
+            "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+        ]
+    return "\n".join(lines)
+
+
+def prompt_format(config: Config) -> str:
+    """The card's section on the text format the model was trained on (prompts must match it)."""
+    data = config.data
+    if data.format in ("text", "classification"):
+        return ""
+    if data.format == "chat":
+        rendering = (
+            "the tokenizer's own chat template (saved with it: `tokenizer.apply_chat_template(messages, "
+            "add_generation_prompt=True)`)"
+            if data.chat_template == "auto"
+            else f"lmforge's `{data.chat_template}` chat template"
+        )
+        return f"\n## Prompt format\n\nChat messages, rendered with {rendering}.\n"
+    template = (
+        data.template
+        or {"prompt-completion": "{prompt}", "alpaca": "the Alpaca template", "seq2seq": "{source}"}[data.format]
+    )
+    return (
+        f"\n## Prompt format\n\nPrompts were rendered with `{template!r}` (format {data.format}); prompt the "
+        "model the same way, and let it write the answer's first token (a trailing space of the template "
+        "belongs to the answer's first token).\n"
+    )
+
+
+def _auto_class(task: str) -> str:
+    return {
+        "causal-lm": "AutoModelForCausalLM",
+        "seq2seq": "AutoModelForSeq2SeqLM",
+        "classification": "AutoModelForSequenceClassification",
+    }[task]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}

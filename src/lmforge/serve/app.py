@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from lmforge.errors import UserError
+from lmforge.secrets import REDACTED, redact_text
 from lmforge.serve.model import Answer, Job, ServedModel
 from lmforge.serve.protocol import (
     APIError,
@@ -61,7 +62,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     app.state.served = served
     if api_key is not None:
         app.add_middleware(BearerKey, key=api_key)
-    _error_handlers(app)
+    _error_handlers(app, api_key)
 
     @app.get("/health")
     async def health() -> dict:
@@ -251,23 +252,38 @@ class BearerKey:
         await response(scope, receive, send)
 
 
-def _error_handlers(app: FastAPI) -> None:
-    """Every error in OpenAI's shape: refused requests 4xx (FastAPI's 422 becomes 400), bugs 500."""
+def _error_handlers(app: FastAPI, api_key: str | None) -> None:
+    """Every error in OpenAI's shape: refused requests 4xx (FastAPI's 422 becomes 400), bugs 500.
+
+    A message that repeats what the client sent (a model name, a bad value) has any credential in
+    it replaced (`lmforge.secrets.redact_text`: the API key, secret-named environment variables'
+    values, token shapes), so that no response carries one, whatever a client sends.
+    """
+
+    def hidden(text: str | None) -> str | None:
+        if text is None:
+            return None
+        text = redact_text(text)
+        return text.replace(api_key, REDACTED) if api_key else text
+
+    def refusal(status: int, message: str, param=None, code=None, kind="invalid_request_error", headers=None):
+        body = error_body(hidden(message), hidden(param), code, kind)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return refusal(exc.status, exc.message, exc.param, exc.code, exc.kind)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = validation_message(exc.errors())
-        return JSONResponse(error_body(message, param), status_code=400)
+        return refusal(400, message, param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(error_body(message, code=code), status_code=exc.status_code, headers=exc.headers)
+        return refusal(exc.status_code, message, code=code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:
@@ -279,7 +295,7 @@ def _error_handlers(app: FastAPI) -> None:
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """(message, param) of the first problem FastAPI found in a request body."""
     error = errors[0]
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in error.get("loc", ()) if part != "body" and not _type_tag(str(part))]
     param = loc[0] if loc else None
     where = ".".join(loc[:3]) if loc else "the body"
     kind = error.get("type", "")
@@ -298,6 +314,11 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
     return f"Invalid value for '{where}': {message} (got {shown}).", param
+
+
+def _type_tag(part: str) -> bool:
+    """Whether a part of an error's location names a member of a union (str, list[str]), not a field."""
+    return part in {"str", "int", "float", "bool", "list", "dict", "none"} or "[" in part
 
 
 def api_key_from(variable: str | None) -> str | None:

@@ -37,10 +37,6 @@ class APIError(Exception):
         self.code = code
         self.kind = kind
 
-    def body(self) -> dict[str, Any]:
-        """The JSON body: {"error": {"message", "type", "param", "code"}}."""
-        return error_body(self.message, self.param, self.code, self.kind)
-
 
 def error_body(
     message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"

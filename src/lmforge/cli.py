@@ -331,6 +331,53 @@ def sync_command(
     sync_run(run, overrides or [], log=console.print)
 
 
+@app.command("push")
+def push_command(
+    run: Path = typer.Argument(..., help="A run (finished or paused) or a checkpoint directory."),
+    to: list[str] = typer.Option(
+        ...,
+        "--to",
+        help="hf://org/name\\[@revision], s3://bucket/prefix, mlflow://Name\\[@alias] or a directory; repeatable.",
+        metavar="URL",
+    ),
+    merge_lora: bool = typer.Option(
+        False, "--merge-lora", help="Fold a LoRA adapter into the base weights.", metavar=""
+    ),
+    private: bool = typer.Option(False, "--private", help="hf: create the repository private.", metavar=""),
+    create_pr: bool = typer.Option(
+        False, "--create-pr", help="hf: open a pull request instead of committing.", metavar=""
+    ),
+    endpoint_url: str = typer.Option(
+        None, "--endpoint-url", help="s3: an S3-compatible server (default: storage.endpoint_url, AWS_ENDPOINT_URL)."
+    ),
+) -> None:
+    """Publish a run: export it (as `lmforge export`) and send it to the Hub, S3 or the MLflow registry.
+    Credentials come from the environment only (HF_TOKEN, AWS_*, MLFLOW_TRACKING_*)."""
+    from lmforge.publish.push import push_run
+
+    _quiet_libraries()
+    for line in push_run(run, to, merge_lora, private, create_pr, endpoint_url, log=console.print):
+        console.print(line, highlight=False)
+
+
+@app.command("pull")
+def pull_command(
+    url: str = typer.Argument(..., help="s3://bucket/prefix (or a directory) that `lmforge push` wrote."),
+    out: Path = typer.Option(..., "--out", help="Directory to write (new, empty, or an earlier pull)."),
+    endpoint_url: str = typer.Option(
+        None, "--endpoint-url", help="An S3-compatible server (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Write into a non-empty directory, beside its files (never over them).", metavar=""
+    ),
+) -> None:
+    """Download a pushed model, every file checked against its SHA-256."""
+    from lmforge.publish.push import pull
+
+    path, copied = pull(url, out, endpoint_url=endpoint_url, force=force, log=console.print)
+    console.print(f"pulled {url} to {path} ({copied} files copied)", highlight=False)
+
+
 @app.command("serve")
 def serve_command(
     target: Path = typer.Argument(..., help=TARGET_HELP),

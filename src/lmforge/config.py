@@ -1088,8 +1088,8 @@ def check_paths(config: Config) -> list[str]:
             except DataError as exc:
                 problems.append(str(exc))
     for field, value in (("model.name_or_path", config.model.name_or_path), ("tokenizer.path", config.tokenizer.path)):
-        if value is None:
-            continue
+        if value is None or (field == "model.name_or_path" and value.startswith("s3://")):
+            continue  # s3://: read when training starts (publish.push.local_model), with its own errors
         if not looks_local(value):
             problems += hub_problems(field, value)
             continue

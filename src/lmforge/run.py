@@ -194,7 +194,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
     with process.main_process_first():  # the main process fills the data cache, the others read it
         data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
-    base = base_record(config.model.name_or_path) if config.lora and config.model.name_or_path else None
+    base = adapter_base(config)
     model = build_model(config, data.tokenizer, labels=data.labels)
     trainable, total = count_parameters(model)
     plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
@@ -254,6 +254,18 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
         link = link_latest(run_dir, config.name)
         console.print(f"latest:   {link / 'final'} (points at this run)", highlight=False)
     return RunOutcome(run_dir, final_eval)
+
+
+def adapter_base(config: Config) -> dict | None:
+    """A LoRA run's record of its base model (models.peft.base_record); None otherwise. An s3://
+    base is recorded as given and as the local copy it was loaded from."""
+    if not (config.lora and config.model.name_or_path):
+        return None
+    from lmforge.publish.push import local_model
+
+    record = base_record(local_model(config.model.name_or_path, config.storage))
+    record["given_as"] = config.model.name_or_path
+    return record
 
 
 def _run_dir(config: Config, process, checkpoint: Checkpoint | None, given: Path | None, console):

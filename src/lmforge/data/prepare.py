@@ -245,7 +245,10 @@ def _copies(record: Record, weight: float) -> int:
 def _get_tokenizer(config: Config, source_fp: str, splits: SplitReader, log) -> PreTrainedTokenizerBase:
     if config.model.name_or_path:
         need_eos = config.model.task != "classification"
-        return load_tokenizer(config.model.name_or_path, config.model.trust_remote_code, need_eos)
+        from lmforge.publish.push import local_model
+
+        where = local_model(config.model.name_or_path, config.storage, log)  # s3://: pulled into the cache
+        return load_tokenizer(where, config.model.trust_remote_code, need_eos)
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
     tok = config.tokenizer

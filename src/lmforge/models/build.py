@@ -89,7 +89,10 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list
         from lmforge.models.peft import quantization_config
 
         quantization = quantization_config(config)
-        model = load_pretrained(m.name_or_path, dtype, m.trust_remote_code, m.task, labels, quantization)
+        from lmforge.publish.push import local_model
+
+        where = local_model(m.name_or_path, config.storage)  # s3://: the copy pulled into the cache
+        model = load_pretrained(where, dtype, m.trust_remote_code, m.task, labels, quantization)
         positions = getattr(model.config, "max_position_embeddings", None)
         if positions is not None and config.data.max_length > positions:
             raise UserError(

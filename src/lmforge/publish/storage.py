@@ -236,6 +236,8 @@ class s3_errors:  # noqa: N801 - used as a `with` statement
         if exc is None or isinstance(exc, StorageError) or not _is_boto_error(exc):
             return False
         status, code = _status(exc), (getattr(exc, "response", None) or {}).get("Error", {}).get("Code", "")
+        if not code:  # the transfer manager wraps the server's answer in its message
+            code = next((c for c in ("NoSuchBucket", *_DENIED) if f"({c})" in str(exc)), "")
         if code in ("NoSuchBucket",):
             hint = "the bucket does not exist: create it, or fix the URL"
         elif status in (401, 403) or "Credentials" in type(exc).__name__ or code in _DENIED:
@@ -426,8 +428,8 @@ def download_dir(
     store: Store, prefix: str, out: Path, manifest: dict[str, Any], log: Callable[[str], None] = lambda _: None
 ) -> int:
     """Copy the files the manifest lists from `prefix/` into the directory `out` (which exists),
-    each checked against its size and SHA-256; a file `out` already has unchanged is not copied
-    again. Return the number copied.
+    each checked against its size and SHA-256 (its size only where the manifest has no SHA-256); a
+    file `out` already has unchanged is not copied again. Return the number copied.
 
     Raises:
         StorageError: a file is missing remotely or arrives different from the manifest.
@@ -435,7 +437,12 @@ def download_dir(
     copied = 0
     for key, entry in sorted(manifest["files"].items()):
         target = out / key
-        if target.is_file() and target.stat().st_size == entry["size"] and file_sha256(target) == entry["sha256"]:
+        checked = entry["sha256"] is not None  # None: a listing without lmforge's manifest, sizes only
+        if (
+            target.is_file()
+            and target.stat().st_size == entry["size"]
+            and (not checked or file_sha256(target) == entry["sha256"])
+        ):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         log(f"downloading {key} ({entry['size'] / MIB:.1f} MiB)")
@@ -443,8 +450,7 @@ def download_dir(
         if store.head(join(prefix, key)) is None:
             raise StorageError(f"{store.url}/{join(prefix, key)}: listed in the manifest but missing")
         store.get(join(prefix, key), partial)
-        got = file_sha256(partial)
-        if partial.stat().st_size != entry["size"] or got != entry["sha256"]:
+        if partial.stat().st_size != entry["size"] or (checked and file_sha256(partial) != entry["sha256"]):
             partial.unlink(missing_ok=True)
             raise StorageError(f"{store.url}/{join(prefix, key)}: arrived different from its manifest entry (SHA-256)")
         os.replace(partial, target)

@@ -52,17 +52,20 @@ class LmforgeModel(mlflow.pyfunc.PythonModel):
         return respond(self.model, self.tokenizer, prompts, settings, seed=0, hints=self.hints)
 
 
-def save_pyfunc(run_dir: Path, path: Path) -> Path:
-    """Write an MLflow pyfunc model for the finished run in `run_dir` to `path`."""
+def save_pyfunc(target: Path, path: Path) -> Path:
+    """Write an MLflow pyfunc model of `target` (a finished run, a paused run or a checkpoint) to
+    `path`; a LoRA adapter is merged so that the model stands alone."""
     import yaml
 
     from lmforge.config import Config
+    from lmforge.eval.target import resolve_target
     from lmforge.export.export import export_run
-    from lmforge.models.peft import is_adapter_dir
 
-    config = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    kind, model_dir = resolve_target(Path(target))
+    settings = model_dir.parent if kind == "run" else model_dir  # a checkpoint holds its config.yaml
+    config = Config.model_validate(yaml.safe_load((settings / "config.yaml").read_text()))
     staging = path.parent / "staging"
-    hf_dir = export_run(run_dir, staging / "hf_model", merge_lora=is_adapter_dir(run_dir / "final"))
+    hf_dir = export_run(Path(target), staging / "hf_model", merge_lora=config.lora is not None)
     generate = staging / "generate.json"
     generate.write_text(config.eval.generate.model_dump_json())
     mlflow.pyfunc.save_model(

@@ -1,0 +1,300 @@
+"""`lmforge push RUN --to URL ...` and `lmforge pull URL --out DIR`.
+
+    hf://org/name[@revision]     the Hugging Face Hub (publish.hub)
+    s3://bucket/prefix           S3 or an S3-compatible server (publish.storage)
+    file:///path, /path          a directory (a mounted drive)
+    mlflow://Name[@alias]        the MLflow model registry (a pyfunc model version, with an alias)
+
+A push exports the run exactly as `lmforge export` does (the adapter, or merged with
+--merge-lora; with the model card) into a temporary directory, then sends it to every
+destination. Every URL is checked before minutes of exporting. Credentials come from the
+environment only: HF_TOKEN, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE),
+MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lmforge.atomic import OWNED_MARKER, check_target, owned_dir
+from lmforge.errors import UserError
+from lmforge.publish.storage import (
+    MANIFEST,
+    Store,
+    download_dir,
+    join,
+    open_store,
+    read_manifest,
+    upload_dir,
+)
+
+_MLFLOW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A parsed --to URL. kind: hf, store (s3 or a directory) or mlflow."""
+
+    kind: str
+    url: str
+    name: str = ""
+    """hf: the repo id; mlflow: the registered model's name."""
+    tag: str | None = None
+    """hf: the revision (branch); mlflow: the alias."""
+
+
+def parse_destination(url: str) -> Destination:
+    """The destination a --to URL names.
+
+    Raises:
+        UserError: a URL of no known scheme, or malformed for its scheme (with the right form).
+    """
+    if url.startswith("hf://"):
+        from lmforge.publish.hub import parse_hf_url
+
+        repo, revision = parse_hf_url(url)
+        return Destination("hf", url, repo, revision)
+    if url.startswith("mlflow://"):
+        name, _, alias = url[len("mlflow://") :].partition("@")
+        if not _MLFLOW_NAME.match(name or ""):
+            raise UserError(f"--to {url}: write mlflow://Name or mlflow://Name@alias (a registered model's name)")
+        if alias and (not _ALIAS.match(alias) or alias.lower() == "latest" or re.fullmatch(r"v\d+", alias)):
+            raise UserError(
+                f"--to {url}: {alias!r} cannot be an MLflow alias (letters, digits, _ and -, not 'latest' or v<N>)"
+            )
+        return Destination("mlflow", url, name, alias or None)
+    if url.startswith("s3://"):
+        if not url[len("s3://") :].split("/")[0]:
+            raise UserError(f"--to {url}: no bucket; write s3://bucket/prefix")
+        return Destination("store", url)
+    if "://" in url and not url.startswith("file://"):
+        raise UserError(
+            f"--to {url}: push to hf://org/name[@revision], s3://bucket/prefix, mlflow://Name[@alias] or a directory"
+        )
+    return Destination("store", url)
+
+
+def push_run(
+    target: Path,
+    urls: list[str],
+    merge_lora: bool = False,
+    private: bool = False,
+    create_pr: bool = False,
+    endpoint_url: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Export `target` (a finished run, a paused run or a checkpoint) once and send it to every URL;
+    return one line per destination saying where it went and what was sent.
+
+    Raises:
+        UserError: a bad URL, a target that cannot be exported, missing credentials, or a destination
+            that refuses (named, without credentials; destinations before it keep what they got).
+    """
+    from lmforge.eval.target import resolve_target
+    from lmforge.export.export import export_run
+
+    destinations = [parse_destination(url) for url in urls]
+    if not destinations:
+        raise UserError("push: name at least one destination with --to")
+    if any(d.kind == "hf" for d in destinations):
+        from lmforge.publish.hub import hub_token
+
+        hub_token()  # no token: said before the export, not after
+    kind, model_dir = resolve_target(Path(target))
+    run_dir = model_dir.parent if kind == "run" else model_dir.parent.parent
+    config = _run_config(model_dir if kind == "checkpoint" else run_dir)
+    for destination in destinations:  # a wrong bucket or missing credentials: said before the export
+        if destination.kind == "store":
+            open_store(destination.url, endpoint_url, storage=config.storage if config else None).children()
+    step = json.loads((model_dir / "trainer_state.json").read_text())["step"] if kind == "checkpoint" else None
+    what = f"{run_dir.name}" + (f" (checkpoint at step {step})" if step is not None else "")
+    with tempfile.TemporaryDirectory(prefix="lmforge-push-") as tmp:
+        export = export_run(Path(target), Path(tmp) / "model", merge_lora=merge_lora)
+        (export / OWNED_MARKER).unlink(missing_ok=True)  # lmforge's local bookkeeping, not the model's
+        push = Push(Path(target), run_dir, config, export, what, merge_lora, private, create_pr, endpoint_url, log)
+        return [f"{d.url}: {push.send(d)}" for d in destinations]
+
+
+@dataclass
+class Push:
+    """One export on its way to its destinations."""
+
+    target: Path
+    run_dir: Path
+    config: object
+    export: Path
+    what: str
+    merge_lora: bool
+    private: bool
+    create_pr: bool
+    endpoint_url: str | None
+    log: Callable[[str], None]
+
+    def send(self, destination: Destination) -> str:
+        """Send the export to `destination`; return where it went and what was sent."""
+        if destination.kind == "hf":
+            from lmforge.publish.hub import push_to_hub
+
+            message = f"lmforge push {self.what}" + (" (merged LoRA)" if self.merge_lora else "")
+            return push_to_hub(self.export, destination.name, destination.tag, self.private, self.create_pr, message)
+        if destination.kind == "store":
+            storage = self.config.storage if self.config is not None else None
+            store = open_store(destination.url, endpoint_url=self.endpoint_url, storage=storage)
+            sent, kept = upload_dir(self.export, store, log=self.log)
+            return f"{sent} files sent, {kept} already there unchanged ({store.url})"
+        return register_in_mlflow(self.target, self.run_dir, destination.name, destination.tag, self.config)
+
+
+def _run_config(directory: Path):
+    from lmforge.config import Config
+
+    path = directory / "config.yaml"
+    return Config.model_validate(yaml.safe_load(path.read_text())) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- MLflow registry
+
+
+def mlflow_uri(run_dir: Path, config) -> str:
+    """Where the registry is: MLFLOW_TRACKING_URI, else the run's tracking.mlflow.tracking_uri, else
+    the embedded store the run used (<output_dir>/mlflow.db, the directory holding the run)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if config is not None and config.tracking.mlflow.tracking_uri:
+        return config.tracking.mlflow.tracking_uri
+    return f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}"
+
+
+def register_in_mlflow(target: Path, run_dir: Path, name: str, alias: str | None, config) -> str:
+    """Log `target` as an MLflow pyfunc model (a LoRA adapter merged, so it stands alone), register it
+    as a new version of `name`, point `alias` at that version, and return the URI that loads it
+    (`models:/Name@alias`, else `models:/Name/<version>`). The model goes into the run's own MLflow
+    run when the registry's store has it (tracking.json), else into a new run "push of <run>".
+    Aliases replace stages, which MLflow deprecated.
+
+    Raises:
+        UserError: the registry cannot be reached or refuses (credentials never appear).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.secrets import redact_text
+    from lmforge.tracking.base import saved_ids
+    from lmforge.tracking.mlflow_model import save_pyfunc
+
+    uri = mlflow_uri(run_dir, config)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run_id = _mlflow_run(client, saved_ids(run_dir).get("mlflow"), run_dir)
+        with tempfile.TemporaryDirectory(prefix="lmforge-mlflow-") as tmp:
+            save_pyfunc(Path(target), Path(tmp) / "model")
+            client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+        if alias:
+            client.set_registered_model_alias(name, alias, version.version)
+    except MlflowException as exc:
+        raise UserError(redact_text(f"mlflow://{name} at {uri}: {exc.message}")) from None
+    return f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
+
+
+def _mlflow_run(client, run_id: str | None, run_dir: Path) -> str:
+    """The run's MLflow run id if this store has it, else a new finished run named for the push."""
+    from mlflow.exceptions import MlflowException
+
+    if run_id is not None:
+        try:
+            return client.get_run(run_id).info.run_id
+        except MlflowException:
+            pass
+    experiment = client.get_experiment_by_name("lmforge-push")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("lmforge-push")
+    run = client.create_run(experiment_id, run_name=f"push of {run_dir.name}", tags={"lmforge.run_dir": str(run_dir)})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+# --------------------------------------------------------------------------- pull
+
+
+def pull(
+    url: str, out: Path, endpoint_url: str | None = None, force: bool = False, log: Callable[[str], None] = print
+) -> tuple[Path, int]:
+    """Copy what `lmforge push` (or a train.mirror) put at `url` into the directory `out`, each file
+    checked against the manifest's SHA-256; return (out, files copied). Pulling into an earlier
+    pull copies only what changed. A prefix without lmforge's manifest (copied there by other
+    tools) is taken whole, each file checked by its size only.
+
+    Raises:
+        UserError: nothing at `url`, a file that arrives different, or an `out` holding other files.
+    """
+    store = open_store(url, endpoint_url=endpoint_url)
+    manifest = remote_manifest(store, log)
+    present, owned = check_target(Path(out), force)
+    if owned is not None:  # an earlier pull: replace what changed, in place, file by file
+        copied = download_dir(store, "", Path(out), manifest, log)
+        for name in owned - set(manifest["files"]) - {OWNED_MARKER}:
+            (Path(out) / name).unlink(missing_ok=True)
+        (Path(out) / OWNED_MARKER).write_text(json.dumps(sorted(manifest["files"])))
+        return Path(out), copied
+    with owned_dir(Path(out), force=force) as tmp:
+        copied = download_dir(store, "", tmp, manifest, log)
+    return Path(out), copied
+
+
+def remote_manifest(store: Store, log: Callable[[str], None] = print) -> dict:
+    """The manifest at the store's root, or one made from its listing (sizes only) if it has none.
+
+    Raises:
+        UserError: nothing is there.
+    """
+    manifest = read_manifest(store)
+    if manifest is not None:
+        return manifest
+    keys = store.list()
+    if not keys:
+        raise UserError(f"{store.url}: nothing is there (check the bucket and prefix)")
+    log(f"{store.url}: no {MANIFEST} (not pushed by lmforge): taking its {len(keys)} files, checked by size only")
+    files = {}
+    for key in keys:
+        remote = store.head(key)
+        files[key] = {"size": remote.size, "sha256": remote.sha256}
+    return {"format": 1, "files": files}
+
+
+def local_model(name_or_path: str, storage=None, log: Callable[[str], None] = print) -> str:
+    """`name_or_path` itself, or for s3:// a local copy of it (pulled into the lmforge cache,
+    $LMFORGE_CACHE or ~/.cache/lmforge/models/, refreshed file by file when the remote changes).
+
+    Raises:
+        UserError: the remote model cannot be read.
+    """
+    if not str(name_or_path).startswith("s3://"):
+        return name_or_path
+    root = Path(os.environ.get("LMFORGE_CACHE", "~/.cache/lmforge")).expanduser() / "models"
+    url = str(name_or_path).rstrip("/")
+    local = root / hashlib.sha256(url.encode()).hexdigest()[:16]
+    store = open_store(url, storage=storage)
+    manifest = remote_manifest(store, log)
+    local.mkdir(parents=True, exist_ok=True)
+    copied = download_dir(store, "", local, manifest, log)
+    if copied:
+        log(f"model.name_or_path {url}: {copied} files copied to {local}")
+    return str(local)
+
+
+__all__ = ["Destination", "join", "local_model", "parse_destination", "pull", "push_run", "register_in_mlflow"]

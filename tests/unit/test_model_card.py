@@ -1,7 +1,8 @@
 """The model card's Hub metadata, read back with huggingface_hub's own ModelCard.load: the base
 model and its relation for every kind of model, pipeline tags per task, datasets, licence, and the
 model-index equal to eval.json. Run directories are written by hand here (eval.json,
-data_report.json, lmforge_base.json as runs write them)."""
+data_report.json, lmforge_base.json as runs write them); tests/integration/test_model_card_exports.py
+checks the same on real runs and exports."""
 
 import json
 import math

@@ -425,6 +425,7 @@ def _predictions(model, data, config: Config, run_dir: Path, final_eval: dict, h
         added[split] = {**final_eval[split], **summary.classification}
     if summary.plugin_errors:
         added["plugin_errors"] = summary.plugin_errors
+    added |= {"judge": summary.judge} if summary.judge else {}  # eval.judge's counts
     return added
 
 

@@ -22,8 +22,8 @@ from lmforge.results import stats
 BUILT_IN_SCORES = {"exact_match", "bleu", "chrf", "correct"}
 """Per-example scores that a corpus metric already covers (BLEU and chrF are scored over the corpus)."""
 DIRECTED = {"loss", "accuracy", "macro_f1", "exact_match", "bleu", "chrf", "rouge1", "rouge2", "rougeL"}
-"""Metrics whose better direction lmforge knows; a plugin's metric has none, so its verdict is
-"higher" or "lower", never "better" or "worse"."""
+"""Metrics whose better direction lmforge knows (and the judge's, judge_<criterion>: higher is
+better); a plugin's metric has none, so its verdict is "higher" or "lower", never "better" or "worse"."""
 SIGNIFICANCE = 0.05
 """The level at which a comparison's verdict calls a difference better or worse."""
 
@@ -110,7 +110,7 @@ def compare(
     tests = {}
     for name in mine.keys() & theirs.keys():
         tests[name] = _paired(mine[name], theirs[name], resamples, seed)
-        if name.split("/")[-1] not in DIRECTED:
+        if name.split("/")[-1] not in DIRECTED and not name.split("/")[-1].startswith("judge_"):
             tests[name]["better"] = None
             tests[name]["verdict"] = tests[name]["verdict"].replace("better", "higher").replace("worse", "lower")
     return {"metrics": dict(sorted(tests.items())), **fixed_and_broken(candidate, baseline)}

@@ -12,7 +12,8 @@ A line holds:
   loss (nats per target token), loss_sum, tokens (target tokens), token_accuracy, pieces (examples);
   with a greedy answer (`eval.generate.max_examples` first generative records): prediction,
   new_tokens, truncated (hit max_new_tokens), empty, repetitive, and scores {exact_match, bleu,
-  chrf, rouge1, rouge2, rougeL, plugin values};
+  chrf, rouge1, rouge2, rougeL, plugin values, judge_<criterion> (eval.judge, for the answers it
+  graded)};
   for classifiers: label, predicted, probabilities {label: p}, and scores {correct, plugin values}.
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import DataConfig, EvalConfig
+from lmforge.config import DataConfig, EvalConfig, JudgeConfig
 from lmforge.data.loader import collate, collate_encoder, to_device
 from lmforge.data.prepare import row_bos
 from lmforge.data.sources import Record
@@ -37,6 +38,7 @@ from lmforge.engine.losses import scoring_chunk_size
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import score_rows
 from lmforge.eval.generation import generate_each, held_out_prompt
+from lmforge.eval.judge import judge_answers, metric_name
 from lmforge.eval.metrics import generation_summary, is_repetitive, sentence_scores
 from lmforge.results.plugins import Plugin, run_plugins
 
@@ -67,6 +69,8 @@ class PredictionSummary:
     """Plugin values of a classifier's predictions."""
     plugin_errors: dict[str, str] = field(default_factory=dict)
     """Plugin name -> what it raised."""
+    judge: dict[str, Any] = field(default_factory=dict)
+    """eval.judge's counts: {graded, unparsable, failed, model} (its means are generation metrics)."""
 
 
 @dataclass
@@ -104,6 +108,8 @@ def write_predictions(
         hints: `generation.read_hints` / `hints_of`: where greedy answers stop.
         plugins: `plugins.load_plugins(eval.metrics_plugins)`; one that raises is reported in the
             summary's plugin_errors and `warn`, and loses nothing else.
+        eval_cfg: with a judge (eval.judge), the greedy answers are also graded by it
+            (`eval.judge.judge_answers`); what it could not grade is counted, never fatal.
 
     Returns:
         The counts and corpus metrics for eval.json.
@@ -131,9 +137,13 @@ def write_predictions(
     summary.dropped = dict(counts.dropped)
     if generated:
         summary.generation = generation_summary(generated)
+    reserved = BUILT_IN_METRICS
+    if eval_cfg.judge is not None and generated:
+        _apply_judge(tmp, eval_cfg.judge, generated, summary, warn)
+        reserved = reserved | {metric_name(c) for c in eval_cfg.judge.criteria}
     if plugins:
         scored = generated if task != "classification" else None
-        _apply_plugins(tmp, plugins, scored, summary, task, warn)
+        _apply_plugins(tmp, plugins, scored, summary, task, warn, reserved)
     tmp.replace(path)
     return summary
 
@@ -234,8 +244,24 @@ def _answer(model, tokenizer, rows: list[dict], items: list[_Item], eval_cfg: Ev
         row["scores"] = sentence_scores(answer.text, row["reference"])
 
 
+def _apply_judge(path: Path, judge: JudgeConfig, generated: list[dict], summary: PredictionSummary, warn) -> None:
+    """The judge's grades of the greedy answers: per example in the rows of `path` (rewritten),
+    their means in the summary's generation metrics, its counts in the summary's judge."""
+    judged = judge_answers(generated, judge, warn)
+    summary.judge = judged.counts()
+    summary.generation.update(judged.means)
+    if judged.graded:
+        _rewrite(path, generated)
+
+
 def _apply_plugins(
-    path: Path, plugins: list[Plugin], generated: list[dict] | None, summary: PredictionSummary, task: str, warn
+    path: Path,
+    plugins: list[Plugin],
+    generated: list[dict] | None,
+    summary: PredictionSummary,
+    task: str,
+    warn,
+    reserved: frozenset[str] = BUILT_IN_METRICS,
 ) -> None:
     """Run each plugin on the predictions, put its values in the summary and (per example) in the
     rows of `path`, rewritten."""
@@ -252,7 +278,7 @@ def _apply_plugins(
         [r["prediction"] for r in scored],
         [r["reference"] for r in scored],
         [r["input"] for r in scored],
-        reserved=BUILT_IN_METRICS,
+        reserved=reserved,
     )
     for name, message in errors.items():
         warn(f"eval.metrics_plugins: {name} failed: {message}; the other results are kept")
@@ -262,7 +288,13 @@ def _apply_plugins(
         return
     for i, row in enumerate(scored):
         row.setdefault("scores", {}).update({k: v[i] for k, v in per_example.items()})
-    by_index = {r["index"]: r for r in scored}
+    _rewrite(path, scored, rows)
+
+
+def _rewrite(path: Path, changed: list[dict], rows: list[dict] | None = None) -> None:
+    """`path` with the lines of the `changed` rows (by index) replaced by them; `rows`: all of
+    its rows, when they are already read."""
+    by_index = {r["index"]: r for r in changed}
     lines = path.read_text(encoding="utf-8").splitlines() if rows is None else None
     with path.open("w", encoding="utf-8") as out:
         for row in rows if rows is not None else (json.loads(line) for line in lines):

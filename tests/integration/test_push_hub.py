@@ -5,11 +5,13 @@ The Hugging Face Hub cannot be reached from the test machines, so these tests re
 HTTP boundary only: huggingface_hub's own client factory (`set_client_factory`) gets an
 `httpx2.MockTransport` that implements just enough of the Hub's HTTP API (repo create, repo and
 revision info, branch create, README metadata validation, preupload, the LFS batch API and the
-upload it points to, the NDJSON commit) to keep the repository's files per branch and record every
-request. Everything above that boundary is the real code: lmforge's export of a tiny trained run,
-HfApi's upload logic (which files are LFS, skipping unchanged files), lmforge's error handling.
-Xet is switched off (`constants.HF_HUB_DISABLE_XET`): with hf_xet installed, LFS files would go
-through hf_xet's own HTTP client, which no httpx transport sees.
+upload it points to, the NDJSON commit, pull requests) to keep the repository's files per branch
+and record every request. Everything above that boundary is the real code: lmforge's export of a
+tiny trained run, HfApi's upload logic (which files are LFS, skipping unchanged files), lmforge's
+error handling. Xet is switched off (`constants.HF_HUB_DISABLE_XET`): with hf_xet installed, LFS
+files would go through hf_xet's own HTTP client, which no httpx transport sees. One test keeps it
+on with a Hub that stores every file in git, so that huggingface_hub's Xet pipeline (the path a
+user with hf_xet takes) is checked too, short of hf_xet's own transfers.
 """
 
 import base64
@@ -54,12 +56,13 @@ class FakeHub:
     """The Hub's HTTP API as far as `push_to_hub` uses it: repositories with their branches and
     files, LFS objects, and every request recorded (method, host, path, query, authorization, body)."""
 
-    def __init__(self, token: str = TOKEN, writable: bool = True):
-        self.token, self.writable = token, writable
+    def __init__(self, token: str = TOKEN, writable: bool = True, lfs_suffixes: tuple[str, ...] = LFS_SUFFIXES):
+        self.token, self.writable, self.lfs_suffixes = token, writable, lfs_suffixes
         self.repos: dict[str, dict] = {}
         self.lfs: dict[str, bytes] = {}
         self.requests: list[dict] = []
         self.commits: list[dict] = []
+        self.pull_requests: list[str] = []  # their titles; number n is refs/pr/n
         self.shas = (hashlib.sha1(str(n).encode()).hexdigest() for n in itertools.count())
         self.routes = [
             ("POST", r"/api/repos/create", self.create_repo),
@@ -69,6 +72,8 @@ class FakeHub:
             ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", self.preupload),
             ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", self.lfs_batch),
             ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", self.commit),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/discussions", self.open_pull_request),
+            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/discussions/(?P<num>\d+)", self.pull_request),
         ]
 
     # -- transport -----------------------------------------------------------------------------
@@ -102,8 +107,8 @@ class FakeHub:
                 return route(request, body, **{k: unquote(v) for k, v in match.groupdict().items() if v})
         raise AssertionError(f"the fake Hub has no route for {request.method} {path}")
 
-    def install(self, monkeypatch) -> None:
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    def install(self, monkeypatch, xet: bool = False) -> None:
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", not xet)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "ENDPOINT", ENDPOINT)
         set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(self.handle)))
@@ -158,7 +163,7 @@ class FakeHub:
             return ref
         files = []
         for entry in json.loads(body)["files"]:
-            lfs = entry["path"].endswith(LFS_SUFFIXES)
+            lfs = entry["path"].endswith(self.lfs_suffixes)
             remote = ref["files"].get(entry["path"])
             oid = None if remote is None else hashlib.sha256(remote).hexdigest() if lfs else git_oid(remote)
             mode = "lfs" if lfs else "regular"
@@ -193,10 +198,35 @@ class FakeHub:
         if request.url.params.get("create_pr") == "1":
             number = sum(name.startswith("refs/pr/") for name in refs) + 1
             rev, pr_url = f"refs/pr/{number}", f"{ENDPOINT}/{repo}/discussions/{number}"
+            self.pull_requests.append(header["summary"])
         refs[rev] = new
         self.commits.append({"repo": repo, "revision": rev, "header": header, "files": added, "lines": lines})
         url = f"{ENDPOINT}/{repo}/commit/{new['sha']}"
         return httpx2.Response(200, json={"commitUrl": url, "commitOid": new["sha"], "pullRequestUrl": pr_url})
+
+    def open_pull_request(self, request, body, repo):
+        """A pull request opened before its commits (huggingface_hub's Xet pipeline does this)."""
+        refs = self.repos[repo]["refs"]
+        self.pull_requests.append(json.loads(body)["title"])
+        refs[f"refs/pr/{len(self.pull_requests)}"] = dict(refs["main"])
+        return httpx2.Response(200, json={"num": len(self.pull_requests)})
+
+    def pull_request(self, request, body, repo, num):
+        return httpx2.Response(
+            200,
+            json={
+                "title": self.pull_requests[int(num) - 1],
+                "num": int(num),
+                "author": {"name": "lmforge-test"},
+                "createdAt": "2026-01-01T00:00:00.000Z",
+                "status": "draft",
+                "repo": {"name": repo, "type": "model"},
+                "isPullRequest": True,
+                "events": [],
+                "changes": {"base": "refs/heads/main"},
+                "filesWithConflicts": [],
+            },
+        )
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +253,16 @@ def hub(monkeypatch, tmp_path):
 
 def exported_files(export: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in export.iterdir() if p.name != OWNED_MARKER}
+
+
+def with_a_new_card(export: Path, tmp_path: Path) -> Path:
+    """A copy of the export whose README.md alone differs."""
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for name, data in exported_files(export).items():
+        (changed / name).write_bytes(data)
+    (changed / "README.md").write_text((export / "README.md").read_text() + "\nA note.\n")
+    return changed
 
 
 @pytest.mark.slow
@@ -266,12 +306,7 @@ def test_an_unchanged_push_makes_no_commit_and_a_changed_file_is_the_only_one_se
     again = push_to_hub(out, REPO, None, False, False, f"lmforge: {run_dir.name} again")
     assert again == f"{NOTHING_CHANGED}{first}" and len(hub.commits) == 1
 
-    changed = tmp_path / "changed"
-    changed.mkdir()
-    for name, data in exported_files(out).items():
-        (changed / name).write_bytes(data)
-    (changed / "README.md").write_text((out / "README.md").read_text() + "\nA note.\n")
-    url = push_to_hub(changed, REPO, None, False, False, "lmforge: a new card")
+    url = push_to_hub(with_a_new_card(out, tmp_path), REPO, None, False, False, "lmforge: a new card")
     assert url == f"{ENDPOINT}/{REPO}/commit/{hub.repos[REPO]['refs']['main']['sha']}" and url != first
     assert list(hub.commits[-1]["files"]) == ["README.md"]
 
@@ -333,6 +368,25 @@ def test_refusals_say_the_fix_in_one_line_and_never_the_token(export, hub, monke
     for failure in failures.values():
         message = str(failure.value)
         assert TOKEN not in message and "\n" not in message and message.startswith(f"hf://{REPO}: ")
+
+
+@pytest.mark.slow
+def test_through_the_xet_pipeline_commits_skips_and_pull_requests_go_the_same_way(export, hub, monkeypatch, tmp_path):
+    """With hf_xet installed (the default), upload_folder takes its Xet pipeline. LFS files would
+    travel through hf_xet's own client, so this Hub keeps every file in git; the commits, the
+    unchanged-file skip and the pull request are the pipeline's own."""
+    run_dir, out = export
+    hub.lfs_suffixes = ()
+    hub.install(monkeypatch, xet=True)
+    first = push_to_hub(out, REPO, None, False, False, f"lmforge: {run_dir.name}")
+    assert hub.commits[-1]["files"] == exported_files(out) and first.endswith(hub.repos[REPO]["refs"]["main"]["sha"])
+    assert push_to_hub(out, REPO, None, False, False, "again") == f"{NOTHING_CHANGED}{first}"
+    assert push_to_hub(out, REPO, None, False, True, "a pull request") == f"{NOTHING_CHANGED}{first}"
+    assert hub.pull_requests == [] and len(hub.commits) == 1  # no empty pull request either
+
+    pr = push_to_hub(with_a_new_card(out, tmp_path), REPO, None, False, True, f"lmforge: {run_dir.name} card")
+    assert pr == f"{ENDPOINT}/{REPO}/discussions/1" and hub.pull_requests == [f"lmforge: {run_dir.name} card"]
+    assert hub.commits[-1]["revision"] == "refs/pr/1" and list(hub.commits[-1]["files"]) == ["README.md"]
 
 
 def test_hf_addresses_give_the_repository_and_revision_or_say_the_form():

@@ -68,7 +68,7 @@ class FakeHub:
             ("POST", r"/api/repos/create", self.create_repo),
             ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?", self.repo_info),
             ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<rev>[^/]+)", self.create_branch),
-            ("POST", r"/api/validate-yaml", lambda request, body: httpx2.Response(200, json={})),
+            ("POST", r"/api/validate-yaml", self.validate_yaml),
             ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", self.preupload),
             ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", self.lfs_batch),
             ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", self.commit),
@@ -155,6 +155,14 @@ class FakeHub:
         if rev in refs:
             return httpx2.Response(409, json={"error": "Reference already exists"})
         refs[rev] = dict(refs["main"])
+        return httpx2.Response(200, json={})
+
+    def validate_yaml(self, request, body):
+        """The Hub's check of a card's metadata, as far as lmforge could get it wrong: base_model."""
+        base = (ModelCard(json.loads(body)["content"]).data.base_model or "").strip()
+        if base.startswith(("/", ".")):
+            message = f'"base_model" with value "{base}" is not valid. Use a model id from https://hf.co/models.'
+            return httpx2.Response(400, json={"errors": [{"message": message}]})
         return httpx2.Response(200, json={})
 
     def preupload(self, request, body, repo, rev):
@@ -355,6 +363,13 @@ def test_refusals_say_the_fix_in_one_line_and_never_the_token(export, hub, monke
     push_to_hub(out, REPO, None, False, False, "public")
     with pytest.raises(UserError, match="exists and is public") as failures["private"]:
         push_to_hub(out, REPO, None, True, False, "x")
+
+    bad_card = with_a_new_card(out, tmp_path)
+    (bad_card / "README.md").write_text("---\nbase_model: /home/me/base\n---\n# a card\n")
+    with pytest.raises(UserError, match="the Hub refuses the model card: .*base_model.* is not valid") as failures[
+        "card"
+    ]:
+        push_to_hub(bad_card, REPO, None, False, False, "x")
 
     def unreachable(request):
         raise httpx2.ConnectError(f"connection refused while sending {request.headers.get('authorization')}")

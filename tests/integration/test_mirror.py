@@ -130,3 +130,31 @@ def test_an_unreachable_mirror_is_said_before_training(tmp_path, s3_bucket):
     assert "the bucket does not exist" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "runs").glob("run-2*"))  # nothing trained, no run directory
+
+
+def test_a_directory_mirror_holds_the_whole_run_and_sync_restores_what_it_lost(tiny_config, tmp_path):
+    """A mounted drive (Colab's Google Drive) as the mirror: a plain directory."""
+    import io
+
+    from rich.console import Console
+
+    from lmforge.run import run_train
+    from lmforge.tracking.sync import sync_run
+
+    mirror = tmp_path / "drive" / "lmforge"
+    config = tiny_config(f"train.mirror={mirror}", "train.save_every=2", "train.keep_last=1")
+    run_dir = run_train(config, Console(file=io.StringIO())).run_dir
+    copy = mirror / run_dir.name
+    local = {p.relative_to(run_dir) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    remote = {p.relative_to(copy) for p in copy.rglob("*") if p.is_file()}
+    assert remote - local == {p.relative_to(copy) for p in copy.rglob("lmforge_manifest.json")}
+    assert local <= remote  # everything, checkpoints pruned to keep_last there too
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-000004"]
+    for path in local:
+        assert (copy / path).read_bytes() == (run_dir / path).read_bytes(), path
+
+    (copy / "final" / "model.safetensors").unlink()
+    messages = []
+    sync_run(run_dir, [], log=messages.append)
+    assert (copy / "final" / "model.safetensors").read_bytes() == (run_dir / "final" / "model.safetensors").read_bytes()
+    assert any("holds the run directory" in m for m in messages)

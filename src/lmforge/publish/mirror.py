@@ -95,18 +95,24 @@ class MirrorTracker:
         self._send_run_files(every=True)
         self._prune()
 
+    def log_artifact(self, path: Path) -> None:
+        """One file of the run directory, as it is now (sent again if it changes later)."""
+        if path.is_file() and path.resolve().is_relative_to(self.run_dir.resolve()):
+            with tempfile.TemporaryDirectory(prefix="lmforge-mirror-") as tmp:
+                snapshot = Path(tmp) / path.name
+                shutil.copyfile(path, snapshot)
+                key = path.resolve().relative_to(self.run_dir.resolve()).as_posix()
+                self.store.put(snapshot, join(self.prefix, key), file_sha256(snapshot))
+
     def where(self) -> str:
         return f"mirror: {self.store.url if self.store else self.url}/{self.prefix}"
 
     def _send_run_files(self, every: bool = False) -> None:
         """The run's top-level files (every one at the end, else those a resume needs), each
         replaced whole; no manifest: a resume reads them as they are."""
-        with tempfile.TemporaryDirectory(prefix="lmforge-mirror-") as tmp:
-            for path in sorted(self.run_dir.iterdir()):
-                if path.is_file() and path.name not in _LOCAL_ONLY and (every or path.name in RUN_FILES):
-                    snapshot = Path(tmp) / path.name  # metrics.jsonl grows while it travels
-                    shutil.copyfile(path, snapshot)
-                    self.store.put(snapshot, join(self.prefix, path.name), file_sha256(snapshot))
+        for path in sorted(self.run_dir.iterdir()):
+            if path.is_file() and path.name not in _LOCAL_ONLY and (every or path.name in RUN_FILES):
+                self.log_artifact(path)  # a snapshot: metrics.jsonl grows while it travels
 
     def _prune(self) -> None:
         kept = {c.path.name for c in list_checkpoints(self.run_dir / "checkpoints")}

@@ -326,7 +326,12 @@ class LocalStore:
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
-            (self.root / key).unlink(missing_ok=True)
+            path = self.root / key
+            path.unlink(missing_ok=True)
+            for parent in path.parents:  # directories left empty go too, as S3 has no empty "directories"
+                if parent == self.root or not parent.is_relative_to(self.root) or any(parent.iterdir()):
+                    break
+                parent.rmdir()
 
 
 # --------------------------------------------------------------------------- directories

@@ -391,6 +391,10 @@ class Trackers:
                 f"`lmforge sync {self.run_dir}`" + (f" when {channel.name} is back" if not delivered else "")
             )
         self._record(status=status, missing=missing)
+        for channel in self.channels:  # the mirror's tracking.json says how the run ended
+            if hasattr(channel.tracker, "log_checkpoint") and channel.name not in missing and self.run_dir:
+                channel.put("log_artifact", self.run_dir / TRACKING_FILE)
+                channel.close(self.flush_timeout)
         return missing
 
     def _record(self, status: str = "RUNNING", missing: Mapping[str, int] | None = None) -> None:

@@ -3,21 +3,18 @@ loopback port): answers as `lmforge generate` gives them, streams that add up to
 eight clients at once, OpenAI-shaped 4xx errors, the API key, cancellation when a client leaves,
 classifiers and seq2seq models, and no secret in any response or log line."""
 
-import contextlib
 import io
 import json
 import os
 import random
 import signal
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 import yaml
 from rich.console import Console
 
@@ -27,6 +24,7 @@ from conftest import (
     free_port,
     lmforge_command,
     save_tiny_bert,
+    serving,
     subprocess_env,
     tiny_config_dict,
 )
@@ -62,29 +60,11 @@ def chat_run(tmp_path_factory):
     return train(tmp, raw)
 
 
-@contextlib.contextmanager
-def running(app):
-    """The app on a free loopback port, in uvicorn, in a background thread: its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def chat_server(chat_run):
     """The chat run served under its link's name, with an API key."""
     served = ServedModel.load(chat_run.parent / "chat-latest")
-    with running(create_app(served, api_key=KEY)) as url:
+    with serving(create_app(served, api_key=KEY)) as url:
         yield served, url
 
 
@@ -296,7 +276,7 @@ def test_a_classifier_answers_classify_and_refuses_completions(tmp_path, tokeniz
     raw["data"].update({"format": "classification", "max_length": 48})
     run_dir = train(tmp_path, raw)
     served = ServedModel.load(run_dir, name="verses")
-    with running(create_app(served)) as url:
+    with serving(create_app(served)) as url:
         texts = ["In the beginning God created the heaven and the earth.", "And Moses said unto the LORD"]
         response = httpx.post(f"{url}/v1/classify", json={"model": "verses", "input": texts})
         assert response.status_code == 200, response.text
@@ -334,7 +314,7 @@ def test_a_seq2seq_model_answers_completions(tmp_path):
     run_dir = train(tmp_path, raw)
     served = ServedModel.load(run_dir)
     assert served.task == "seq2seq" and served.name == run_dir.name
-    with running(create_app(served)) as url:
+    with serving(create_app(served)) as url:
         api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         answer = api.completions.create(model=run_dir.name, prompt="light day fish", temperature=0, max_tokens=8)
         prompt = served.completion_prompt("light day fish")

@@ -309,12 +309,15 @@ def export_command(
         help="Write into a non-empty directory that is not an export, beside its files (never over them).",
         metavar="",
     ),
+    license: str = typer.Option(
+        None, "--license", help="The model card's licence (an SPDX id, e.g. apache-2.0); default: the base model's."
+    ),
 ) -> None:
     """Write a self-contained Hugging Face directory with a model card."""
     from lmforge.export.export import export_run
 
     _quiet_libraries()
-    path = export_run(run, out, merge_lora=merge_lora, force=force)
+    path = export_run(run, out, merge_lora=merge_lora, force=force, license=license)
     console.print(f"exported {run} to {path}")
 
 
@@ -350,13 +353,16 @@ def push_command(
     endpoint_url: str = typer.Option(
         None, "--endpoint-url", help="s3: an S3-compatible server (default: storage.endpoint_url, AWS_ENDPOINT_URL)."
     ),
+    license: str = typer.Option(
+        None, "--license", help="The model card's licence (an SPDX id, e.g. apache-2.0); default: the base model's."
+    ),
 ) -> None:
     """Publish a run: export it (as `lmforge export`) and send it to the Hub, S3 or the MLflow registry.
     Credentials come from the environment only (HF_TOKEN, AWS_*, MLFLOW_TRACKING_*)."""
     from lmforge.publish.push import push_run
 
     _quiet_libraries()
-    for line in push_run(run, to, merge_lora, private, create_pr, endpoint_url, log=console.print):
+    for line in push_run(run, to, merge_lora, private, create_pr, endpoint_url, log=console.print, license=license):
         console.print(line, highlight=False)
 
 

@@ -92,6 +92,7 @@ def push_run(
     create_pr: bool = False,
     endpoint_url: str | None = None,
     log: Callable[[str], None] = print,
+    license: str | None = None,
 ) -> list[str]:
     """Export `target` (a finished run, a paused run or a checkpoint) once and send it to every URL;
     return one line per destination saying where it went and what was sent.
@@ -119,7 +120,7 @@ def push_run(
     step = json.loads((model_dir / "trainer_state.json").read_text())["step"] if kind == "checkpoint" else None
     what = f"{run_dir.name}" + (f" (checkpoint at step {step})" if step is not None else "")
     with tempfile.TemporaryDirectory(prefix="lmforge-push-") as tmp:
-        export = export_run(Path(target), Path(tmp) / "model", merge_lora=merge_lora)
+        export = export_run(Path(target), Path(tmp) / "model", merge_lora=merge_lora, license=license)
         (export / OWNED_MARKER).unlink(missing_ok=True)  # lmforge's local bookkeeping, not the model's
         push = Push(Path(target), run_dir, config, export, what, merge_lora, private, create_pr, endpoint_url, log)
         return [f"{d.url}: {push.send(d)}" for d in destinations]

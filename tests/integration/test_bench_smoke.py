@@ -120,3 +120,15 @@ def test_report_size_smoke(tmp_path):
     lines = run_bench("report_size.py", "--smoke", "--workspace", str(tmp_path))
     assert lines[0].startswith("one run: ") and lines[1].startswith("sweep of 10 trials: ")
     assert (tmp_path / "sweep.html").stat().st_size > (tmp_path / "one.html").stat().st_size
+
+
+def test_serve_smoke():
+    """The real `lmforge serve` answers 1 and then 2 concurrent clients; the table and the summary come out."""
+    lines = run_bench("serve.py", "--smoke")
+    assert lines[0].split() == ["clients", "requests", "req/s", "p50_ms", "p95_ms", "tok/s"]
+    rows = [line.split() for line in lines[1:3]]
+    assert [(r[0], r[1]) for r in rows] == [("1", "4"), ("2", "4")]
+    for row in rows:
+        rps, p50, p95, tok_s = map(float, row[2:])
+        assert rps > 0 and 0 < p50 <= p95 and 0 < tok_s <= 4 * rps + 0.1  # at most 4 new tokens a request (rounded)
+    assert lines[-1].startswith("summary (cpu, ") and "2 clients " in lines[-1] and "x the req/s of 1" in lines[-1]

@@ -8,6 +8,9 @@
 #   bash bench/gpu_session.sh sweep   # sweeps on CUDA: grid, resume after kill, multirun; overhead
 #   bash bench/gpu_session.sh results # predictions.jsonl on CUDA (per-row chunked loss, batched greedy
 #                                     # generation with left padding), eval --baseline, report size
+#   bash bench/gpu_session.sh serve   # lmforge serve on CUDA through the openai client (streaming,
+#                                     # 8 concurrent clients, cancellation), bench/serve.py figures;
+#                                     # train.mirror + --resume auto from a moto server in bf16
 #
 # The machine has torch, transformers and pytest but not every package lmforge needs: the
 # missing ones travel as wheels in .whl (ignored; the device tool's `carry: [".whl"]`). Logs go
@@ -15,9 +18,9 @@
 # bench/RESULTS.md with the hardware and the date.
 set -euo pipefail
 case "${1:-}" in
-tests | mfu | peers | sweep | results) ;;
+tests | mfu | peers | sweep | results | serve) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|mfu|peers|sweep|results" >&2
+    echo "usage: bash bench/gpu_session.sh tests|mfu|peers|sweep|results|serve" >&2
     exit 2
     ;;
 esac
@@ -65,6 +68,13 @@ results)
     python3 -m pytest -q -p no:cacheprovider tests/integration/test_predictions.py tests/unit/test_stats.py \
         tests/unit/test_analysis.py 2>&1 | tee "$out/results-tests.log"
     python3 bench/report_size.py 2>&1 | tee "$out/report-size.log"
+    ;;
+serve)
+    # Needs fastapi, uvicorn, openai, boto3 and moto[server] (with werkzeug, flask) in .whl where missing.
+    # The mirror's bit-exact resume holds where CUDA's kernels are deterministic: a difference is a finding.
+    python3 -m pytest -q -p no:cacheprovider tests/integration/test_serve.py tests/integration/test_mirror.py \
+        2>&1 | tee "$out/serve-tests.log"
+    python3 bench/serve.py 2>&1 | tee "$out/serve.log"
     ;;
 peers)
     for workload in sft pretrain; do

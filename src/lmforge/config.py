@@ -311,7 +311,7 @@ class GenerateConfig(Section):
     temperature: float = Field(default=0.8, ge=0.0)
     """Sampling temperature; 0 means greedy decoding."""
     top_k: int | None = Field(default=50, ge=1)
-    """Sample only among the k most likely tokens."""
+    """Sample only among the k most likely tokens; null: among all of them."""
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     """Nucleus sampling: only among the most likely tokens whose probabilities add up to p."""
     stop: list[str] = []

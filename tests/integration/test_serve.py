@@ -182,6 +182,7 @@ def test_bad_requests_are_openai_errors_never_500(chat_server):
         ({"n": 2}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": ""}, "stop"),
+        ({"seed": 2**64}, "seed"),
         ({"logprobs": 3}, "logprobs"),
         ({"echo": True}, "echo"),
         ({"prompt": ["one", "two"]}, "prompt"),

@@ -64,7 +64,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     """One stop string or up to four; they end the answer and are not part of it."""
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     """The same seed and the same request give the same text; absent: a fresh seed each time."""
     n: int = Field(default=1, ge=1)
     user: str | None = None

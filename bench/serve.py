@@ -1,14 +1,17 @@
 """Throughput and latency of `lmforge serve` for 1, 4 and 8 concurrent clients.
 
-    python bench/serve.py              # 48 requests per level, 32 new tokens each
-    python bench/serve.py --smoke      # 1 and 2 clients, 4 requests of 4 tokens (tested)
+    python bench/serve.py              # 48 requests per level, 32 new tokens each, medians of 3
+    python bench/serve.py --smoke      # 1 and 2 clients, 4 requests of 4 tokens, once (tested)
 
 The served model is a tiny Llama (llama-tiny's sizes: 2 layers, width 64; random weights) with a
 512-token BPE tokenizer trained on the shipped KJV text, saved as a model directory, started with
 the real command (`python -m lmforge serve DIR`) in its own process on a loopback port. Each
 client is a thread with the official `openai` client sending greedy completions of KJV verses
-one after another; a level ends when its requests are answered. Printed per level: requests per
-second, the median and 95th-percentile latency of a request, and the new tokens per second.
+one after another (16 verses in turn, each sent once before the levels); a level ends when its
+requests are answered. Each level runs `--repeats` times in alternating order (a single pass
+measured whichever level came first several times slower; bench/RESULTS.md). Printed per level,
+medians: requests per second, the median and 95th-percentile latency of a request, and the new
+tokens per second.
 
 The server generates one answer at a time (no batching), so more clients queue: requests per
 second stay about level while latency grows with the queue. What the figures show is the server's
@@ -126,37 +129,53 @@ def run_level(url: str, clients: int, requests: int, tokens: int, prompts: list[
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="1 and 2 clients, 4 requests of 4 tokens")
-    parser.add_argument("--clients", type=int, nargs="+", default=None, help="Levels (default 1 4 8).")
-    parser.add_argument("--requests", type=int, default=None, help="Requests per level (default 48).")
-    parser.add_argument("--tokens", type=int, default=None, help="New tokens per request (default 32).")
-    args = parser.parse_args()
-    levels = args.clients or ([1, 2] if args.smoke else [1, 4, 8])
-    requests = args.requests or (4 if args.smoke else 48)
-    tokens = args.tokens or (4 if args.smoke else 32)
-    prompts = [line.strip() for line in KJV.read_text(encoding="utf-8").splitlines() if len(line.strip()) > 40][:64]
+def measure(levels: list[int], repeats: int, requests: int, tokens: int, prompts: list[str]) -> list[dict]:
+    """Each level `repeats` times against one server, the levels' order reversed on every other
+    repeat (so that none always runs first); per level, the median of each figure."""
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-serve-") as workspace:
         model_dir = make_model(Path(workspace) / "tiny")
         port = free_port()
         server = start_server(model_dir, port)
         try:
             url = f"http://127.0.0.1:{port}"
-            run_level(url, 1, 2, tokens, prompts)  # warm-up, not reported
-            results = [run_level(url, n, requests, tokens, prompts) for n in levels]
+            run_level(url, 1, len(prompts), tokens, prompts)  # warm-up: each prompt once, not reported
+            runs: dict[int, list[dict]] = {n: [] for n in levels}
+            for repeat in range(repeats):
+                for n in levels if repeat % 2 == 0 else levels[::-1]:
+                    runs[n].append(run_level(url, n, requests, tokens, prompts))
         finally:
             server.terminate()
             server.wait(timeout=60)
+    figures = ("rps", "p50", "p95", "tok_s")
+    return [
+        {"clients": n, "requests": requests, **{k: statistics.median(r[k] for r in runs[n]) for k in figures}}
+        for n in levels
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="1 and 2 clients, 4 requests of 4 tokens, once")
+    parser.add_argument("--clients", type=int, nargs="+", default=None, help="Levels (default 1 4 8).")
+    parser.add_argument("--requests", type=int, default=None, help="Requests per level (default 48).")
+    parser.add_argument("--tokens", type=int, default=None, help="New tokens per request (default 32).")
+    parser.add_argument("--repeats", type=int, default=None, help="Runs of each level; medians (default 3).")
+    args = parser.parse_args()
+    levels = args.clients or ([1, 2] if args.smoke else [1, 4, 8])
+    requests = args.requests or (4 if args.smoke else 48)
+    tokens = args.tokens or (4 if args.smoke else 32)
+    repeats = args.repeats or (1 if args.smoke else 3)
+    verses = [line.strip() for line in KJV.read_text(encoding="utf-8").splitlines() if len(line.strip()) > 40]
+    results = measure(levels, repeats, requests, tokens, verses[: 4 if args.smoke else 16])
     print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'p50_ms':>8} {'p95_ms':>8} {'tok/s':>7}")
     for r in results:
         figures = f"{r['rps']:>7.2f} {r['p50']:>8.0f} {r['p95']:>8.0f} {r['tok_s']:>7.1f}"
         print(f"{r['clients']:>7} {r['requests']:>8} {figures}")
     first, last = results[0], results[-1]
     print(
-        f"summary (cpu, {os.cpu_count()} cores, {tokens} new tokens a request, {requests} requests a level): "
-        f"{last['clients']} clients {last['rps'] / first['rps']:.2f}x the req/s of {first['clients']}, "
-        f"p95 latency {last['p95'] / first['p95']:.1f}x"
+        f"summary (cpu, {os.cpu_count()} cores, medians of {repeats}, {tokens} new tokens a request, {requests} "
+        f"requests a level): {last['clients']} clients {last['rps'] / first['rps']:.2f}x the req/s of "
+        f"{first['clients']}, p95 latency {last['p95'] / first['p95']:.1f}x"
     )
 
 

@@ -396,3 +396,29 @@ def test_an_unset_api_key_variable_refuses_to_start(chat_run):
         state = "empty" if extra else "not set"
         assert f"--api-key-env SERVE_API_KEY_UNSET: that environment variable is {state}" in proc.stderr
     assert os.environ.get("SERVE_API_KEY_UNSET") is None
+
+
+def test_raw_completions_continue_the_text_as_given(chat_server):
+    served, _ = chat_server
+    raw = ServedModel(served.model, served.tokenizer, served.run_config, served.hints, "raw", raw=True)
+    assert raw.completion_prompt("In the beginning") == "In the beginning"  # no chat template around it
+    assert served.completion_prompt("In the beginning").startswith("<|im_start|>user\nIn the beginning")
+    with serving(create_app(raw)) as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = api.completions.create(model="raw", prompt="In the beginning", temperature=0, max_tokens=8)
+    cfg = GenerateConfig(max_new_tokens=8, temperature=0)  # as `lmforge generate --raw`: no hints
+    assert answer.choices[0].text == respond(served.model, served.tokenizer, ["In the beginning"], cfg, 0)[0]
+
+
+def test_a_port_in_use_is_a_message(chat_run):
+    import socket
+
+    from lmforge.errors import UserError
+    from lmforge.serve.app import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=rf"--host 127.0.0.1 --port {port}: cannot listen there .*another --port"):
+            serve(chat_run, port=port)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, lmforge_command, subprocess_env, tiny_config_dict
+from conftest import ROOT, S3_KEYS, lmforge_command, subprocess_env, tiny_config_dict
 
 pytestmark = pytest.mark.slow
 STEPS = 80
@@ -115,6 +115,10 @@ def test_sigkill_then_resume_from_the_mirror_on_a_fresh_machine_is_bit_exact(tmp
     assert remote_checkpoints == {p.name for p in (run_dir / "checkpoints").iterdir()}
     body = boto3.client("s3").get_object(Bucket=s3_bucket, Key=f"mirror/{run_name}/final/model.safetensors")["Body"]
     assert body.read() == (run_dir / "final" / "model.safetensors").read_bytes()
+    secret = S3_KEYS["AWS_SECRET_ACCESS_KEY"].encode()  # in the environment of both runs; in no file or line
+    for key in mirrored:
+        assert secret not in boto3.client("s3").get_object(Bucket=s3_bucket, Key=key)["Body"].read(), key
+    assert secret.decode() not in out + (machine / "first.log").read_text()
 
 
 def test_an_unreachable_mirror_is_said_before_training(tmp_path, s3_bucket):

@@ -421,3 +421,23 @@ def test_hf_addresses_give_the_repository_and_revision_or_say_the_form():
     for url, says in bad.items():
         with pytest.raises(UserError, match=re.escape(says)):
             parse_hf_url(url)
+
+
+@pytest.mark.slow
+def test_lmforge_push_sends_one_export_to_the_hub_and_s3_at_once(export, hub, s3_bucket, tmp_path):
+    """`lmforge push RUN --to hf://... --to s3://...` (push_run, the command's function): the same
+    export reaches both; the Hub commit names the run; a second push changes nothing anywhere."""
+    from lmforge.publish.push import pull, push_run
+
+    run_dir, out = export
+    lines = push_run(run_dir, [f"hf://{REPO}@dev", f"s3://{s3_bucket}/m"], log=lambda _: None)
+    assert lines[0].startswith(f"hf://{REPO}@dev: {ENDPOINT}/{REPO}/commit/") and "0 already there" in lines[1]
+    [commit] = hub.commits
+    assert commit["header"]["summary"] == f"lmforge push {run_dir.name}"
+    assert commit["files"] == exported_files(out)
+    pulled, _ = pull(f"s3://{s3_bucket}/m", tmp_path / "pulled", log=lambda _: None)
+    assert exported_files(pulled) == commit["files"]  # the same bytes in both places
+
+    again = push_run(run_dir, [f"hf://{REPO}@dev", f"s3://{s3_bucket}/m"], log=lambda _: None)
+    assert again[0].startswith(f"hf://{REPO}@dev: {NOTHING_CHANGED}") and again[1].split(": ")[1].startswith("0 files")
+    assert len(hub.commits) == 1

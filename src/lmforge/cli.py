@@ -393,7 +393,7 @@ def serve_command(
         None,
         "--api-key-env",
         help="An environment variable holding the API key clients must send (Authorization: Bearer KEY); "
-        "default: no key. Not an LMFORGE_ name: those are config overrides.",
+        "default: LMFORGE_API_KEY if it is set, else no key.",
     ),
     model_name: str = typer.Option(None, "--model-name", help="What clients call the model (default: TARGET's name)."),
     raw: bool = typer.Option(

@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lmforge.errors import ConfigError
 
 ENV_PREFIX = "LMFORGE_"
-ENV_RESERVED = frozenset({"LMFORGE_MALLOC"})
-"""LMFORGE_ variables that are not config overrides: the allocator choice (lmforge.malloc)."""
+ENV_RESERVED = frozenset({"LMFORGE_MALLOC", "LMFORGE_API_KEY", "LMFORGE_CACHE"})
+"""LMFORGE_ variables that are not config overrides: the allocator choice (lmforge.malloc), the
+key `lmforge serve` requires by default, and where s3:// models are pulled to (publish.push)."""
 EXTRAS = {"wandb": "wandb", "comet": "comet_ml", "tensorboard": "tensorboard"}
 """Optional tracking backends: the extra that installs each, and the module it needs."""
 

@@ -321,14 +321,19 @@ def _type_tag(part: str) -> bool:
     return part in {"str", "int", "float", "bool", "list", "dict", "none"} or "[" in part
 
 
+DEFAULT_KEY_ENV = "LMFORGE_API_KEY"
+"""The variable whose key `lmforge serve` requires when no --api-key-env is given (if it is set)."""
+
+
 def api_key_from(variable: str | None) -> str | None:
-    """The API key the environment variable `variable` holds; None when no variable is named.
+    """The API key the environment variable `variable` holds. With no variable named, the key is
+    LMFORGE_API_KEY's when that is set and not empty, else there is none (None).
 
     Raises:
-        UserError: the variable is unset or empty (a server meant to need a key would be open).
+        UserError: the named variable is unset or empty (a server meant to need a key would be open).
     """
     if variable is None:
-        return None
+        return os.environ.get(DEFAULT_KEY_ENV, "").strip() or None
     key = os.environ.get(variable, "")
     if not key.strip():
         state = "empty" if variable in os.environ else "not set"

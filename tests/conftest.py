@@ -80,6 +80,26 @@ def rows_dataset(token_lists):
     )
 
 
+def save_tiny_llama(directory: Path, tokenizer, seed: int = 0) -> Path:
+    """A 2-layer Llama (width 32) with random weights and `tokenizer`, saved as a "pretrained" directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
 def save_tiny_t5(directory: Path, tokenizer, width: int = 64) -> Path:
     """A 2+2-layer T5 with random weights and `tokenizer`, saved as a "pretrained" directory."""
     import torch

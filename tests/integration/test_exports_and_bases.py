@@ -18,9 +18,8 @@ import pytest
 import torch
 import yaml
 from rich.console import Console
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import chapters, save_tiny_bert, save_tiny_t5
+from conftest import chapters, save_tiny_bert, save_tiny_llama, save_tiny_t5
 from lmforge.config import load_config
 from lmforge.errors import UserError
 from lmforge.eval.target import load_target
@@ -35,22 +34,6 @@ PROBE = "In the beginning God created"
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_bpe_tokenizer(chapters(30), vocab_size=400)
-
-
-def save_tiny_llama(directory: Path, tokenizer, seed: int = 0) -> Path:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    return directory
 
 
 def lines(n: int, start: int = 0) -> list[str]:

@@ -18,7 +18,7 @@ import yaml
 from huggingface_hub import ModelCard, constants
 from rich.console import Console
 
-from conftest import chapters, save_tiny_bert
+from conftest import chapters, save_tiny_bert, save_tiny_llama
 from lmforge.config import load_config
 from lmforge.export.export import export_run
 from lmforge.models.tokenizer import train_bpe_tokenizer
@@ -37,25 +37,6 @@ def cache_model(cache: Path, repo_id: str, model_dir: Path, readme: str | None =
     (repo / "refs" / "main").write_text(SNAPSHOT)
     if readme is not None:
         (repo / "snapshots" / SNAPSHOT / "README.md").write_text(readme)
-
-
-def save_tiny_llama(directory: Path, tokenizer) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    return directory
 
 
 def train(tmp: Path, base: str, task: str, lora: bool) -> Path:

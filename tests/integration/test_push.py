@@ -7,7 +7,6 @@ import subprocess
 
 import boto3
 import pytest
-import torch
 from rich.console import Console
 
 from conftest import S3_KEYS, lmforge_command, subprocess_env
@@ -134,19 +133,10 @@ def test_push_to_mlflow_with_an_alias_loads_and_predicts(run_dir, monkeypatch, t
 
 
 def test_model_name_or_path_s3_trains_from_the_pulled_copy(s3_bucket, tmp_path, monkeypatch, tiny_config):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import chapters
+    from conftest import chapters, save_tiny_llama
     from lmforge.models.tokenizer import train_bpe_tokenizer
 
-    base = tmp_path / "base"
-    tokenizer = train_bpe_tokenizer(chapters(20), vocab_size=300)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-    )
-    LlamaForCausalLM(config).save_pretrained(str(base))
-    tokenizer.save_pretrained(str(base))
+    base = save_tiny_llama(tmp_path / "base", train_bpe_tokenizer(chapters(20), vocab_size=300))
     store = open_store(f"s3://{s3_bucket}/bases/tiny")
     upload_dir(base, store)
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "lmforge-cache"))

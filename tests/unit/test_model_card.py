@@ -12,7 +12,9 @@ import pytest
 from huggingface_hub import ModelCard
 
 from lmforge.config import Config
-from lmforge.export.card import model_card
+from lmforge.errors import UserError
+from lmforge.export.card import LOCAL_DATASET_TYPE, check_license, local_base_warning, model_card
+from lmforge.export.export import export_run
 from lmforge.secrets import REDACTED
 
 EVAL = {
@@ -91,7 +93,7 @@ def test_an_adapter_a_merge_and_a_fine_tune_of_a_hub_model_name_it_with_their_re
         assert data["library_name"] == library
         assert data["tags"] == tags
         assert data["pipeline_tag"] == "text-generation"
-        assert data["datasets"] == ["train.jsonl"]
+        assert "datasets" not in data  # data/train.jsonl is a local file, no Hub dataset id
         assert "license" not in data  # none given, and the base's card is not on this machine
 
 
@@ -140,22 +142,93 @@ def test_the_model_index_holds_every_final_metric_of_eval_json_and_nothing_else(
     }
     assert got == expected
     assert len(got) == 8 and got[("test", "bleu")] == 3.5 and got[("validation", "loss")] == 2.5
-    datasets = {r.dataset_split: r.dataset_type for r in card.data.eval_results}
-    assert datasets == {"validation": "train.jsonl", "test": "test.jsonl"}  # validation was split off train
+    datasets = {r.dataset_split: (r.dataset_name, r.dataset_type) for r in card.data.eval_results}
+    assert datasets == {  # validation was split off train; local files are named, their type is no Hub id
+        "validation": ("train.jsonl", LOCAL_DATASET_TYPE),
+        "test": ("test.jsonl", LOCAL_DATASET_TYPE),
+    }
     assert card.data.model_name == "card-test"
     assert card.data.to_dict()["model-index"][0]["name"] == "card-test"
 
 
-def test_a_checkpoints_card_has_no_model_index(tmp_path):
+def test_a_checkpoints_card_has_no_model_index_and_says_why_it_has_no_metrics(tmp_path):
     card = load(tmp_path, model_card(run_dir(tmp_path), config(), False, checkpoint_step=20))
     assert card.data.eval_results is None and "model-index" not in card.data.to_dict()
     assert "20 steps (a checkpoint taken during training)" in card.text
+    metrics = card.text.split("## Final metrics")[1].split("##")[0]
+    assert metrics.strip() == "No final metrics: a checkpoint taken at step 20 during training."
+    full = load(tmp_path, model_card(run_dir(tmp_path / "full"), config(), False)).text
+    assert "| split | metric | value |\n|---|---|---|\n| validation | loss | 2.5000 |" in full
 
 
-def test_datasets_name_hub_ids_and_files_and_leave_globs_out(tmp_path):
+def test_datasets_name_hub_ids_only_and_the_model_index_names_local_files(tmp_path):
     train = ["hub:org/corpus:train", {"path": "more/extra.csv", "weight": 2.0}, "shards/*.jsonl"]
-    data = load(tmp_path, model_card(run_dir(tmp_path), config(train=train, test="hub:org/corpus:test"), False))
-    assert data.data.datasets == ["org/corpus", "extra.csv"]
+    cfg = config(train=train, test="hub:org/corpus:test", validation="data/spelling.jsonl")
+    card = load(tmp_path, model_card(run_dir(tmp_path), cfg, False))
+    assert card.data.datasets == ["org/corpus"]  # the Hub links these as dataset ids: no file names
+    assert "more/extra.csv" in card.text  # the body still names every source
+    datasets = {r.dataset_split: (r.dataset_name, r.dataset_type) for r in card.data.eval_results}
+    assert datasets == {
+        "validation": ("spelling.jsonl", LOCAL_DATASET_TYPE),
+        "test": ("org/corpus", "org/corpus"),
+    }
+
+
+@pytest.mark.parametrize("value", ["mit", "apache-2.0", "cc-by-4.0", "llama3", "other", "gpl-3.0+"])
+def test_a_hub_licence_id_is_accepted(value):
+    assert check_license(value) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        ("MIT", "Hub licence ids are lowercase; use --license mit"),
+        ("Apache-2.0", "use --license apache-2.0"),
+        ("not a license!!", "give one such as --license mit"),
+        ("", "give one such as --license mit"),
+        ("-mit", "give one such as --license mit"),
+    ],
+)
+def test_a_licence_that_is_no_hub_id_is_refused_with_the_fix(value, fix):
+    with pytest.raises(UserError, match="^--license ") as refused:
+        check_license(value)
+    assert repr(value) in str(refused.value) and fix in str(refused.value)
+
+
+def test_export_refuses_a_bad_licence_before_reading_the_run(tmp_path):
+    with pytest.raises(UserError, match="use --license mit"):  # not "no such file": nothing was read
+        export_run(tmp_path / "nowhere", tmp_path / "out", license="MIT")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_trained_from_scratch_is_worded_as_such(tmp_path):
+    text = load(tmp_path, model_card(run_dir(tmp_path), config(base=None), False)).text
+    use = text.split("## Intended use")[1].split("##")[0]
+    assert "trained from scratch" in use and "licence of its training data" in use
+    assert "fine-tuned" not in use and "base model" not in use
+    tuned = load(tmp_path, model_card(run_dir(tmp_path / "b"), config(), False)).text
+    assert "fine-tuned" in tuned.split("## Intended use")[1].split("##")[0]
+
+
+def test_an_adapter_of_a_local_base_says_so_where_it_is_loaded(tmp_path):
+    base = tmp_path / "my-base"
+    base.mkdir()
+    record = {"path": str(base), "given_as": "my-base", "fingerprint": None}
+    run = run_dir(tmp_path, base_record=record)
+    warning = local_base_warning(run)
+    assert warning is not None and str(base) in warning and "--merge-lora" in warning
+    adapter = load(tmp_path, model_card(run, config(base=str(base), lora=True), True)).text
+    how = adapter.split("## How to load")[1].split("```")[0]
+    assert how.strip() == f"**Note:** {warning}"
+    merged = load(tmp_path, model_card(run, config(base=str(base), lora=True), False)).text
+    assert "**Note:**" not in merged  # merged into the base: it stands alone
+
+
+def test_no_local_base_warning_for_a_hub_base_or_without_an_adapter(tmp_path):
+    hub = run_dir(tmp_path / "hub", base_record={"path": "org/base", "given_as": "org/base", "fingerprint": None})
+    assert local_base_warning(hub) is None
+    assert local_base_warning(run_dir(tmp_path / "full")) is None
+    assert "**Note:**" not in model_card(hub, config(lora=True), True)
 
 
 def test_the_data_report_is_summarised_per_split(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load,
 
 from lmforge.config import Config, looks_local, redacted_dict
 from lmforge.data.sources import HUB_PREFIX, hub_name
+from lmforge.errors import UserError
 from lmforge.models.peft import BASE_FILE
 from lmforge.secrets import redact_text
 
@@ -31,6 +33,53 @@ PIPELINE_TAGS = {
 
 METRIC_SPLITS = ("validation", "test", "generation")
 """The sections of eval.json whose numbers are the card's final metrics."""
+
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+"""A Hub licence id: lowercase letters, digits, '.', '-' and '+' (apache-2.0, mit, cc-by-4.0, llama3, other)."""
+
+LOCAL_DATASET_TYPE = "custom"
+"""The model-index `dataset.type` of data that is no Hub dataset (a local file, a mixture): the Hub
+documents `type` as a Hub dataset id and has none for a private file, so a neutral word that names
+none stands in, and `dataset.name` carries the file's name."""
+
+
+def check_license(value: str) -> str:
+    """`value` if it is a Hub licence id (lowercase: apache-2.0, mit, cc-by-4.0, llama3, other).
+
+    Raises:
+        UserError: any other value, with the lowercase form when that one would do.
+    """
+    if LICENSE_ID.fullmatch(value):
+        return value
+    if LICENSE_ID.fullmatch(value.lower()):
+        raise UserError(f"--license {value!r}: Hub licence ids are lowercase; use --license {value.lower()}")
+    raise UserError(
+        f"--license {value!r}: not a Hub licence id (lowercase letters, digits, '.', '-', '+'); "
+        "give one such as --license mit or --license apache-2.0, or --license other"
+    )
+
+
+def local_base_warning(directory: Path) -> str | None:
+    """One line saying that an adapter's base model is a directory on this machine, which a reader
+    of the published adapter does not have; None when there is no such adapter.
+
+    `lmforge push` prints it; the model card's "How to load" section says the same.
+
+    Args:
+        directory: a run directory, a checkpoint or an export: whatever holds lmforge_base.json
+            beside the adapter (an export made with --merge-lora holds none: it stands alone).
+
+    Returns:
+        The warning, naming the base's path and the fix, or None for a Hub base, a merged model,
+        a full fine-tune or a model trained from scratch.
+    """
+    base = _read_json(Path(directory) / BASE_FILE).get("path")
+    if not base or _is_hub_id(base, None):
+        return None
+    return redact_text(
+        f"This LoRA adapter's base model is a local directory ({base}): whoever loads the adapter "
+        "needs that directory at the same path; export or push with --merge-lora for a standalone model."
+    )
 
 
 def model_card(
@@ -62,7 +111,7 @@ def model_card(
     report = _read_json(run_dir / "data_report.json")
     base = recorded_base(run_dir, config)
     metadata = card_metadata(config, adapter_only, final, base, report.get("working_dir"), license)
-    body = redact_text(_body(run_dir, config, adapter_only, final, trained, report))
+    body = redact_text(_body(run_dir, config, adapter_only, final, trained, report, checkpoint_step))
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}"))
 
 
@@ -100,7 +149,7 @@ def card_metadata(
     return ModelCardData(
         base_model=redact_text(hub_base) if hub_base else None,
         base_model_relation=relation,
-        datasets=data_names(config, ("train", "validation", "test")) or None,
+        datasets=hub_datasets(config, ("train", "validation", "test")) or None,
         license=license,
         library_name="peft" if adapter_only else "transformers",
         pipeline_tag=PIPELINE_TAGS[task],
@@ -114,22 +163,39 @@ def data_names(config: Config, splits: tuple[str, ...]) -> list[str]:
     """The names of the data sources of `splits`, as far as they mean something beside the model:
     a Hub dataset's id (hub:org/name), a file's or directory's name; a glob names nothing.
     Redacted, in order, each once."""
-    names: list[str] = []
+    names = [name for _, name in _sources(config, splits)]
+    return list(dict.fromkeys(redact_text(name) for name in names if name))
+
+
+def hub_datasets(config: Config, splits: tuple[str, ...]) -> list[str]:
+    """The Hub dataset ids (hub:org/name sources) of `splits`: the card's `datasets:` metadata,
+    which the Hub links as dataset ids. Local files are left out (the card's text names them).
+    Redacted, in order, each once."""
+    names = [name for on_hub, name in _sources(config, splits) if on_hub]
+    return list(dict.fromkeys(redact_text(name) for name in names if name))
+
+
+def _sources(config: Config, splits: tuple[str, ...]) -> list[tuple[bool, str]]:
+    """(is a Hub dataset, its id or the file's name) of each source of `splits`; globs left out."""
+    found: list[tuple[bool, str]] = []
     for split in splits:
         spec = getattr(config.data, split)
         entries = spec if isinstance(spec, list) else [spec] if spec else []
         for entry in entries:
             text = str(getattr(entry, "path", entry))
             if text.startswith(HUB_PREFIX):
-                names.append(hub_name(Path(text))[0])
+                found.append((True, hub_name(Path(text))[0]))
             elif not any(c in text for c in "*?["):
-                names.append(Path(text).name or text)
-    return list(dict.fromkeys(redact_text(name) for name in names if name))
+                found.append((False, Path(text).name or text))
+    return found
 
 
 def eval_results(config: Config, final: dict) -> list[EvalResult]:
     """eval.json's final numbers as model-index entries: one per split and metric (floats only:
-    token and example counts are no metrics; NaN and infinities are left out)."""
+    token and example counts are no metrics; NaN and infinities are left out).
+
+    `dataset.name` names the split's sources (Hub ids and file names); `dataset.type` is the Hub
+    dataset id when the split is one Hub dataset, else `LOCAL_DATASET_TYPE`."""
     task = PIPELINE_TAGS[config.model.task]
     results = []
     for section in METRIC_SPLITS:
@@ -139,12 +205,14 @@ def eval_results(config: Config, final: dict) -> list[EvalResult]:
         split = section
         if section == "generation":  # greedy answers to the test split's prompts (else validation's)
             split = values.get("split") or ("test" if "test" in final else "validation")
-        names = data_names(config, (split,) if getattr(config.data, split) else ("train",))  # split off train
+        splits = (split,) if getattr(config.data, split) else ("train",)  # split off train
+        names, hub_ids = data_names(config, splits), hub_datasets(config, splits)
         dataset = " + ".join(names) or config.name
+        dataset_type = hub_ids[0] if names == hub_ids and len(hub_ids) == 1 else LOCAL_DATASET_TYPE
         results += [
             EvalResult(
                 task_type=task,
-                dataset_type=dataset,
+                dataset_type=dataset_type,
                 dataset_name=dataset,
                 dataset_split=split,
                 metric_type=metric,
@@ -182,7 +250,9 @@ def _is_hub_id(name: str, working_dir: str | None) -> bool:
     return not looks_local(name) and not relative.exists()
 
 
-def _body(run_dir: Path, config: Config, adapter_only: bool, final: dict, trained: str, report: dict) -> str:
+def _body(
+    run_dir: Path, config: Config, adapter_only: bool, final: dict, trained: str, report: dict, step: int | None
+) -> str:
     """The card's Markdown below the metadata."""
     base = config.model.name_or_path or f"none: trained from scratch ({config.model.preset or 'explicit sizes'})"
     record = _read_json(run_dir / BASE_FILE)
@@ -192,12 +262,8 @@ def _body(run_dir: Path, config: Config, adapter_only: bool, final: dict, traine
     data = config.data
     sources = data.train if isinstance(data.train, str) else ", ".join(str(getattr(e, "path", e)) for e in data.train)
     task = config.model.task
-    metrics = "\n".join(
-        f"| {split} | {name} | {value:.4f} |"
-        for split in METRIC_SPLITS
-        for name, value in (final.get(split) or {}).items()
-        if isinstance(value, float)
-    )
+    warning = local_base_warning(run_dir) if adapter_only else None
+    note = f"\n**Note:** {warning}\n" if warning else ""
     settings = redacted_dict(config)
     settings = yaml.safe_dump({"train": settings["train"], "lora": settings["lora"]}, sort_keys=False)
     return f"""
@@ -212,17 +278,14 @@ Trained with lmforge ({"LoRA adapter" if adapter_only else "full weights"}).
 
 ## Final metrics
 
-| split | metric | value |
-|---|---|---|
-{metrics}
+{metrics_table(final, step)}
 {data_summary(report)}
 ## Intended use
 
-A {task} model fine-tuned on the data above; evaluate it on your own data before use.
-It inherits the limitations and licence of its base model and data.
+{intended_use(config)}
 
 ## How to load
-
+{note}
 ```python
 {load_snippet(task, adapter_only)}
 ```
@@ -232,6 +295,38 @@ It inherits the limitations and licence of its base model and data.
 ```yaml
 {settings}```
 """
+
+
+def metrics_table(final: dict, step: int | None = None) -> str:
+    """The card's table of eval.json's final numbers, or a sentence saying why there are none
+    (a checkpoint or paused run taken at `step`, or a run that recorded none)."""
+    rows = [
+        f"| {split} | {name} | {value:.4f} |"
+        for split in METRIC_SPLITS
+        for name, value in (final.get(split) or {}).items()
+        if isinstance(value, float)
+    ]
+    if rows:
+        return "| split | metric | value |\n|---|---|---|\n" + "\n".join(rows)
+    if step is not None:
+        return f"No final metrics: a checkpoint taken at step {step} during training."
+    return "No final metrics: the run's eval.json holds no validation or test numbers."
+
+
+def intended_use(config: Config) -> str:
+    """The card's "Intended use" paragraph: a fine-tune inherits its base model's limitations and
+    licence, a model trained from scratch only its data's."""
+    task = config.model.task
+    if config.model.name_or_path:
+        return (
+            f"A {task} model fine-tuned on the data above; evaluate it on your own data before use.\n"
+            "It inherits the limitations and licence of its base model and data."
+        )
+    return (
+        f"A small {task} model trained from scratch on the data above only, with no pretrained base: it "
+        "knows nothing beyond that data.\nEvaluate it on your own data before use; it inherits the "
+        "limitations and licence of its training data."
+    )
 
 
 def data_summary(report: dict) -> str:

@@ -10,7 +10,7 @@ from lmforge.atomic import check_target, owned_dir
 from lmforge.errors import UserError
 from lmforge.eval.generation import HINTS_FILE
 from lmforge.eval.target import load_target, resolve_target
-from lmforge.export.card import CARD_PATH, load_snippet, model_card
+from lmforge.export.card import CARD_PATH, check_license, load_snippet, model_card
 from lmforge.models.peft import BASE_FILE, save_base_config, verify_base, write_base_record
 
 __all__ = ["CARD_PATH", "export_run", "load_snippet", "model_card"]  # the card's names, kept importable here
@@ -33,8 +33,11 @@ def export_run(
     (e.g. apache-2.0); None carries the base model's, if its card names one (`card.model_card`).
 
     Raises:
-        UserError: a run that cannot be exported, or an `out` that holds other files.
+        UserError: a run that cannot be exported, an `out` that holds other files, or a `license`
+            that is no lowercase Hub licence id (`card.check_license`).
     """
+    if license is not None:
+        check_license(license)  # before anything is read or loaded
     check_target(Path(out), force)  # before minutes of loading, not after
     kind, model_dir = resolve_target(Path(target))
     if kind == "model":
@@ -53,14 +56,7 @@ def export_run(
         model.save_pretrained(str(tmp))
         if adapter and not merged:
             save_base_config(model, tmp)
-            for record_path in (model_dir / BASE_FILE, run_dir / BASE_FILE):
-                if record_path.is_file():
-                    record = json.loads(record_path.read_text())
-                    if kind == "checkpoint":  # its own weights were loaded: the adapter needs the same base
-                        fix = "; or export with --merge-lora: the checkpoint holds every weight"
-                        verify_base(record, model_dir, record_path, fix)
-                    write_base_record(tmp, record)
-                    break
+            _copy_base_record(model_dir, run_dir, tmp, verify=kind == "checkpoint")
         tokenizer.save_pretrained(str(tmp))
         if (model_dir / HINTS_FILE).is_file():
             shutil.copy(model_dir / HINTS_FILE, tmp / HINTS_FILE)
@@ -71,3 +67,16 @@ def export_run(
             shutil.copy(model_dir / "config.yaml", tmp / "lmforge_config.yaml")
         (tmp / "README.md").write_text(model_card(run_dir, config, adapter and not merged, step, license))
     return Path(out)
+
+
+def _copy_base_record(model_dir: Path, run_dir: Path, out: Path, verify: bool) -> None:
+    """The adapter's lmforge_base.json (the model directory's, else the run's) into `out`; with
+    `verify` (a checkpoint, whose own weights were loaded) the base on this machine must match it."""
+    for record_path in (model_dir / BASE_FILE, run_dir / BASE_FILE):
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            if verify:
+                fix = "; or export with --merge-lora: the checkpoint holds every weight"
+                verify_base(record, model_dir, record_path, fix)
+            write_base_record(out, record)
+            return

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ import yaml
 from huggingface_hub import ModelCard, constants
 from rich.console import Console
 
-from conftest import chapters, save_tiny_bert, save_tiny_llama
+from conftest import chapters, lmforge_command, save_tiny_bert, save_tiny_llama, subprocess_env
 from lmforge.config import load_config
+from lmforge.export.card import LOCAL_DATASET_TYPE, local_base_warning
 from lmforge.export.export import export_run
 from lmforge.models.tokenizer import train_bpe_tokenizer
 from lmforge.run import run_train
@@ -68,7 +70,8 @@ def train(tmp: Path, base: str, task: str, lora: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{"lora": a LoRA run on LLAMA, "full": a full fine-tune of BERT}, with the Hub cache in place."""
+    """{"lora": a LoRA run on LLAMA, "full": a full fine-tune of BERT, "local": a LoRA run on a local
+    copy of LLAMA's model}, with the Hub cache in place."""
     tmp = tmp_path_factory.mktemp("cards")
     tokenizer = train_bpe_tokenizer(chapters(30), vocab_size=400)
     cache = tmp / "hub-cache"
@@ -80,6 +83,7 @@ def runs(tmp_path_factory):
         yield {
             "lora": train(tmp, LLAMA, "causal-lm", True),
             "full": train(tmp, BERT, "classification", False),
+            "local": train(tmp, str(tmp / "llama"), "causal-lm", True),
             "tmp": tmp,
         }
 
@@ -107,9 +111,8 @@ def test_an_adapter_and_its_merge_name_the_hub_base_and_their_relation(runs):
     run_dir, tmp = runs["lora"], runs["tmp"]
     adapter = export_run(run_dir, tmp / "adapter")
     merged = export_run(run_dir, tmp / "merged", merge_lora=True)
-    shared = {
+    shared = {  # no datasets: causal-lm.jsonl is a local file, no Hub dataset id
         "base_model": LLAMA,
-        "datasets": ["causal-lm.jsonl"],
         "license": "apache-2.0",  # carried from the base's card in the cache
         "pipeline_tag": "text-generation",
     }
@@ -124,6 +127,11 @@ def test_an_adapter_and_its_merge_name_the_hub_base_and_their_relation(runs):
     assert data["tags"] == ["lmforge", "causal-lm"] and all(data[k] == v for k, v in shared.items())
     for directory in (adapter, merged, run_dir / "final"):
         assert model_index(directory) == final_metrics(run_dir) and ("test", "loss") in final_metrics(run_dir)
+        card = ModelCard.load(directory / "README.md")
+        assert {(r.dataset_name, r.dataset_type) for r in card.data.eval_results} == {
+            ("causal-lm.jsonl", LOCAL_DATASET_TYPE)
+        }
+        assert local_base_warning(directory) is None and "**Note:**" not in card.text  # a Hub base
 
 
 def test_a_full_fine_tune_of_a_hub_classifier_is_a_finetune_with_the_given_licence(runs):
@@ -138,3 +146,32 @@ def test_a_full_fine_tune_of_a_hub_classifier_is_a_finetune_with_the_given_licen
     assert got == final_metrics(run_dir) and ("test", "accuracy") in got
     card = ModelCard.load(export / "README.md")
     assert {r.task_type for r in card.data.eval_results} == {"text-classification"}
+
+
+def test_an_adapter_of_a_local_base_says_where_the_base_is_and_its_merge_does_not(runs):
+    run_dir, tmp = runs["local"], runs["tmp"]
+    adapter = export_run(run_dir, tmp / "local-adapter")
+    merged = export_run(run_dir, tmp / "local-merged", merge_lora=True)
+    warning = local_base_warning(adapter)
+    assert warning is not None and str(tmp / "llama") in warning and "--merge-lora" in warning
+    assert local_base_warning(run_dir) == warning
+    for directory in (adapter, run_dir / "final"):
+        card = ModelCard.load(directory / "README.md")
+        assert f"## How to load\n\n**Note:** {warning}\n" in card.text
+        assert "base_model" not in card.data.to_dict()  # the Hub refuses a path as base_model
+    assert local_base_warning(merged) is None
+    assert "**Note:**" not in (merged / "README.md").read_text()
+
+
+def test_export_with_an_uppercase_licence_fails_at_once_with_the_lowercase_id(tmp_path):
+    proc = subprocess.run(
+        lmforge_command("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--license", "MIT"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "use --license mit" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "nowhere" not in proc.stderr  # refused before the run was read
+    assert not (tmp_path / "out").exists()

@@ -292,7 +292,7 @@ def test_a_push_commits_exactly_the_export_with_its_card_under_the_token(export,
     card = ModelCard(commit["files"]["README.md"].decode())
     final = json.loads((run_dir / "eval.json").read_text())
     assert card.data.pipeline_tag == "text-generation" and card.data.library_name == "transformers"
-    assert card.data.tags == ["lmforge", "causal-lm"] and card.data.datasets == ["corpus.txt"]
+    assert card.data.tags == ["lmforge", "causal-lm"] and card.data.datasets is None  # corpus.txt is no Hub id
     assert "base_model" not in card.data.to_dict()  # trained from scratch
     published = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert published == {

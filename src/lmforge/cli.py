@@ -362,8 +362,16 @@ def push_command(
     from lmforge.publish.push import push_run
 
     _quiet_libraries()
-    for line in push_run(run, to, merge_lora, private, create_pr, endpoint_url, log=console.print, license=license):
-        console.print(line, highlight=False)
+    push_run(
+        run,
+        to,
+        merge_lora,
+        private,
+        create_pr,
+        endpoint_url,
+        log=lambda m: console.print(m, highlight=False),
+        license=license,
+    )
 
 
 @app.command("pull")
@@ -399,6 +407,9 @@ def serve_command(
     raw: bool = typer.Option(
         False, "--raw", help="Completions continue the prompt as given, without the run's template.", metavar=""
     ),
+    max_request_mb: float = typer.Option(
+        8.0, "--max-request-mb", min=0.001, help="The largest request body read, in MiB (larger ones get 413)."
+    ),
 ) -> None:
     """Serve a trained model over an OpenAI-compatible HTTP API until Ctrl-C.
 
@@ -408,7 +419,7 @@ def serve_command(
     from lmforge.serve.app import serve
 
     _quiet_libraries()
-    serve(target, host, port, api_key_env, model_name, raw, log=lambda m: console.print(m, markup=False))
+    serve(target, host, port, api_key_env, model_name, raw, lambda m: console.print(m, markup=False), max_request_mb)
 
 
 @app.command("sweep")

@@ -485,10 +485,11 @@ def check_mirror(config: Config) -> None:
         UserError: the mirror refuses or cannot be reached.
     """
     from lmforge.publish.mirror import mirror_store
+    from lmforge.publish.storage import check_writable
 
     if config.train.mirror:
         try:
-            mirror_store(config).children()
+            check_writable(mirror_store(config))
         except UserError as exc:
             raise UserError(f"train.mirror: {exc}") from None
 

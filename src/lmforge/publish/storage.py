@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -40,16 +41,20 @@ from lmforge.errors import UserError
 from lmforge.secrets import redact_text
 
 MANIFEST = "lmforge_manifest.json"
+PUSHING = ".lmforge-pushing"
+"""Beside the files of a push under way (upload_dir's claim): the place is lmforge's."""
 FORMAT = 1
 MIB = 1 << 20
 
 
 @dataclass(frozen=True)
 class Remote:
-    """A remote file: its size in bytes and the SHA-256 it is known to have (None: unknown)."""
+    """A remote file: its size in bytes, the SHA-256 it is known to have (None: unknown) and its
+    S3 ETag (None elsewhere)."""
 
     size: int
     sha256: str | None
+    etag: str | None = None
 
 
 class Store(Protocol):
@@ -69,6 +74,10 @@ class Store(Protocol):
 
     def get(self, key: str, local: Path) -> None:
         """Copy `key` to the file `local`."""
+
+    def holds(self, local: Path, key: str, remote: Remote) -> bool:
+        """Whether the file at `key` (described by `remote`, whose size and SHA-256 already match)
+        has the content of `local`, as far as the store can tell without downloading it."""
 
     def list(self, prefix: str = "") -> list[str]:
         """Every key under `prefix`, sorted."""
@@ -97,6 +106,11 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
     Raises:
         UserError: a URL of another scheme, or s3:// without a bucket.
     """
+    if not url.strip():
+        raise UserError("an empty storage URL; write s3://bucket/prefix or a directory")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)", url):
+        scheme = url.split(":")[0]
+        raise UserError(f"{url}: one slash after '{scheme}:'; write {scheme}://{url.split(':/', 1)[1]}")
     if url.startswith("s3://"):
         bucket, _, prefix = url[len("s3://") :].partition("/")
         if not bucket:
@@ -141,7 +155,18 @@ class S3Store:
             read_timeout=120,
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        if endpoint_url is not None and not re.match(r"^https?://[^/\s]+", endpoint_url):
+            raise UserError(
+                f"storage.endpoint_url / --endpoint-url {endpoint_url!r}: not a URL; write http(s)://host[:port]"
+            )
+        try:
+            session = boto3.session.Session()
+            self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        except ValueError as exc:  # an invalid AWS_ENDPOINT_URL(_S3) or region from the environment
+            raise UserError(
+                f"{self.url}: boto3 refuses the S3 settings ({exc}); check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 "
+                "(http(s)://host[:port]) and AWS_REGION"
+            ) from None
         self.transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=chunk, max_concurrency=4)
 
     def _key(self, key: str) -> str:
@@ -155,7 +180,15 @@ class S3Store:
                 if _status(exc) == 404:
                     return None
                 raise
-        return Remote(answer["ContentLength"], answer.get("Metadata", {}).get("sha256"))
+        meta = answer.get("Metadata", {})
+        return Remote(answer["ContentLength"], meta.get("sha256"), answer.get("ETag", "").strip('"') or None)
+
+    def holds(self, local: Path, key: str, remote: Remote) -> bool:
+        """An ETag that is an MD5 must be the file's: the SHA-256 metadata may belong to content
+        that was since overwritten (by another tool) with a file of the same size."""
+        return not (remote.etag and is_md5_etag(remote.etag)) or remote.etag == s3_etag(
+            local, self.threshold, self.chunk
+        )
 
     def put(self, local: Path, key: str, sha256: str) -> None:
         size = local.stat().st_size
@@ -291,12 +324,20 @@ class LocalStore:
         self.url = str(root)
 
     def head(self, key: str) -> Remote | None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(f"{self.root}: a file, not a directory; name a directory")
         path = self.root / key
         return Remote(path.stat().st_size, None) if path.is_file() else None
 
+    def holds(self, local: Path, key: str, remote: Remote) -> bool:
+        return file_sha256(self.root / key) == file_sha256(local)
+
     def put(self, local: Path, key: str, sha256: str) -> None:
         target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{target.parent}: cannot make the directory ({exc.strerror})") from None
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
         os.close(fd)
         try:
@@ -370,6 +411,7 @@ def upload_dir(
     skip: Callable[[str], bool] = lambda _: False,
     last: tuple[str, ...] = (),
     log: Callable[[str], None] = lambda _: None,
+    claim: bool = False,
 ) -> tuple[int, int]:
     """Copy the files under `directory` to `prefix/` in `store`, those named in `last` after all
     others, then write the manifest; return (files sent, files already there unchanged).
@@ -377,37 +419,63 @@ def upload_dir(
     A file whose remote copy has the same size and SHA-256 is not sent again, so running this
     again after an interruption sends only what is missing or changed. Remote files under
     `prefix/` that the directory no longer has are left alone until the manifest, which lists
-    exactly the directory's files, no longer names them (they are then removed).
+    exactly the directory's files, no longer names them (they are then removed). With `claim`, a
+    marker (PUSHING) is written first and removed after the manifest, so that a copy cut short is
+    still known as lmforge's when it is run again.
 
     Raises:
         StorageError: a file could not be copied or verified.
     """
     manifest = manifest_of(directory, skip)
     old = read_manifest(store, prefix)
+    if claim:
+        _write_json(store, join(prefix, PUSHING), {"format": FORMAT})
     sent = kept = 0
     keys = sorted(manifest["files"], key=lambda k: (k in last, last.index(k) if k in last else 0, k))
     for key in keys:
         entry = manifest["files"][key]
         there = store.head(join(prefix, key))
-        known = there is not None and (there.sha256 or (old or {}).get("files", {}).get(key, {}).get("sha256"))
-        if there is not None and there.size == entry["size"] and known == entry["sha256"]:
-            kept += 1
-            continue
+        if there is not None and there.size == entry["size"]:
+            known = there.sha256 or (old or {}).get("files", {}).get(key, {}).get("sha256")
+            if (known is None or known == entry["sha256"]) and store.holds(directory / key, join(prefix, key), there):
+                kept += 1
+                continue
         log(f"uploading {key} ({entry['size'] / MIB:.1f} MiB)")
         store.put(directory / key, join(prefix, key), entry["sha256"])
         sent += 1
     write_manifest(store, prefix, manifest)
     stale = sorted(set((old or {}).get("files", {})) - set(manifest["files"]))
-    if stale:
-        store.delete([join(prefix, k) for k in stale])
+    store.delete([join(prefix, k) for k in stale] + ([join(prefix, PUSHING)] if claim else []))
     return sent, kept
 
 
+def check_writable(store: Store) -> None:
+    """Write and remove a small file at the store's root: a wrong bucket, missing credentials, a
+    read-only or mistyped directory are said now, not after an hour of training.
+
+    Raises:
+        StorageError: the store cannot be written.
+    """
+    with tempfile.TemporaryDirectory(prefix="lmforge-probe-") as tmp:
+        probe = Path(tmp) / "probe"
+        probe.write_text("lmforge checks it can write here; this file is removed at once\n")
+        key = f".lmforge-probe-{os.getpid()}"
+        try:
+            store.put(probe, key, file_sha256(probe))
+        except OSError as exc:
+            raise StorageError(f"{store.url}: cannot write there ({exc.strerror or exc})") from None
+        store.delete([key])
+
+
 def write_manifest(store: Store, prefix: str, manifest: dict[str, Any]) -> None:
+    _write_json(store, join(prefix, MANIFEST), manifest)
+
+
+def _write_json(store: Store, key: str, data: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="lmforge-manifest-") as tmp:
-        path = Path(tmp) / MANIFEST
-        path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        store.put(path, join(prefix, MANIFEST), file_sha256(path))
+        path = Path(tmp) / Path(key).name
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+        store.put(path, key, file_sha256(path))
 
 
 def read_manifest(store: Store, prefix: str = "", name: str = MANIFEST) -> dict[str, Any] | None:

@@ -55,10 +55,11 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)
-        if run_id is not None:
-            self._resume(run_id)
-            return run_id
         tags = dict(self.info.tags)
+        if run_id is not None:
+            if self._resume(run_id):
+                return run_id
+            tags["lmforge.continues_run"] = run_id  # a new machine's store: a new run takes the points over
         if self.settings.parent_run_id:
             tags["mlflow.parentRunId"] = self.settings.parent_run_id
         self.experiment_id = self._experiment_id()
@@ -76,13 +77,23 @@ class MlflowTracker:
             location = (Path(self.info.config.output_dir).resolve() / "mlartifacts").as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def _resume(self, run_id: str) -> None:
-        run = self.client.get_run(run_id)
+    def _resume(self, run_id: str) -> bool:
+        """Continue `run_id`; False if this store has no such run (the run was resumed on another
+        machine, whose embedded store did not come along): a new run then takes its points."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
         self.run_id, self.experiment_id = run_id, run.info.experiment_id
         self.params = dict(run.data.params)
         for key in run.data.metrics:
             self.logged[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         self.client.update_run(run_id, status="RUNNING")
+        return True
 
     def rejects(self, exc: BaseException) -> bool:
         """Whether MLflow refused a call for good (see REFUSALS)."""

@@ -43,14 +43,14 @@ def sync_run(run_dir: Path, overrides: Iterable[str], log: Callable[[str], None]
     status = record.get("status", "RUNNING")
     if status == "RUNNING":
         status = "KILLED"  # the process ended without finishing its tracking: killed or crashed
+    if config.train.mirror:  # first: a tracker that fails must not keep the files from the mirror
+        _sync_mirror(config, run_dir, status, log)
     held, lacking = {}, {}
     for name in config.tracking.backends:
         if name == "mlflow":
             held[name], lacking[name] = _sync_mlflow(config, run_dir, saved_ids(run_dir).get(name), status, log)
         elif name in OFFLINE_HINTS:
             log(f"{name}: " + OFFLINE_HINTS[name].format(run_dir=run_dir))
-    if config.train.mirror:
-        _sync_mirror(config, run_dir, status, log)
     if held:
         record = json.loads((run_dir / TRACKING_FILE).read_text()) if (run_dir / TRACKING_FILE).is_file() else record
         record.setdefault("backends", {})
@@ -78,6 +78,9 @@ def _sync_mlflow(config: Config, run_dir: Path, run_id: str | None, status: str,
         raise UserError(f"mlflow at {tracker.uri} refused to create the run; see the message above")
     if run_id is None:
         log(f"mlflow: the run never started; created run {tracker.run_id}")
+        _record_id(run_dir, tracker.run_id)
+    elif tracker.run_id != run_id:
+        log(f"mlflow: {tracker.uri} has no run {run_id} (recorded on another machine); created run {tracker.run_id}")
         _record_id(run_dir, tracker.run_id)
     before = tracker.points()
     step("log the params", lambda: tracker.log_params(flatten(redacted_dict(config))))
@@ -110,6 +113,11 @@ def _sync_mirror(config: Config, run_dir: Path, status: str, log) -> None:
     mirror = MirrorTracker(RunInfo(config, run_dir, {}))
     try:
         mirror.start(None)
+        path = run_dir / TRACKING_FILE
+        if path.is_file():  # the mirror is about to hold everything: no longer missing anything
+            record = json.loads(path.read_text())
+            record.get("backends", {}).get("mirror", {})["missing"] = 0
+            path.write_text(json.dumps(record, indent=2))
         mirror.finish(status)
     except UserError as exc:
         raise UserError(f"train.mirror: {exc}. Run lmforge sync again: it sends only what is still missing") from None

@@ -310,7 +310,9 @@ def export_command(
         metavar="",
     ),
     license: str = typer.Option(
-        None, "--license", help="The model card's licence (an SPDX id, e.g. apache-2.0); default: the base model's."
+        None,
+        "--license",
+        help="The model card's licence, a Hub licence id (lowercase: mit, apache-2.0, other); default: the base's.",
     ),
 ) -> None:
     """Write a self-contained Hugging Face directory with a model card."""
@@ -354,7 +356,9 @@ def push_command(
         None, "--endpoint-url", help="s3: an S3-compatible server (default: storage.endpoint_url, AWS_ENDPOINT_URL)."
     ),
     license: str = typer.Option(
-        None, "--license", help="The model card's licence (an SPDX id, e.g. apache-2.0); default: the base model's."
+        None,
+        "--license",
+        help="The model card's licence, a Hub licence id (lowercase: mit, apache-2.0, other); default: the base's.",
     ),
 ) -> None:
     """Publish a run: export it (as `lmforge export`) and send it to the Hub, S3 or the MLflow registry.

@@ -114,8 +114,11 @@ def push_run(
             that refuses (named, without credentials; destinations before it keep what they got).
     """
     from lmforge.eval.target import resolve_target
+    from lmforge.export.card import check_license, local_base_warning
     from lmforge.export.export import export_run
 
+    if license is not None:
+        check_license(license)
     destinations = [parse_destination(url) for url in urls]
     if not destinations:
         raise UserError("push: name at least one destination with --to")
@@ -131,6 +134,9 @@ def push_run(
     with tempfile.TemporaryDirectory(prefix="lmforge-push-") as tmp:
         export = export_run(Path(target), Path(tmp) / "model", merge_lora=merge_lora, license=license)
         (export / OWNED_MARKER).unlink(missing_ok=True)  # lmforge's local bookkeeping, not the model's
+        warning = local_base_warning(export)
+        if warning and any(d.kind != "mlflow" for d in destinations):  # the MLflow model is merged
+            log(f"warning: {warning}")
         push = Push(Path(target), run_dir, config, export, what, merge_lora, private, create_pr, endpoint_url, log)
         lines, failed = [], []
         for destination in destinations:  # each on its own: one that fails does not undo the others

@@ -387,7 +387,7 @@ class Trackers:
             detail = f" ({channel.failing})" if not delivered else ""
             has = "metrics.jsonl has them all" if what == "metric values" else "the run directory has everything"
             self.warn(
-                f"tracking: {why}{detail}: {channel.name} is missing {count} {what}. {has}: run "
+                f"tracking: {why}{detail}: {channel.name} is missing {count} {what}; {has}: run "
                 f"`lmforge sync {self.run_dir}`" + (f" when {channel.name} is back" if not delivered else "")
             )
         self._record(status=status, missing=missing)

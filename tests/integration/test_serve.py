@@ -5,6 +5,7 @@ classifiers and seq2seq models, and no secret in any response or log line."""
 
 import io
 import json
+import logging
 import os
 import random
 import signal
@@ -339,7 +340,9 @@ def test_the_command_keeps_secrets_out_of_responses_and_logs_and_stops_on_ctrl_c
     hf_token = "hf_" + "Secret0123456789abcdefghij"
     port = free_port()
     env = subprocess_env(SERVE_API_KEY=KEY, HF_TOKEN=hf_token)
-    command = lmforge_command("serve", str(chat_run), "--port", str(port), "--api-key-env", "SERVE_API_KEY")
+    command = lmforge_command(
+        "serve", str(chat_run), "--port", str(port), "--api-key-env", "SERVE_API_KEY", "--max-request-mb", "0.5"
+    )
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: list[str] = []
     try:
@@ -359,6 +362,7 @@ def test_the_command_keeps_secrets_out_of_responses_and_logs_and_stops_on_ctrl_c
             ("POST", "/v1/completions", good, {"model": chat_run.name, "prompt": "x", "temperature": KEY}),
             ("POST", "/v1/completions", good, {"model": chat_run.name, "prompt": "x", "stream": True}),
             ("POST", "/v1/classify", good, {"model": chat_run.name, "input": hf_token}),
+            ("POST", "/v1/completions", good, {"model": chat_run.name, "prompt": "x" * 2**19}),  # over 0.5 MiB
         ]:
             response = httpx.request(method, url + path, headers=headers, json=body, timeout=60)
             assert response.status_code < 500, response.text
@@ -373,6 +377,7 @@ def test_the_command_keeps_secrets_out_of_responses_and_logs_and_stops_on_ctrl_c
         assert KEY not in text and hf_token not in text
     # a message that repeats what the client sent has the key it sent blanked out
     assert sum("Invalid value for 'temperature'" in s and "***REDACTED***" in s for s in seen) == 1
+    assert sum("larger than this server's limit of 0.5 MiB" in s for s in seen) == 1  # --max-request-mb
 
 
 def _health(url: str) -> bool:
@@ -422,3 +427,121 @@ def test_a_port_in_use_is_a_message(chat_run):
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=rf"--host 127.0.0.1 --port {port}: cannot listen there .*another --port"):
             serve(chat_run, port=port)
+
+
+def post(url: str, content: bytes, path: str = "/v1/completions", timeout: float = 60) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    return httpx.post(url + path, content=content, headers=headers, timeout=timeout)
+
+
+def test_a_body_over_the_size_limit_is_413_unread(chat_server):
+    served, url = chat_server
+    nine_mib = b'{"model": "chat-latest", "prompt": "' + b"a" * (9 * 2**20) + b'"}'
+    started = time.perf_counter()
+    response = post(url, nine_mib)
+    assert response.status_code == 413 and time.perf_counter() - started < 5
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error"
+    assert "limit of 8 MiB" in error["message"] and "--max-request-mb" in error["message"]
+
+    def chunks():  # no Content-Length: the body streamed in chunks, refused once past the limit
+        yield nine_mib[:37]
+        for start in range(37, len(nine_mib), 2**17):
+            yield nine_mib[start : start + 2**17]
+
+    assert post(url, chunks()).status_code == 413
+    small = ServedModel(served.model, served.tokenizer, served.run_config, served.hints, "chat-latest")
+    with serving(create_app(small, max_request_mb=0.01)) as small_url:  # 10 KiB
+        body = {"model": "chat-latest", "prompt": "What is 1 + 1?", "max_tokens": 2}
+        assert httpx.post(f"{small_url}/v1/completions", json=body).status_code == 200
+        body["user"] = "x" * 10_500
+        response = httpx.post(f"{small_url}/v1/completions", json=body)
+        assert response.status_code == 413 and "limit of 0.01 MiB" in response.json()["error"]["message"]
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenized(chat_server, monkeypatch):
+    """2048 tokens of context hold no more than 65536 characters (32 a token): a longer prompt is a
+    400 at once, without tokenizing it (which would take memory and time in proportion)."""
+    served, url = chat_server
+    assert served.context == 2048 and served.max_chars == 65536
+    tokenized = []
+
+    def spy(model, tokenizer, prompt, starts):
+        tokenized.append(prompt)
+        return model_inputs(model, tokenizer, prompt, starts)
+
+    monkeypatch.setattr("lmforge.serve.model.model_inputs", spy)
+    api = client(url)
+    started = time.perf_counter()
+    exc, body = error_of(lambda: api.completions.create(model="chat-latest", prompt="seed " * 40_000))
+    assert exc.status_code == 400 and body["code"] == "context_length_exceeded" and body["param"] == "prompt"
+    assert "prompt is 200000 characters" in body["message"] and "65536 characters" in body["message"]
+    assert "2048 tokens" in body["message"]
+    halves = [{"role": "user", "content": "a" * 40_000}, {"role": "assistant", "content": "b" * 40_000}]
+    exc, body = error_of(lambda: api.chat.completions.create(model="chat-latest", messages=halves))
+    assert exc.status_code == 400 and body["param"] == "messages" and "80000 characters" in body["message"]
+    assert time.perf_counter() - started < 5 and tokenized == []
+    # at the bound the prompt is tokenized, and refused for its tokens
+    exc, body = error_of(lambda: api.completions.create(model="chat-latest", prompt="seed " * 13_000))
+    assert body["code"] == "context_length_exceeded" and "the prompt alone is" in body["message"]
+    assert len(tokenized) == 1
+
+
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(chat_server):
+    """JSON escapes can spell lone surrogates ("\\ud800"), which no tokenizer takes: a 400 naming
+    the field, wherever a string goes; a surrogate pair (an emoji) is a character and answered."""
+    _, url = chat_server
+    chat = '{"model": "chat-latest", "messages": [{"role": "user", "content": CONTENT}]}'
+    for path, body, param in [
+        ("/v1/completions", '{"model": "chat-latest", "prompt": "\\ud800"}', "prompt"),
+        ("/v1/completions", '{"model": "chat-latest", "prompt": "a\\udfffb"}', "prompt"),
+        ("/v1/completions", '{"model": "chat-latest", "prompt": ["a\\udfffb"]}', "prompt"),
+        ("/v1/completions", '{"model": "chat-latest", "prompt": "a", "stop": ["x", "\\ud800"]}', "stop"),
+        ("/v1/completions", '{"model": "chat-\\ud800", "prompt": "a"}', "model"),
+        ("/v1/chat/completions", chat.replace("CONTENT", '"\\udc00"'), "messages"),
+        ("/v1/chat/completions", chat.replace("CONTENT", '[{"type": "text", "text": "\\ud800"}]'), "messages"),
+        ("/v1/classify", '{"model": "chat-latest", "input": ["fine", "\\ud800"]}', "input"),
+        ("/v1/completions", '{"model": "chat-latest", "prompt": "a", "\\ud800": 1}', None),
+    ]:
+        response = post(url, body.encode(), path)
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and "\\ud" in error["message"] and "not" in error["message"], (body, error)
+    emoji = post(url, b'{"model": "chat-latest", "prompt": "\\ud83d\\ude00", "max_tokens": 2}')
+    assert emoji.status_code == 200 and emoji.json()["usage"]["completion_tokens"] == 2
+
+
+def test_seeds_outside_torchs_range_are_a_400_and_inside_it_answered(chat_server):
+    _, url = chat_server
+    for seed in ("99999999999999999999999", str(2**63), str(-(2**63) - 1), "1e30"):
+        response = post(url, b'{"model": "chat-latest", "prompt": "hi", "seed": %s}' % seed.encode())
+        assert response.status_code == 400 and response.json()["error"]["param"] == "seed", (seed, response.text)
+    for seed in (-1, 2**63 - 1, -(2**63)):
+        body = {"model": "chat-latest", "prompt": "What is 7 + 8?", "seed": seed, "max_tokens": 12}
+        texts = [post(url, json.dumps(body).encode()).json()["choices"][0]["text"] for _ in range(2)]
+        assert texts[0] == texts[1], seed  # the same seed, the same text
+
+
+def test_an_unexpected_failure_is_a_500_with_one_log_line_and_no_secret(chat_server, caplog):
+    served, _ = chat_server
+    broken = ServedModel(served.model, served.tokenizer, served.run_config, served.hints, "broken")
+
+    def fail(job, on_text=None):
+        raise RuntimeError(f"boom with {KEY}\nand a second line")
+
+    broken.run = fail
+    with caplog.at_level(logging.ERROR, logger="lmforge.serve"), serving(create_app(broken, api_key=KEY)) as url:
+        response = post(url, b'{"model": "broken", "prompt": "hi", "max_tokens": 2}')
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {
+            "message": "internal error; the server's log has the details",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    (record,) = [r for r in caplog.records if r.name == "lmforge.serve"]
+    line = record.getMessage()
+    assert line.startswith("POST /v1/completions failed: RuntimeError: boom with ***REDACTED*** and a second line (")
+    assert "\n" not in line and KEY not in line and record.exc_info is None

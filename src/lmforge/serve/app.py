@@ -4,8 +4,11 @@ Endpoints: GET /health (open even with an API key), GET /v1/models, GET /v1/mode
 POST /v1/completions, POST /v1/chat/completions (both with stream: true as server-sent events
 ending in `data: [DONE]`), POST /v1/classify (classifiers).
 
-Every refused request is a 4xx with OpenAI's error body; the API key is compared in constant time
-and never written anywhere.
+Every refused request is a 4xx with OpenAI's error body: a body over the size limit a 413 before
+any of it is parsed, a prompt that cannot fit the model's context a 400 before it is tokenized, a
+string that is not Unicode text a 400 naming the field. An unexpected failure is a 500 with that
+body and one line in the server's log, never a traceback to the client. The API key is compared
+in constant time and never written anywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import os
 import secrets
 import socket
+import traceback
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -46,22 +50,30 @@ from lmforge.serve.protocol import (
 
 OPEN_PATHS = frozenset({"/health"})
 """Paths that need no API key."""
+DEFAULT_MAX_REQUEST_MB = 8.0
+"""The largest request body `lmforge serve` reads, in MiB (--max-request-mb)."""
 logger = logging.getLogger("lmforge.serve")
 
 
-def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
+def create_app(
+    served: ServedModel, api_key: str | None = None, max_request_mb: float = DEFAULT_MAX_REQUEST_MB
+) -> FastAPI:
     """The OpenAI-compatible app answering with `served`.
 
     Args:
         api_key: clients must send `Authorization: Bearer <api_key>` (except to /health); None: open.
+        max_request_mb: a request body larger than this (MiB) is refused with 413 unread.
 
     `app.state.served` is the model; its `log` records every finished generation (tokens, finish
     reason: cancelled when the client left).
     """
     app = FastAPI(title="lmforge serve", summary=f"OpenAI-compatible API for {served.name}")
     app.state.served = served
+    # (the last added runs first: a failure anywhere is a 500, the key is checked before the body is read)
+    app.add_middleware(BodyLimit, max_mb=max_request_mb)
     if api_key is not None:
         app.add_middleware(BearerKey, key=api_key)
+    app.add_middleware(LastResort, hide=_hider(api_key))
     _error_handlers(app, api_key)
 
     @app.get("/health")
@@ -81,6 +93,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         _check_model(served, body.model)
         _check_generates(served, "/v1/completions")
+        served.check_chars([body.prompt], "prompt")
         job = await run_in_threadpool(served.job, served.completion_prompt(body.prompt), body, False)
         rid = new_id("cmpl")
         if body.stream:
@@ -95,6 +108,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
         _check_chat(served)
         roles = {"developer": "system"}  # OpenAI's newer name for the system role
         messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages]
+        served.check_chars(["".join(m["content"] for m in messages)], "messages")
         job = await run_in_threadpool(served.job, served.chat_prompt(messages), body, True)
         rid = new_id("chatcmpl")
         if body.stream:
@@ -111,6 +125,7 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
         if served.task != "classification":
             raise APIError(400, f"{served.name} generates text: use /v1/completions or /v1/chat/completions", "model")
         texts = [body.input] if isinstance(body.input, str) else body.input
+        served.check_chars(texts, "input")
         encoded = served.check_inputs(texts)
         results = await run_in_threadpool(served.classify, encoded)
         tokens = sum(len(ids) for ids in encoded)
@@ -252,19 +267,125 @@ class BearerKey:
         await response(scope, receive, send)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `max_mb` MiB is answered 413 (OpenAI's error body)
+    before the app parses any of it. A declared Content-Length over the limit is refused at once;
+    a body sent in chunks is read up to the limit, and past it read to its end and dropped (so
+    that the client, still sending, gets the answer rather than a reset connection). A body within
+    the limit is handed to the app as it came."""
+
+    def __init__(self, app, max_mb: float) -> None:
+        self.app = app
+        self.max_mb = max_mb
+        self.limit = int(max_mb * 2**20)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.limit:
+                while more:  # drop the rest
+                    message = await receive()
+                    more = message["type"] == "http.request" and message.get("more_body", False)
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        message = (
+            f"The request body is larger than this server's limit of {self.max_mb:g} MiB: send a shorter "
+            "prompt (the server's --max-request-mb option sets the limit)"
+        )
+        response = JSONResponse(error_body(message, code="request_too_large"), status_code=413)
+        await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that gives `body` in one message, then what `receive` gives (the disconnect)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+class LastResort:
+    """ASGI middleware: an exception nothing else handled (a bug) is a 500 with OpenAI's error body
+    and one line in the server's log: where it was raised and its message, with any credential
+    blanked out (`hide`). The client learns nothing of it; a stream already under way just ends."""
+
+    def __init__(self, app, hide: Callable[[str], str]) -> None:
+        self.app = app
+        self.hide = hide
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:  # a bug: logged in one line, answered 500
+            logger.error("%s %s failed: %s", scope.get("method"), scope.get("path"), self.hide(failure_line(exc)))
+            if not started:
+                body = error_body("internal error; the server's log has the details", kind="server_error")
+                await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
+def failure_line(exc: BaseException) -> str:
+    """`exc` in one line: its type, message and the file:line it was raised at."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
+
+
+def _hider(api_key: str | None) -> Callable[[str], str]:
+    """What makes a text fit to send or log: credentials blanked out (`lmforge.secrets.redact_text`,
+    and the API key), and what is not Unicode text (a lone surrogate a client sent) escaped."""
+
+    def hide(text: str) -> str:
+        text = redact_text(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+        return text.replace(api_key, REDACTED) if api_key else text
+
+    return hide
+
+
 def _error_handlers(app: FastAPI, api_key: str | None) -> None:
-    """Every error in OpenAI's shape: refused requests 4xx (FastAPI's 422 becomes 400), bugs 500.
+    """Every refusal in OpenAI's shape: 4xx (FastAPI's 422 becomes 400); bugs are `LastResort`'s 500.
 
     A message that repeats what the client sent (a model name, a bad value) has any credential in
     it replaced (`lmforge.secrets.redact_text`: the API key, secret-named environment variables'
     values, token shapes), so that no response carries one, whatever a client sends.
     """
 
+    hide = _hider(api_key)
+
     def hidden(text: str | None) -> str | None:
-        if text is None:
-            return None
-        text = redact_text(text)
-        return text.replace(api_key, REDACTED) if api_key else text
+        return None if text is None else hide(text)
 
     def refusal(status: int, message: str, param=None, code=None, kind="invalid_request_error", headers=None):
         body = error_body(hidden(message), hidden(param), code, kind)
@@ -285,16 +406,12 @@ def _error_handlers(app: FastAPI, api_key: str | None) -> None:
         code = "not_found" if exc.status_code == 404 else None
         return refusal(exc.status_code, message, code=code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def bug(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        body = error_body("internal error; the server's log has the details", kind="server_error")
-        return JSONResponse(body, status_code=500)
-
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """(message, param) of the first problem FastAPI found in a request body."""
-    error = errors[0]
+    """(message, param) of the first problem FastAPI found in a request body: the first a validator
+    raised, if any (a value that fails one member of a union, such as `str | list[str]`, also fails
+    the others by type, and the validator's reason is the one that says what to fix)."""
+    error = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     loc = [str(part) for part in error.get("loc", ()) if part != "body" and not _type_tag(str(part))]
     param = loc[0] if loc else None
     where = ".".join(loc[:3]) if loc else "the body"
@@ -308,6 +425,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"Missing required parameter: '{param}'.", param
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param
+    if kind == "string_unicode":  # (pydantic's own check, on a key)
+        shown = ascii(error.get("input"))[:80]
+        return f"The request body holds {shown}, which is not Unicode text: send valid UTF-8.", param
     if not loc:
         return "The request body must be a JSON object.", None
     shown = repr(error.get("input"))
@@ -352,6 +472,7 @@ def serve(
     model_name: str | None = None,
     raw: bool = False,
     log: Callable[[str], None] = print,
+    max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
 ) -> None:
     """Load `target` and serve it on http://host:port until Ctrl-C (or SIGTERM), which stops it cleanly.
 
@@ -359,6 +480,7 @@ def serve(
         api_key_env: the environment variable holding the API key clients must send; None: no key.
         model_name: what clients call the model; default: `model.default_name(target)`.
         raw: completions continue prompts as given, not through the run's template.
+        max_request_mb: the largest request body read, in MiB (larger: 413).
 
     Raises:
         UserError: an API key variable that is unset or empty, a port in use, or a target that is no model.
@@ -368,7 +490,7 @@ def serve(
     key = api_key_from(api_key_env)
     _check_port(host, port)
     served = ServedModel.load(target, model_name, raw)
-    app = create_app(served, key)
+    app = create_app(served, key, max_request_mb)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     shown = f"[{host}]" if ":" in host else host
     log(f"serving {served.name} ({served.task}) at http://{shown}:{port}/v1 (Ctrl-C stops)")

@@ -41,6 +41,12 @@ DEFAULT_CHAT_TOKENS = 512
 """max_completion_tokens of a chat completion that does not say, when the context leaves that much."""
 LOG_SIZE = 1000
 """Finished generations kept in `ServedModel.log`."""
+CHARS_PER_TOKEN = 32
+"""More characters than any token of a real vocabulary holds (most hold under 8): a prompt longer
+than the context times this cannot fit, and is refused before it is tokenized (which takes memory
+and time in proportion to its length)."""
+UNBOUNDED_CONTEXT = 16384
+"""Tokens assumed for that bound when the model sets no context limit (T5's relative positions)."""
 
 
 @dataclass
@@ -224,6 +230,31 @@ class ServedModel:
         record = {"prompt_tokens": job.prompt_tokens, "completion_tokens": tokens, "finish_reason": reason}
         self.log.append({**record, "seconds": seconds})
         return Answer(text, job.prompt_tokens, tokens, reason)
+
+    @property
+    def max_chars(self) -> int:
+        """The longest prompt, in characters, that is tokenized at all (`CHARS_PER_TOKEN`)."""
+        return (self.context or UNBOUNDED_CONTEXT) * CHARS_PER_TOKEN
+
+    def check_chars(self, texts: list[str], param: str) -> None:
+        """Refuse, before tokenizing, a text too long for the context whatever its tokens.
+
+        Args:
+            texts: the request's texts, each tokenized on its own (the chat messages joined).
+            param: the request's name for them (prompt, messages, input), for the error.
+
+        Raises:
+            APIError: a text over `max_chars` characters, naming which, its length and the limit.
+        """
+        for i, text in enumerate(texts):
+            if len(text) > self.max_chars:
+                where = param if len(texts) == 1 else f"{param}[{i}]"
+                tokens = f"{self.context} tokens" if self.context else f"unbounded, {UNBOUNDED_CONTEXT} tokens assumed"
+                message = (
+                    f"{where} is {len(text)} characters; this model's context ({tokens}) cannot hold more than "
+                    f"{self.max_chars} characters, so the server refuses longer prompts unread: shorten it"
+                )
+                raise APIError(400, message, param, "context_length_exceeded")
 
     def check_inputs(self, texts: list[str]) -> list[list[int]]:
         """A classifier's inputs, encoded.

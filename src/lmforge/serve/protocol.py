@@ -11,12 +11,30 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 4
 """Stop strings a request may give (OpenAI's limit)."""
+
+
+def _unicode_text(text: str) -> str:
+    """`text` if it can be encoded as UTF-8. JSON's escapes can spell a lone surrogate ("\\ud800"),
+    which is no character: the tokenizer would fail on it with a 500, so it is refused here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise ValueError(
+            f"the text holds a lone surrogate ({ascii(bad)} at character {exc.start}), which is not a character "
+            "and cannot be encoded as UTF-8: send valid Unicode text (a surrogate pair, or the character itself)"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+"""A request string: any text that can be encoded as UTF-8."""
 
 
 class APIError(Exception):
@@ -56,18 +74,18 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: Text
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     """0: greedy decoding."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    stop: Text | list[Text] | None = Field(default=None, validate_default=True)
     """One stop string or up to four; they end the answer and are not part of it."""
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     """The same seed and the same request give the same text; absent: a fresh seed each time."""
     n: int = Field(default=1, ge=1)
-    user: str | None = None
+    user: Text | None = None
     """Recorded by nothing; accepted for clients that always send it."""
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -116,7 +134,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(default=None, ge=1)
     """Tokens to write at most. Default: 16, as OpenAI's."""
     echo: bool = False
@@ -157,14 +175,14 @@ class CompletionRequest(_Sampling):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         """The message's text (the text parts joined)."""
@@ -199,8 +217,8 @@ class ClassifyRequest(BaseModel):
     """POST /v1/classify: {"model", "input": a text or a list of texts}."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
-    input: str | list[str] = Field(min_length=1)
+    model: Text
+    input: Text | list[Text] = Field(min_length=1)
 
 
 def new_id(prefix: str) -> str:

@@ -350,6 +350,41 @@ class JudgeConfig(Section):
     concurrency: int = Field(default=4, ge=1)
     """Requests in flight at once."""
 
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is no number
+        except ValueError as exc:
+            raise ValueError(f"{url!r} is no URL ({exc}); write http(s)://host[:port]/v1") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is no http(s) URL; write e.g. http://127.0.0.1:8000/v1")
+        return url
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(
+                "not an environment variable name (letters, digits and _); put the key in a variable, e.g. "
+                "export JUDGE_API_KEY=..., and give its name: api_key_env: JUDGE_API_KEY"
+            )
+        return name
+
+    @field_validator("criteria")
+    @classmethod
+    def _criteria_names(cls, criteria: list[str]) -> list[str]:
+        bad = [c for c in criteria if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_ -]*", c)]
+        if bad:
+            raise ValueError(f"{bad}: a criterion is a word or words (letters, digits, _, - and spaces)")
+        names = [re.sub(r"[\s-]+", "_", c.strip().lower()) for c in criteria]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{criteria}: two criteria give the same metric name (judge_<criterion>)")
+        return criteria
+
 
 class StorageConfig(Section):
     endpoint_url: str | None = None

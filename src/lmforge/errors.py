@@ -15,6 +15,9 @@ class ConfigError(UserError):
     """One or more problems in a config; `problems` holds one line each."""
 
     def __init__(self, problems: list[str], source: str | None = None) -> None:
+        from lmforge.secrets import redact_text
+
+        problems = [redact_text(p) for p in problems]  # a key typed where a name belongs is not echoed
         self.problems = problems
         self.source = source
         where = f" in {source}" if source else ""

@@ -241,3 +241,32 @@ def test_lmforge_serve_as_the_judge(judged_run, tmp_path):
     assert judged["graded"] + judged["unparsable"] == 4 and judged["unparsable"] >= 3, judged
     assert len(served.log) == 4  # four requests, each answered
     assert KEY not in proc.stdout + proc.stderr + files_text(out)
+
+
+def test_replies_of_any_shape_are_counted_never_fatal():
+    """A judge whose 200 replies are not what the OpenAI API promises: a body that is no JSON, choices
+    that are no list, content that is no text. Each is counted; none stops the evaluation."""
+    from fastapi.responses import Response
+
+    shapes = [
+        Response("not json at all", media_type="application/json"),
+        {"choices": "garbage"},
+        {"choices": [{"message": "hi"}]},
+        {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": 5}, "finish_reason": "stop"}]},
+    ]  # fmt: skip
+    app = FastAPI()
+    app.state.calls = 0
+
+    @app.post("/v1/chat/completions")
+    async def grade(request: Request):
+        app.state.calls += 1
+        return shapes[(app.state.calls - 1) % len(shapes)]
+
+    rows = [{"input": f"q{i}", "reference": "a", "prediction": "a"} for i in range(len(shapes))]
+    with serving(app) as url:
+        config = JudgeConfig(base_url=f"{url}/v1", model="m", criteria=CRITERIA, concurrency=1, timeout=5)
+        lines = []
+        result = judge_answers(rows, config, lines.append)
+    assert result.graded == 0 and result.unparsable + result.failed == len(shapes), lines
+    assert not any("scores" in r for r in rows)

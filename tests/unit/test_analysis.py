@@ -97,3 +97,29 @@ def test_seed_groups_without_variance_are_not_tested():
     found = analysis.seed_groups({"base": [0.0, 0.0], "a": [0.0, 0.0], "b": [0.1, 0.3]}, baseline="base")
     assert found["tests"]["a"]["p_holm"] != found["tests"]["a"]["p_holm"]  # NaN: nothing to test
     assert found["tests"]["b"]["p_holm"] == pytest.approx(found["tests"]["b"]["p_value"])  # one test: no correction
+
+
+def test_a_judge_metric_is_the_mean_over_the_graded_answers_and_is_compared():
+    def rows(grades):
+        return [
+            {"id": i, "tokens": 2, "loss_sum": 1.0, "prediction": "a", "reference": "a", "input": "q",
+             "scores": {"exact_match": 1.0, **({"judge_relevance": g} if g is not None else {})}}
+            for i, g in enumerate(grades)
+        ]  # fmt: skip
+
+    mine, theirs = rows([5, None, 3, 4]), rows([2, 2, None, None])  # a judge graded some answers only
+    metric = analysis.metrics_of(mine)["generation/judge_relevance"]
+    assert float(metric.score(metric.stats.sum(0))) == 4.0  # (5 + 3 + 4) / 3
+    comparison = analysis.compare(mine, theirs, resamples=200)
+    assert "generation/judge_relevance" in str(comparison)
+
+
+def test_peft_target_modules_are_exported_sorted(tmp_path):
+    import json
+
+    from lmforge.export.export import _sort_target_modules
+
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({"target_modules": ["v_proj", "q_proj", "k_proj"], "r": 4}))
+    _sort_target_modules(path)
+    assert json.loads(path.read_text())["target_modules"] == ["k_proj", "q_proj", "v_proj"]

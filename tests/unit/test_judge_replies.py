@@ -15,6 +15,8 @@ ALL_FOUR = {"judge_relevance": 4.0, "judge_completeness": 3.0, "judge_clarity": 
     "reply",
     [
         '{"relevance": 4, "completeness": 3, "clarity": 5}',
+        "Relevance (1-5): 4\nCompleteness (1-5): 3\nClarity (1-5): 5",
+        "**Relevance** (out of 5): 4\n**Completeness** (out of 5): 3\n**Clarity** (out of 5): 5",
         '  {"Relevance": 4, "COMPLETENESS": 3, "clarity": 5}\n',
         '```json\n{"relevance": 4, "completeness": 3, "clarity": 5}\n```',
         'Here are my grades:\n{"relevance": 4, "completeness": 3, "clarity": 5}\nThe answer is fine.',
@@ -45,6 +47,9 @@ def test_replies_that_grade_every_criterion(reply):
         "relevance: high\ncompleteness: 3\nclarity: 5",
         " + + + + + 1 carried 8 + ",  # what a tiny model says
         "[4, 3, 5]",
+        "relevance: -3\ncompleteness: 3\nclarity: 5",  # signed
+        "Relevance: 4/10\ncompleteness: 3\nclarity: 5",  # another scale
+        '{"relevance": "5/10", "completeness": 3, "clarity": 5}',
     ],
 )
 def test_replies_that_are_unparsable(reply):

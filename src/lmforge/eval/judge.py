@@ -134,8 +134,17 @@ def _grade(value: Any) -> float | None:
 def _from_lines(reply: str, key: str) -> float | None:
     """The number after the criterion's name on its line ("relevance: 4", "Relevance - 4/5")."""
     words = r"[\s_-]+".join(re.escape(word) for word in key.split("_"))
-    match = re.search(rf"(?i)\b{words}\b[^\d\n]{{0,24}}?(\d+(?:\.\d+)?)", reply)
-    return float(match.group(1)) if match else None
+    # "Relevance: 4", "**Relevance** (1-5): 4", "Relevance (out of 5) - 4/5": the grade follows the
+    # line's colon or dash after the name; a scale in brackets before it is skipped. A grade out of
+    # anything but 5, or a signed one, is no grade.
+    name = rf"(?im)\b{words}\b(?:\s+(?:score|grade|rating))?[*_\s]*(?:\([^)\n]*\))?[*_\s]*"
+    line = re.search(name + r"[:=-]\s*(-?\d+(?:\.\d+)?)(\s*/\s*\d+)?", reply)
+    if line is None or line.group(1).startswith("-"):
+        return None
+    scale = line.group(2)
+    if scale and scale.replace("/", "").strip() != str(HIGHEST):
+        return None
+    return float(line.group(1))
 
 
 def judge_answers(rows: list[dict], judge: JudgeConfig, warn: Callable[[str], None] = print) -> JudgeResult:
@@ -154,7 +163,12 @@ def judge_answers(rows: list[dict], judge: JudgeConfig, warn: Callable[[str], No
         result.failed = len(todo)
         warn(f"eval.judge.api_key_env: {judge.api_key_env} is not set; no answer was graded (export it and rerun)")
         return result
-    client = _client(judge, key)
+    try:
+        client = _client(judge, key)
+    except Exception as exc:  # noqa: BLE001 - a base_url or key the client refuses: counted, never fatal
+        result.failed = len(todo)
+        warn(_summary_line(result, len(todo), [f"{type(exc).__name__}: {exc}"], key))
+        return result
     with ThreadPoolExecutor(max_workers=judge.concurrency) as pool:
         outcomes = list(pool.map(lambda row: _grade_one(client, judge, row), todo))
     graded = [grades for grades, _ in outcomes if grades is not None]
@@ -191,11 +205,13 @@ def _grade_one(client, judge: JudgeConfig, row: dict) -> tuple[dict[str, float] 
     except openai.APIStatusError as exc:
         detail = exc.body.get("message") if isinstance(exc.body, dict) else None  # (the error object's)
         return None, f"HTTP {exc.status_code}: {detail or exc.message}"
-    except openai.OpenAIError as exc:  # connection refused, timeout, a reply that is not JSON
+    except Exception as exc:  # noqa: BLE001 - refused, timed out, a body that is no JSON: counted, never fatal
         return None, f"{type(exc).__name__}: {exc}"
-    choices = getattr(response, "choices", None) or []
-    reply = choices[0].message.content if choices and choices[0].message else None
-    return parse_grades(reply, judge.criteria), None
+    try:
+        reply = response.choices[0].message.content
+    except (AttributeError, IndexError, KeyError, TypeError):  # a reply of another shape: unparsable
+        return None, None
+    return parse_grades(reply if isinstance(reply, str) else None, judge.criteria), None
 
 
 def _summary_line(result: JudgeResult, asked: int, errors: list[str], key: str | None) -> str:

@@ -57,6 +57,7 @@ def export_run(
         if adapter and not merged:
             save_base_config(model, tmp)
             _copy_base_record(model_dir, run_dir, tmp, verify=kind == "checkpoint")
+            _sort_target_modules(tmp / "adapter_config.json")
         tokenizer.save_pretrained(str(tmp))
         if (model_dir / HINTS_FILE).is_file():
             shutil.copy(model_dir / HINTS_FILE, tmp / HINTS_FILE)
@@ -80,3 +81,13 @@ def _copy_base_record(model_dir: Path, run_dir: Path, out: Path, verify: bool) -
                 verify_base(record, model_dir, record_path, fix)
             write_base_record(out, record)
             return
+
+
+def _sort_target_modules(path: Path) -> None:
+    """peft writes target_modules, a set, in hash order, which differs between processes: sorted,
+    the same adapter exports to the same bytes (a push again sends nothing)."""
+    if path.is_file():
+        config = json.loads(path.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -61,11 +61,11 @@ class MirrorTracker:
     keeps = "its uploads are retried, and the run directory has everything"
 
     def __init__(self, info: RunInfo) -> None:
-        self.run_dir = info.run_dir
+        self.run_dir = info.run_dir.resolve()  # a -latest link: the run's own name
         self.url = info.config.train.mirror
         self.settings = info.config
         self.store: Store | None = None
-        self.prefix = info.run_dir.name
+        self.prefix = self.run_dir.name
 
     def start(self, run_id: str | None) -> None:
         self.store = mirror_store(self.settings)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lmforge.atomic import current_umask
 from lmforge.errors import UserError
 from lmforge.secrets import redact_text
 
@@ -342,6 +343,7 @@ class LocalStore:
         os.close(fd)
         try:
             shutil.copyfile(local, tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a copy is an ordinary file
             if file_sha256(Path(tmp)) != sha256:
                 raise StorageError(f"{target}: the copy of {local} does not match it (the disk or the file changed)")
             os.replace(tmp, target)

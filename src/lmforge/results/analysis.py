@@ -61,7 +61,16 @@ def metrics_of(rows: list[dict], labels: list[str] | None = None, split: str = "
             found["generation/chrf"] = stats.chrf(predictions, references)
     for name in _per_example_scores(answered):
         found[f"{section}/{name}"] = stats.mean([r["scores"][name] for r in answered], name=name)
+    for name in _graded_scores(answered):  # a judge grades some answers: the mean over those it graded
+        values = [r.get("scores", {}).get(name) for r in answered]
+        found[f"{section}/{name}"] = stats.mean_of_present(values, name=name)
     return found
+
+
+def _graded_scores(rows: list[dict]) -> list[str]:
+    """judge_ score names some rows have and others lack (answers the judge did not grade)."""
+    names = {name for r in rows for name in r.get("scores", {}) if name.startswith("judge_")}
+    return sorted(n for n in names if not all(n in r.get("scores", {}) for r in rows))
 
 
 def _per_example_scores(rows: list[dict]) -> list[str]:

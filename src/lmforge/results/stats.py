@@ -329,6 +329,27 @@ def mean(values: Sequence[float] | np.ndarray, name: str = "mean") -> Metric:
     return Metric(name, _with_ones(_vector(values, "values")), _ratio)
 
 
+def mean_of_present(values: Sequence[float | None], name: str = "mean") -> Metric:
+    """Mean over the examples that have a value (a judge grades some answers, not all).
+
+    Statistics (N, 2): [value, 1] where there is one, [0, 0] where not; score: sum(value) / count. A
+    resample holding no graded example scores NaN.
+
+    Args:
+        values: (N,) per-example values or None; at least one finite value.
+        name: Name of the measured value; paired tests require both sides to share it.
+
+    Raises:
+        ValueError: no value at all, or a non-finite one.
+    """
+    present = [v for v in values if v is not None]
+    if not present:
+        raise ValueError(f"{name}: no example has a value")
+    _vector(present, "values")  # finite numbers
+    rows = np.array([[v, 1.0] if v is not None else [0.0, 0.0] for v in values], dtype=np.float64)
+    return Metric(name, rows, _ratio)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bootstrap
 # ---------------------------------------------------------------------------------------------------------------

@@ -1211,6 +1211,12 @@ def resume_differences(saved: Config, new: Config) -> tuple[list[str], list[str]
     return allowed, refused
 
 
+def saved_config(path: str | Path) -> Config:
+    """The config a run or checkpoint saved (its config.yaml), as it was resolved then: no
+    environment variables or overrides apply."""
+    return Config.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
 def config_to_dict(config: Config) -> dict[str, Any]:
     """The resolved config as plain data, every default filled in."""
     return config.model_dump(mode="json")

@@ -24,7 +24,6 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
@@ -33,7 +32,7 @@ from safetensors.torch import load_model
 
 from lmforge import malloc
 from lmforge.atomic import atomic_dir
-from lmforge.config import Config, dump_yaml, resume_differences
+from lmforge.config import Config, dump_yaml, resume_differences, saved_config
 from lmforge.data.formats import split_markers
 from lmforge.data.loader import StepPlan
 from lmforge.data.prepare import PreparedData, prepare_data
@@ -496,7 +495,7 @@ def check_mirror(config: Config) -> None:
 
 def check_resume_config(checkpoint: Checkpoint, config: Config, warn) -> None:
     """Refuse a resume whose config changes the model, the data or the optimisation."""
-    saved = Config.model_validate(yaml.safe_load((checkpoint.path / "config.yaml").read_text()))
+    saved = saved_config(checkpoint.path / "config.yaml")
     allowed, refused = resume_differences(saved, config)
     if refused:
         raise UserError(
@@ -610,7 +609,7 @@ def _warn_before_training(
             "them as tokens (tokenizer.train gives its own) avoids that"
         )
     if checkpoint is not None:
-        saved = Config.model_validate(yaml.safe_load((checkpoint.path / "config.yaml").read_text()))
+        saved = saved_config(checkpoint.path / "config.yaml")
         if note := schedule_change(saved.train, config.train, total_steps(saved.train, plan), steps, checkpoint.step):
             warn(note)
 

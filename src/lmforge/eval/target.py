@@ -10,10 +10,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
 from transformers import AutoConfig
 
-from lmforge.config import Config, DataConfig, EvalConfig, override_data
+from lmforge.config import DataConfig, EvalConfig, override_data, saved_config
 from lmforge.data.prepare import prepare_data, split_records, tokenize_files
 from lmforge.data.sources import read_records, resolve_paths
 from lmforge.engine.checkpoint import MANIFEST, latest_valid, verify
@@ -42,9 +41,9 @@ def load_target(target: Path):
         return load_checkpoint_dir(model_dir)
     run_config = None
     if kind == "run":
-        run_config = _run_config(target / "config.yaml")
+        run_config = saved_config(target / "config.yaml")
     elif (model_dir / "lmforge_config.yaml").is_file():  # an export carries its run's config
-        run_config = _run_config(model_dir / "lmforge_config.yaml")
+        run_config = saved_config(model_dir / "lmforge_config.yaml")
     model = load_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir, need_eos=task_of(model_dir) != "classification")
     return model, tokenizer, run_config
@@ -94,10 +93,6 @@ def _model_checkpoint(path: Path) -> Path:
     return path
 
 
-def _run_config(path: Path) -> Config:
-    return Config.model_validate(yaml.safe_load(path.read_text()))
-
-
 def load_checkpoint_dir(path: Path):
     """(model, tokenizer, run config) of a checkpoint: the architecture from its config.json (with
     the run's adapters when it trained LoRA), every weight from its model.safetensors; no base
@@ -106,7 +101,7 @@ def load_checkpoint_dir(path: Path):
 
     from lmforge.models.build import AUTO_CLASSES
 
-    run_config = _run_config(path / "config.yaml")
+    run_config = saved_config(path / "config.yaml")
     task = task_of(path)
     model = AUTO_CLASSES[task].from_config(AutoConfig.from_pretrained(str(path)))
     if run_config.lora is not None:

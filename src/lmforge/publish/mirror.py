@@ -78,8 +78,7 @@ class MirrorTracker:
         self._send_run_files()
         if verify(path) is not None:  # removed (or being removed) by keep_last since it was queued
             return
-        prefix = join(self.prefix, "checkpoints", path.name)
-        upload_dir(path, self.store, prefix, skip=lambda key: key in _LOCAL_ONLY, last=(CHECKPOINT_MANIFEST,))
+        self._send_checkpoint(path)
         self._prune()
 
     def finish(self, status: str) -> None:
@@ -88,8 +87,7 @@ class MirrorTracker:
             if child.is_dir() and child.name == "checkpoints":
                 for checkpoint in list_checkpoints(child):
                     if verify(checkpoint.path) is None:
-                        prefix = join(self.prefix, "checkpoints", checkpoint.path.name)
-                        upload_dir(checkpoint.path, self.store, prefix, last=(CHECKPOINT_MANIFEST,))
+                        self._send_checkpoint(checkpoint.path)
             elif child.is_dir() and not child.name.startswith("."):
                 upload_dir(child, self.store, join(self.prefix, child.name))
         self._send_run_files(every=True)
@@ -103,6 +101,11 @@ class MirrorTracker:
                 shutil.copyfile(path, snapshot)
                 key = path.resolve().relative_to(self.run_dir.resolve()).as_posix()
                 self.store.put(snapshot, join(self.prefix, key), file_sha256(snapshot))
+
+    def _send_checkpoint(self, path: Path) -> None:
+        """A complete checkpoint, its manifest.json after every other file."""
+        prefix = join(self.prefix, "checkpoints", path.name)
+        upload_dir(path, self.store, prefix, skip=lambda key: key in _LOCAL_ONLY, last=(CHECKPOINT_MANIFEST,))
 
     def where(self) -> str:
         return f"mirror: {self.store.url if self.store else self.url}/{self.prefix}"

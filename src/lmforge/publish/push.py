@@ -23,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from lmforge.atomic import OWNED_MARKER, check_target, owned_dir
 from lmforge.errors import UserError
 from lmforge.publish.storage import (
@@ -208,10 +206,9 @@ class Push:
 
 
 def _run_config(directory: Path):
-    from lmforge.config import Config
+    from lmforge.config import saved_config
 
-    path = directory / "config.yaml"
-    return Config.model_validate(yaml.safe_load(path.read_text())) if path.is_file() else None
+    return saved_config(directory / "config.yaml") if (directory / "config.yaml").is_file() else None
 
 
 # --------------------------------------------------------------------------- MLflow registry

@@ -92,17 +92,16 @@ def save_pyfunc(target: Path, path: Path) -> Path:
     """Write an MLflow pyfunc model of `target` (a finished run, a paused run or a checkpoint) to
     `path`; a LoRA adapter is merged so that the model stands alone. Its prompts are rendered as
     the run's were (the module's docstring)."""
-    import yaml
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec
 
-    from lmforge.config import Config
+    from lmforge.config import saved_config
     from lmforge.eval.target import resolve_target
     from lmforge.export.export import export_run
 
     kind, model_dir = resolve_target(Path(target))
     settings = model_dir.parent if kind == "run" else model_dir  # a checkpoint holds its config.yaml
-    config = Config.model_validate(yaml.safe_load((settings / "config.yaml").read_text()))
+    config = saved_config(settings / "config.yaml")
     staging = path.parent / "staging"
     hf_dir = export_run(Path(target), staging / "hf_model", merge_lora=config.lora is not None)
     generate = staging / "generate.json"

@@ -79,6 +79,17 @@ class ModelConfig(Section):
     train.compile is off, else sdpa."""
     trust_remote_code: bool = False
     """Allow a pretrained model directory to run its own Python code. Only for sources you trust."""
+    architecture: str | None = None
+    """The model family of a model built from scratch: a Hugging Face model_type, e.g. llama (the
+    default), gpt2, qwen2, mistral. Sizes (hidden_size, num_layers, ...) and model.config set its
+    config; a preset gives the sizes."""
+    config: dict[str, Any] = {}
+    """Fields of the family's Hugging Face config class for a model built from scratch, e.g.
+    {n_positions: 1024} for gpt2 or {rope_theta: 1e6, sliding_window: null} for qwen2; they win over
+    the sizes and the preset."""
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """Dropout probability for every dropout the family has (attention, residual, embedding,
+    hidden); null keeps the family's defaults (Llama and Qwen2: 0 attention dropout; GPT-2: 0.1)."""
 
 
 class LoraConfig(Section):
@@ -121,6 +132,35 @@ class SourceSpec(Section):
 
 
 Sources = str | list[str | SourceSpec]
+
+
+class CurriculumStage(Section):
+    data: Sources
+    """This stage's training data, as data.train takes it (a file, glob, directory, or a list of them
+    or of {path, weight})."""
+    until_step: int | None = Field(default=None, ge=1)
+    """The stage trains up to this optimizer step; the next stage starts there. The last stage may
+    leave it out: it trains to the end."""
+
+
+class CurriculumConfig(Section):
+    column: str | None = None
+    """A numeric record field holding each example's difficulty (higher is harder). Default (and
+    without stages): the example's length in tokens, short to long."""
+    stages: list[CurriculumStage] | None = None
+    """Train on one mix, then the next: each stage's data until its until_step. Replaces data.train
+    (give data.validation, or the validation/test fractions are split off every stage)."""
+    start: float = Field(default=0.2, gt=0.0, le=1.0)
+    """The easiest fraction of the training data available at step 0."""
+    schedule: Literal["linear", "step"] = "linear"
+    """How the available fraction grows to 1: linearly with the step, or in equal steps, one per
+    difficulty level."""
+    steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps until all the data is available; later steps go through the whole data in
+    seeded epochs. Default: half of the run."""
+    levels: int = Field(default=4, ge=2)
+    """Difficulty levels (equal-count buckets by difficulty): the stepped schedule adds one at a
+    time, and packing never puts examples of two levels in one row."""
 
 
 class DataConfig(Section):
@@ -183,6 +223,15 @@ class DataConfig(Section):
     """Where tokenizers and tokenized data are cached. Default: ~/.cache/lmforge."""
     num_proc: int = Field(default=1, ge=1)
     """Worker processes for formatting and tokenization; worth raising for large corpora."""
+    curriculum: CurriculumConfig | None = None
+    """Easy examples first: `length` (short to long), {column: NAME} (a difficulty score in the
+    data) or {stages: [{data: ..., until_step: N}, ...]} (one mix, then the next); absent: none."""
+
+    @field_validator("curriculum", mode="before")
+    @classmethod
+    def _curriculum_shorthand(cls, value: Any) -> Any:
+        return {} if value == "length" else value
+
     prefetch: int = Field(default=2, ge=0)
     """Optimizer steps of micro-batches read and collated ahead in a background thread (pinned in
     memory on CUDA), so the loop never waits on data; 0 reads them in the loop."""
@@ -215,6 +264,23 @@ class EarlyStoppingConfig(Section):
         return self.mode or ("max" if self.metric.endswith(("accuracy", "f1")) else "min")
 
 
+class LrFindConfig(Section):
+    start_lr: float = Field(default=1e-7, gt=0.0)
+    """The range test's first learning rate."""
+    end_lr: float = Field(default=10.0, gt=0.0)
+    """Its last learning rate (it stops earlier when the loss diverges)."""
+    num_steps: int = Field(default=100, ge=5)
+    """Optimizer steps of the test; the learning rate grows exponentially from start_lr to end_lr."""
+    smoothing: float = Field(default=0.98, ge=0.0, lt=1.0)
+    """The loss curve is an exponential moving average with this weight on the past (fastai's 0.98),
+    bias-corrected."""
+    diverge_factor: float = Field(default=4.0, gt=1.0)
+    """The test stops when the smoothed loss exceeds this times its lowest value."""
+    suggestion: Literal["valley", "steepest", "minimum"] = "valley"
+    """The suggestion train.lr=find trains with: valley (the middle of the longest descent), steepest
+    (the steepest descent) or minimum (the lowest loss's lr / 10)."""
+
+
 class TrainConfig(Section):
     epochs: int = Field(default=1, ge=1)
     """Passes over the training data (ignored when max_steps is set)."""
@@ -224,12 +290,47 @@ class TrainConfig(Section):
     """Rows per forward/backward pass."""
     grad_accum: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step."""
-    lr: float = Field(default=3e-4, gt=0)
-    """Peak learning rate."""
+    lr: float | Literal["find"] = 3e-4
+    """Peak learning rate, or find: run the learning-rate range test (train.lr_find) first and
+    train with its suggestion, which the saved config records."""
+    lr_find: LrFindConfig = LrFindConfig()
+    """The learning-rate range test of `lmforge lr-find` and train.lr=find."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd", "lion"] = "adamw"
+    """adamw (torch's fused kernel), adamw_8bit / paged_adamw_8bit (bitsandbytes, CUDA only),
+    adafactor (factored second moments: little optimizer memory), sgd (with momentum), lion
+    (sign updates; use a 3-10x smaller lr and larger weight decay than AdamW)."""
+    momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """sgd's momentum. Default 0.9."""
+    nesterov: bool = False
+    """sgd: Nesterov momentum."""
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
-    """Floor of the linear/cosine decay, as a fraction of lr."""
-    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Floor of the decay, as a fraction of lr."""
+    scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt", "wsd"] = (
+        "cosine"
+    )
     """Learning-rate schedule after warmup."""
+    num_cycles: int | None = Field(default=None, ge=1)
+    """cosine_with_restarts: cosine decays, each restarting at lr. Default 2."""
+    power: float | None = Field(default=None, gt=0.0)
+    """polynomial: the decay's exponent (1 is linear). Default 1."""
+    decay_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+    """wsd (warmup-stable-decay): the share of the steps spent decaying at the end. Default 0.2."""
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] | None = None
+    """wsd: the shape of the final decay. Default 1-sqrt."""
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _positive_lr(cls, lr: Any) -> Any:
+        if lr == "find":
+            return lr
+        try:
+            number = float(lr)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(lr, bool) or not number > 0 or number == float("inf"):
+            raise ValueError("a learning rate is a number above 0, or find (the range test picks it)")
+        return number
+
     warmup_steps: int | None = Field(default=None, ge=0)
     """Steps of linear warmup from 0 to lr. Exclusive with warmup_ratio."""
     warmup_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
@@ -837,7 +938,35 @@ def _suggest(loc: list[str]) -> str:
 
 def check_config(config: Config) -> list[str]:
     """Checks that involve several fields; each problem names the fields and the fix."""
-    return _check_model(config) + _check_tokenizer(config) + _check_rest(config)
+    return (
+        _check_model(config)
+        + _check_tokenizer(config)
+        + _check_rest(config)
+        + _check_optimizer(config)
+        + _check_curriculum(config)
+        + _check_architecture(config)
+        + _check_lr_find(config)
+    )
+
+
+def _check_optimizer(config: Config) -> list[str]:
+    """train.optimizer and train.scheduler against the settings that belong to one of them."""
+    return []
+
+
+def _check_curriculum(config: Config) -> list[str]:
+    """data.curriculum against the format, packing and the data it reads."""
+    return []
+
+
+def _check_architecture(config: Config) -> list[str]:
+    """model.architecture, model.config and model.dropout."""
+    return []
+
+
+def _check_lr_find(config: Config) -> list[str]:
+    """train.lr_find's range."""
+    return []
 
 
 def _check_model(config: Config) -> list[str]:

@@ -209,9 +209,22 @@ class StepData:
 
 
 def step_data(
-    dataset: Dataset, plan: StepPlan, config, pad_id: int, start: tuple[int, int], rank: int = 0, pin: bool = False
+    dataset: Dataset,
+    plan: StepPlan,
+    config,
+    pad_id: int,
+    start: tuple[int, int],
+    rank: int = 0,
+    pin: bool = False,
+    step: int = 0,
+    total_steps: int | None = None,
 ) -> Iterator[StepData]:
-    """This process's micro-batches of every optimizer step from start = (epoch, step_in_epoch) on."""
+    """This process's micro-batches of every optimizer step from start = (epoch, step_in_epoch) on.
+
+    Args:
+        step: optimizer steps taken so far (the run's global step), and total_steps: the run's length;
+            data.curriculum's schedule is a function of them.
+    """
     (epoch, step_in_epoch), lengths, task = start, dataset["num_tokens"], config.model.task
     order = training_order(lengths, config, epoch)
     while True:

@@ -167,7 +167,8 @@ def train(
     deadline = cfg.max_time and time.monotonic() + cfg.max_time
     progress.begin(state.step)
     pin = accelerator.device.type == "cuda"
-    ahead = step_data(train_set, plan, config, pad_id, (state.epoch, state.step_in_epoch), rank, pin)
+    start = (state.epoch, state.step_in_epoch)  # with data.curriculum, the step decides until the curriculum ends
+    ahead = step_data(train_set, plan, config, pad_id, start, rank, pin, step=state.step, total_steps=steps)
     with StopOnSignal() as signals, Prefetcher(ahead, config.data.prefetch) as upcoming:
         while state.step < steps and state.stop_reason is None:
             data = next(upcoming)  # step_data moves to the next epoch (and permutation) when one ends

@@ -112,6 +112,24 @@ def train_command(
         raise typer.Exit(SIGNAL_EXITS[outcome.paused])
 
 
+@app.command("lr-find")
+def lr_find_command(
+    config: Path = typer.Argument(..., help="YAML or JSON config file."),
+    overrides: list[str] = OVERRIDES,
+    out: Path = typer.Option(
+        None, "--out", help="Where lr_find.json and lr_find.png go. Default: <output_dir>/<name>-lr-find-<time>/."
+    ),
+) -> None:
+    """The learning-rate range test: a few real training steps at exponentially growing learning
+    rates (train.lr_find), the loss curve, and three suggestions. Nothing is trained for keeps."""
+    from lmforge.config import load_config
+    from lmforge.run import run_lr_find
+
+    cfg = load_config(config, overrides or [], check_files=True)
+    _quiet_libraries()
+    run_lr_find(cfg, console, out)
+
+
 @app.command("eval")
 def eval_command(
     target: Path = typer.Argument(..., help=TARGET_HELP),
@@ -539,7 +557,7 @@ def config_validate(config: Path = typer.Argument(...), overrides: list[str] = O
     console.print(f"{config}: valid")
 
 
-HEAVY_COMMANDS = ("train", "eval")
+HEAVY_COMMANDS = ("train", "eval", "lr-find")
 """Commands that preload tcmalloc where it is installed (lmforge.malloc): minutes of tensor work."""
 
 

@@ -132,6 +132,7 @@ def run_train(
             log = lambda message: console.print(message, highlight=False)  # noqa: E731
             checkpoint = find_resume_checkpoint(config, resume, warn, log) if resume else None
     if checkpoint is not None:
+        config = found_lr_of(checkpoint, config, console)
         check_resume_config(checkpoint, config, warn)
     held = run_dir or (checkpoint.path.parent.parent if checkpoint is not None else None)
     if held is not None and process.is_main_process:
@@ -200,6 +201,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
     steps = total_steps(config.train, plan)
     _print_plan(console, config, data, model, trainable, total, plan, steps, precision)
     _warn_before_training(data.report, data.tokenizer, config, checkpoint, plan, steps, warn)
+    config, finder = _lr_of_run(config, model, data, console, how.dry_run)
     if how.dry_run:
         for line in data_report_lines(data.report):
             console.print(line, highlight=False)
@@ -210,6 +212,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
     main = process.is_main_process
     trackers = _open_outputs(config, run_dir, data, saved, main, warn, console, how.config_path, base)
     trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
+    _record_lr_find(finder if main else None, run_dir, trackers)
     status = "FAILED"
     try:
         prompts = prompts_and_references(data.samples, data.tokenizer, config.eval.generate)
@@ -253,6 +256,99 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
         link = link_latest(run_dir, config.name)
         console.print(f"latest:   {link / 'final'} (points at this run)", highlight=False)
     return RunOutcome(run_dir, final_eval)
+
+
+def _lr_of_run(config: Config, model, data: PreparedData, console: Console, dry_run: bool):
+    """(config, LrFindResult or None): train.lr=find runs the range test, except in a dry run."""
+    if config.train.lr != "find":
+        return config, None
+    if dry_run:
+        console.print("train.lr=find: the learning-rate range test runs before training", highlight=False)
+        return config, None
+    return find_lr(config, model, data, console)
+
+
+def _record_lr_find(result, run_dir: Path, trackers: Trackers) -> None:
+    """lr_find.json and lr_find.png in the run directory, logged as artifacts, and the suggestions as
+    parameters lr_find.<name> (nothing without a result)."""
+    if result is None:
+        return
+    for path in result.save(run_dir):
+        trackers.log_artifact(path)
+    trackers.log_params({f"lr_find.{name}": lr for name, lr in result.suggestions.items()})
+
+
+def find_lr(config: Config, model, data: PreparedData, console: Console):
+    """train.lr=find: the range test (engine.lr_find) on the run's model and data, and the config
+    with train.lr set to its train.lr_find.suggestion; returns (config, LrFindResult).
+
+    Raises:
+        UserError: the test had too few finite losses to suggest anything.
+    """
+    from lmforge.engine.lr_find import range_test
+
+    cfg = config.train.lr_find
+    console.print(
+        f"train.lr=find: learning-rate range test, {cfg.num_steps} steps from {cfg.start_lr:.1e} to {cfg.end_lr:.1e}",
+        highlight=False,
+    )
+    try:
+        result = range_test(model, data, config, console)
+    except ValueError as exc:
+        raise UserError(f"train.lr=find: {exc}") from None
+    found = config.model_copy(deep=True)
+    found.train.lr = result.suggestions[cfg.suggestion]
+    shown = ", ".join(f"{name} {lr:.2e}" for name, lr in result.suggestions.items())
+    console.print(
+        f"train.lr=find: {result.stopped}; suggestions {shown}; training with the {cfg.suggestion} one, "
+        f"train.lr={found.train.lr:.3g}",
+        highlight=False,
+    )
+    return found, result
+
+
+def run_lr_find(config: Config, console: Console, out: Path | None = None):
+    """`lmforge lr-find`: prepare the data, build the model as training would, run the range test
+    and save lr_find.json and lr_find.png in `out` (default <output_dir>/<name>-lr-find-<time>/);
+    returns (LrFindResult, the directory).
+
+    Raises:
+        UserError: the test had too few finite losses to suggest anything.
+    """
+    from datetime import datetime
+
+    resolve_precision(config.train.precision)
+    check_quantization(config)
+    process = PartialState(cpu=distributed_cpu())
+    if not process.is_main_process:
+        console = Console(quiet=True)
+    if config.train.num_threads is not None:
+        torch.set_num_threads(config.train.num_threads)
+    with process.main_process_first():
+        data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    set_seed(config.seed)
+    model = build_model(config, data.tokenizer, labels=data.labels)
+    found, result = find_lr(config, model, data, console)
+    out = out or Path(config.output_dir) / f"{config.name}-lr-find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if process.is_main_process:
+        result.save(out)
+        console.print(f"curve and suggestions: {out / 'lr_find.json'}, {out / 'lr_find.png'}", highlight=False)
+        console.print(
+            f"train with it: train.lr={found.train.lr:.3g} (or train.lr: find, which runs this test first)",
+            highlight=False,
+        )
+    return result, out
+
+
+def found_lr_of(checkpoint: Checkpoint, config: Config, console: Console) -> Config:
+    """A resumed train.lr=find run goes on with the learning rate its range test found (the
+    checkpoint's config holds it): the test does not run again."""
+    if config.train.lr != "find":
+        return config
+    resumed = config.model_copy(deep=True)
+    resumed.train.lr = saved_config(checkpoint.path / "config.yaml").train.lr
+    console.print(f"train.lr=find: resuming with the learning rate found before, {resumed.train.lr:.3g}")
+    return resumed
 
 
 def adapter_base(config: Config) -> dict | None:

@@ -36,6 +36,9 @@ PAUSES = ("SIGTERM", "SIGINT", "SIGUSR1", "max_time")  # stops after which the r
 EvalHook = Callable[[int, dict[str, float]], str | None]
 """Called with (step, validation metrics) after each evaluation past step 0; a stop reason it
 returns (a sweep's pruner: "pruned") ends training there, without a checkpoint."""
+LogHook = Callable[[int, dict[str, float]], str | None]
+"""Called with (step, train metrics) after each train log point; a stop reason it returns (the
+learning-rate range test's "diverged") ends training there."""
 
 
 class NonFiniteLossError(UserError):
@@ -110,6 +113,7 @@ class Loop:
     window_loss: torch.Tensor | None = None
     """Loss summed on device since the last log point: no host sync per step."""
     on_eval: EvalHook | None = None
+    on_log: LogHook | None = None
     last_step: int = 0
     """The run's final step: a stop reason from on_eval there changes nothing (the run is done)."""
 
@@ -124,6 +128,8 @@ def train(
     resume_from: Path | None = None,
     progress_factory=TrainProgress,
     on_eval: EvalHook | None = None,
+    on_log: LogHook | None = None,
+    schedule: Callable[[int], float] | None = None,
 ) -> TrainResult:
     """Train `model` on `data.splits["train"]`, evaluating, checkpointing and stopping as configured.
 
@@ -136,6 +142,9 @@ def train(
 
     Args:
         on_eval: see `EvalHook` (a sweep reports each evaluation to its study there).
+        on_log: see `LogHook`.
+        schedule: the multiplier of train.lr at each optimizer step (0-based), instead of
+            train.scheduler's (the range test's exponential sweep).
     """
     cfg = config.train
     accelerator = make_accelerator(cfg.precision)
@@ -147,7 +156,10 @@ def train(
     train_set, pad_id, rank = data.splits["train"], data.tokenizer.pad_token_id, accelerator.process_index
     plan = StepPlan(len(train_set), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes)
     steps = total_steps(cfg, plan)
-    scheduler = build_scheduler(optimizer, cfg, steps)
+    if schedule is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    else:
+        scheduler = build_scheduler(optimizer, cfg, steps)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     chunk_size = resolve_loss_chunk_size(cfg.loss_chunk_size, model, config.model.task, sharded or cfg.compile)
     loss_step = loss_step_for(config.model.task, chunk_size)
@@ -159,7 +171,7 @@ def train(
     loop = Loop(
         config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir, chunk_size
     )
-    loop.on_eval, loop.last_step = on_eval, steps
+    loop.on_eval, loop.on_log, loop.last_step = on_eval, on_log, steps
     state = _start(loop, resume_from)
 
     model.train()
@@ -186,7 +198,8 @@ def train(
 
             last = state.step == steps
             if state.step % cfg.log_every == 0 or last:
-                _log_train(loop, lr, grad_norm, plan)
+                logged = _log_train(loop, lr, grad_norm, plan)
+                state.stop_reason = loop.on_log(state.step, logged) if loop.on_log else None
             new_best = False
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
                 new_best = _evaluate(loop)
@@ -307,7 +320,7 @@ def _count_step(loop: Loop, finite: bool, loss_sum, targets: int, tokens: int, r
         )
 
 
-def _log_train(loop: Loop, lr: float, grad_norm: torch.Tensor, plan: StepPlan) -> None:
+def _log_train(loop: Loop, lr: float, grad_norm: torch.Tensor, plan: StepPlan) -> dict[str, float]:
     state, accelerator, log_every = loop.state, loop.accelerator, loop.config.train.log_every
     loss = accelerator.reduce(loop.window_loss, "sum") if accelerator.num_processes > 1 else loop.window_loss
     metrics = {
@@ -328,6 +341,7 @@ def _log_train(loop: Loop, lr: float, grad_norm: torch.Tensor, plan: StepPlan) -
     loop.window_loss.zero_()
     state.window_targets = state.window_tokens = 0
     loop.progress.restart_clock()
+    return metrics
 
 
 def _pause_reason(signals: StopOnSignal, deadline: float | None) -> str | None:

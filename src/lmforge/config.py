@@ -296,27 +296,38 @@ class TrainConfig(Section):
     lr_find: LrFindConfig = LrFindConfig()
     """The learning-rate range test of `lmforge lr-find` and train.lr=find."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd", "lion"] = "adamw"
-    """adamw (torch's fused kernel), adamw_8bit / paged_adamw_8bit (bitsandbytes, CUDA only),
-    adafactor (factored second moments: little optimizer memory), sgd (with momentum), lion
-    (sign updates; use a 3-10x smaller lr and larger weight decay than AdamW)."""
+    """adamw (torch's fused kernel), adamw_8bit / paged_adamw_8bit (bitsandbytes, CUDA only: a
+    quarter of AdamW's optimizer memory; paged moves it to the CPU when the GPU runs out), adafactor
+    (torch's: factored second moments, little optimizer memory; its step is relative to each
+    weight's size, so it takes a larger lr, ~1e-2), sgd (with train.momentum, train.nesterov), lion
+    (lion-pytorch: sign updates with betas train.adam_beta1/2; use a 3-10x smaller lr and larger
+    weight decay than AdamW)."""
     momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
-    """sgd's momentum. Default 0.9."""
+    """sgd's momentum (sgd only). Default 0.9."""
     nesterov: bool = False
-    """sgd: Nesterov momentum."""
+    """sgd: Nesterov momentum (needs a momentum above 0)."""
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
-    """Floor of the decay, as a fraction of lr."""
+    """Floor of the decay, as a fraction of lr: where linear, cosine, cosine_with_restarts,
+    polynomial (transformers' lr_end = lr * min_lr_ratio) and wsd end, and where inverse_sqrt stops
+    decaying. Refused with constant, which never decays."""
     scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt", "wsd"] = (
         "cosine"
     )
-    """Learning-rate schedule after warmup."""
+    """Learning-rate schedule after the linear warmup, each as transformers' function of the same
+    name: constant, linear, cosine (half a cosine), cosine_with_restarts (train.num_cycles cosines,
+    each restarting at lr), polynomial ((1 - progress) ** train.power), inverse_sqrt (1/sqrt(step /
+    warmup); timescale 10,000 steps without warmup), wsd (warmup-stable-decay: lr until the last
+    train.decay_ratio of the steps, then train.decay_shape down to the floor)."""
     num_cycles: int | None = Field(default=None, ge=1)
-    """cosine_with_restarts: cosine decays, each restarting at lr. Default 2."""
+    """cosine_with_restarts only: how many cosine decays, each restarting at lr. Default 2."""
     power: float | None = Field(default=None, gt=0.0)
-    """polynomial: the decay's exponent (1 is linear). Default 1."""
+    """polynomial only: the decay's exponent (1 is linear). Default 1."""
     decay_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
-    """wsd (warmup-stable-decay): the share of the steps spent decaying at the end. Default 0.2."""
+    """wsd (warmup-stable-decay) only: the share of the steps spent decaying at the end (rounded to
+    whole steps, at least one, after the warmup). Default 0.2."""
     decay_shape: Literal["linear", "cosine", "1-sqrt"] | None = None
-    """wsd: the shape of the final decay. Default 1-sqrt."""
+    """wsd only: the shape of the final decay. Default 1-sqrt (Hägele et al. 2024: as good as a
+    cosine schedule of the same length)."""
 
     @field_validator("lr", mode="before")
     @classmethod
@@ -336,13 +347,14 @@ class TrainConfig(Section):
     warmup_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
     """Warmup as a fraction of the total steps. Exclusive with warmup_steps."""
     weight_decay: float = Field(default=0.01, ge=0.0)
-    """AdamW weight decay; never applied to norms, biases or embeddings."""
+    """Weight decay (decoupled in AdamW, Adafactor and Lion; L2 added to the gradient in SGD); never
+    applied to norms, biases or embeddings."""
     adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
-    """AdamW beta1."""
+    """AdamW's (and Lion's) beta1."""
     adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
-    """AdamW beta2."""
+    """AdamW's (and Lion's) beta2."""
     adam_eps: float = Field(default=1e-8, gt=0.0)
-    """AdamW epsilon."""
+    """AdamW's epsilon (adamw and the 8-bit ones)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     """Clip the global gradient norm to this; null disables clipping."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -950,8 +962,48 @@ def check_config(config: Config) -> list[str]:
 
 
 def _check_optimizer(config: Config) -> list[str]:
-    """train.optimizer and train.scheduler against the settings that belong to one of them."""
-    return []
+    """train.optimizer and train.scheduler against the settings that belong to one of them, and the
+    8-bit optimizers against this machine (they need CUDA and bitsandbytes). Whether a wsd decay
+    fits the run is known only with its length: lmforge.engine.optim.check_schedule."""
+    train, problems = config.train, []
+    owners = {  # setting: (given?, the field that decides, the one value it applies to)
+        "momentum": (train.momentum is not None, "optimizer", "sgd"),
+        "nesterov": (train.nesterov, "optimizer", "sgd"),
+        "num_cycles": (train.num_cycles is not None, "scheduler", "cosine_with_restarts"),
+        "power": (train.power is not None, "scheduler", "polynomial"),
+        "decay_ratio": (train.decay_ratio is not None, "scheduler", "wsd"),
+        "decay_shape": (train.decay_shape is not None, "scheduler", "wsd"),
+    }
+    for name, (given, field, owner) in owners.items():
+        value = getattr(train, field)
+        if given and value != owner:
+            hint = f"; {value}'s momentum is train.adam_beta1" if name == "momentum" and value != "adafactor" else ""
+            problems.append(
+                f"train.{name} applies to train.{field}={owner} only, not {value}: remove train.{name} "
+                f"or set train.{field}={owner}{hint}"
+            )
+    if train.nesterov and train.optimizer == "sgd" and train.momentum == 0:
+        problems.append(
+            "train.nesterov needs momentum, but train.momentum is 0: raise train.momentum (e.g. 0.9) "
+            "or set train.nesterov=false"
+        )
+    if train.min_lr_ratio > 0 and train.scheduler == "constant":
+        problems.append(
+            "train.min_lr_ratio is the floor of a decay, and train.scheduler=constant never decays: remove "
+            "train.min_lr_ratio or pick a decaying schedule (linear, cosine, cosine_with_restarts, polynomial, "
+            "inverse_sqrt, wsd)"
+        )
+    if train.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(
+                f"train.optimizer={train.optimizer} needs a CUDA GPU (bitsandbytes' 8-bit optimizers) and this "
+                "machine has none; on CPU use adamw, adafactor, sgd or lion"
+            )
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"train.optimizer={train.optimizer} needs bitsandbytes: pip install bitsandbytes")
+    return problems
 
 
 def _check_curriculum(config: Config) -> list[str]:

@@ -15,7 +15,14 @@ from transformers.optimization import (
 )
 
 from lmforge.config import TrainConfig, load_config
-from lmforge.engine.optim import DECAYS, OPTIMIZERS, build_optimizer, build_scheduler, lr_factor
+from lmforge.engine.optim import (
+    DECAYS,
+    OPTIMIZERS,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    schedule_change,
+)
 from lmforge.errors import ConfigError, UserError
 
 LR = 3e-3
@@ -177,6 +184,28 @@ def test_a_wsd_decay_that_does_not_fit_the_run_is_refused_when_the_length_is_kno
     short = TrainConfig.model_validate({"scheduler": "wsd", "decay_ratio": 0.1})
     with pytest.raises(UserError, match=r"train.decay_ratio=0.1 of 4 steps rounds to no decay step"):
         build_scheduler(optimizer(), short, 4)
+
+
+def test_a_resume_with_another_length_says_what_happens_to_each_schedule():
+    def change(total_now, step, **settings):
+        cfg = TrainConfig.model_validate({"lr": 2e-3, **settings})
+        return schedule_change(cfg, cfg, 100, total_now, step)
+
+    assert change(200, 50, scheduler="wsd", warmup_steps=3) == (
+        "the wsd learning-rate schedule is planned again over 200 steps instead of 100: at step 50 the learning "
+        "rate becomes 0.002 (it was 0.002), decaying from step 160 (it was 80), reaching 0 at step 200"
+    )
+    # 2e-3 * (0.1 + 0.9 * (1 - 50/200) ** 2), and (1 - 50/100) ** 2 before
+    assert change(200, 50, scheduler="polynomial", power=2, min_lr_ratio=0.1).endswith(
+        "at step 50 the learning rate becomes 0.00121 (it was 0.00065), reaching 0.0002 at step 200"
+    )
+    # inverse_sqrt and constant do not depend on the length, unless their warmup is a share of it
+    assert change(200, 50, scheduler="inverse_sqrt", warmup_steps=3) == ""
+    assert change(200, 50, scheduler="constant", warmup_steps=3) == ""
+    assert change(200, 15, scheduler="inverse_sqrt", warmup_ratio=0.1).endswith(
+        "at step 15 the learning rate becomes 0.0015 (it was 0.00163), its warmup now 20 steps (it was 10)"
+    )
+    assert change(100, 50, scheduler="wsd") == ""  # the same length
 
 
 def test_every_optimizer_and_schedule_of_the_schema_has_a_builder():

@@ -322,5 +322,5 @@ def schedule_change(cfg_before: TrainConfig, cfg_now: TrainConfig, total_before:
     if now.kind in ENDLESS:
         return f"{text}, its warmup now {now.warmup:,} steps (it was {before.warmup:,})"
     if now.kind == "wsd":
-        text += f", decaying from step {total_now - now.decay_steps:,}"
+        text += f", decaying from step {total_now - now.decay_steps:,} (it was {total_before - before.decay_steps:,})"
     return f"{text}, reaching {cfg_now.lr * now.min_ratio:.3g} at step {total_now:,}"

@@ -139,28 +139,47 @@ class CurriculumStage(Section):
     """This stage's training data, as data.train takes it (a file, glob, directory, or a list of them
     or of {path, weight})."""
     until_step: int | None = Field(default=None, ge=1)
-    """The stage trains up to this optimizer step; the next stage starts there. The last stage may
-    leave it out: it trains to the end."""
+    """The stage trains up to and including this optimizer step (as logged, counting from 1); the
+    next stage starts after it. The last stage may leave it out: it trains to the end of the run;
+    with it, the steps after it go through the data of every stage in seeded epochs."""
 
 
 class CurriculumConfig(Section):
+    """Easy examples first (competence-based curriculum, Platanios et al. 2019). Every training row
+    gets a difficulty level when the data is prepared: examples are ranked by difficulty (ties broken
+    by a hash of the record seeded with the run's seed, never by file order) and cut into `levels` buckets of
+    equal count; with stages, the level is the stage. Packing never puts two levels in one row.
+
+    During the curriculum phase (the first `steps` optimizer steps, or the stages), the rows of step t
+    are drawn from the pool of step t alone, by a draw seeded with (seed, t): the same on every
+    process and after a resume. After it, training goes through all the data in the usual seeded
+    epochs. The phase's steps count toward the run's length (train.max_steps or train.epochs x the
+    steps of an epoch)."""
+
     column: str | None = None
-    """A numeric record field holding each example's difficulty (higher is harder). Default (and
-    without stages): the example's length in tokens, short to long."""
+    """A numeric record field holding each example's difficulty (higher is harder); a training record
+    without it, or whose value is no number, is invalid (data.on_invalid). Default (and without
+    stages): the example's length in tokens, short to long (the pieces of a text cut at
+    data.max_length have their whole record's)."""
     stages: list[CurriculumStage] | None = None
-    """Train on one mix, then the next: each stage's data until its until_step. Replaces data.train
-    (give data.validation, or the validation/test fractions are split off every stage)."""
+    """Train on one mix, then the next: each stage's data until its until_step. The stages' data is
+    the training data: data.train, which the schema requires, must name the first stage's data (it is
+    checked). Validation and test: data.validation / data.test, or their fractions split off every
+    stage's records by hash."""
     start: float = Field(default=0.2, gt=0.0, le=1.0)
-    """The easiest fraction of the training data available at step 0."""
+    """The easiest fraction of the training rows available at step 0 (not with stages)."""
     schedule: Literal["linear", "step"] = "linear"
-    """How the available fraction grows to 1: linearly with the step, or in equal steps, one per
-    difficulty level."""
+    """How the available fraction c grows to 1 over `steps` (not with stages). linear: c(t) = start +
+    (1 - start) t / steps, the easiest ceil(c N) rows; step: whole levels, from the one that holds the
+    easiest `start` of the rows, one more in each of equal intervals."""
     steps: int | None = Field(default=None, ge=1)
-    """Optimizer steps until all the data is available; later steps go through the whole data in
-    seeded epochs. Default: half of the run."""
+    """Optimizer steps of the curriculum phase, until all the data is available; later steps go
+    through the whole data in seeded epochs. Default: half of the run. Not with stages (their
+    until_step says it). Set it when the run may be resumed with a longer train.max_steps, or the
+    default moves with it."""
     levels: int = Field(default=4, ge=2)
-    """Difficulty levels (equal-count buckets by difficulty): the stepped schedule adds one at a
-    time, and packing never puts examples of two levels in one row."""
+    """Difficulty levels, equal-count buckets by difficulty (not with stages: a stage is a level).
+    The step schedule adds one at a time; packing never puts examples of two levels in one row."""
 
 
 class DataConfig(Section):
@@ -1008,7 +1027,97 @@ def _check_optimizer(config: Config) -> list[str]:
 
 def _check_curriculum(config: Config) -> list[str]:
     """data.curriculum against the format, packing and the data it reads."""
-    return []
+    data, curriculum = config.data, config.data.curriculum
+    if curriculum is None:
+        return []
+    problems = []
+    if data.order != "shuffle":
+        problems.append(
+            f"data.order={data.order} conflicts with data.curriculum, which sets the order itself (easy rows "
+            "first, then seeded epochs): remove data.order, or remove data.curriculum"
+        )
+    if curriculum.stages is not None:
+        return problems + _check_stages(config)
+    if curriculum.column is not None and data.format == "text":
+        texts = [path for path in _spec_paths(data.train) if path.lower().endswith((".txt", ".text"))]
+        if texts:
+            problems.append(
+                f"data.curriculum.column={curriculum.column}: the documents of a .txt file have no fields "
+                f"({', '.join(texts)}); give the difficulty in .jsonl/.csv/.parquet records, or set "
+                "data.curriculum=length to rank them by length"
+            )
+    steps = config.train.max_steps
+    if curriculum.steps is not None and steps is not None and curriculum.steps > steps:
+        problems.append(
+            f"data.curriculum.steps={curriculum.steps} is beyond train.max_steps={steps}: the hardest data would "
+            f"never be reached; lower data.curriculum.steps (default: half of the run)"
+        )
+    return problems
+
+
+def _check_stages(config: Config) -> list[str]:
+    """data.curriculum.stages: what may go with them, their until_step, and data.train."""
+    curriculum, problems = config.data.curriculum, []
+    stages = curriculum.stages or []
+    if curriculum.column is not None:
+        problems.append(
+            "data.curriculum.stages and data.curriculum.column are exclusive: with stages a row's difficulty "
+            "is its stage; remove column, or remove stages to rank the data by column"
+        )
+    meaningless = [name for name in ("levels", "start", "schedule", "steps") if name in curriculum.model_fields_set]
+    if meaningless:
+        problems.append(
+            f"data.curriculum.{' / '.join(meaningless)} {'does' if len(meaningless) == 1 else 'do'} not apply to "
+            "stages (each stage is a level, trained on alone until its until_step); remove "
+            f"{'it' if len(meaningless) == 1 else 'them'}"
+        )
+    if not stages:
+        return [
+            *problems,
+            "data.curriculum.stages is empty: list the stages, e.g. [{data: easy.jsonl, until_step: 100}, "
+            "{data: hard.jsonl}]",
+        ]
+    for i, stage in enumerate(stages[:-1]):
+        if stage.until_step is None:
+            problems.append(
+                f"data.curriculum.stages.{i}.until_step: required (only the last stage may leave it out and train "
+                "to the end); give the step this stage ends at"
+            )
+    ends = [(i, stage.until_step) for i, stage in enumerate(stages) if stage.until_step is not None]
+    for (_, before), (i, end) in zip(ends, ends[1:], strict=False):
+        if end <= before:
+            problems.append(
+                f"data.curriculum.stages.{i}.until_step={end} must be above the previous stage's ({before}): "
+                "each stage ends after the one before it"
+            )
+    max_steps = config.train.max_steps
+    for i in range(1, len(stages) if max_steps is not None else 0):
+        begin = stages[i - 1].until_step
+        if begin is not None and begin >= max_steps:
+            problems.append(
+                f"data.curriculum.stages.{i} starts after step {begin}, at or beyond train.max_steps={max_steps}: "
+                "it would never train; raise train.max_steps or lower the until_step before it"
+            )
+            break
+    if _normalized(config.data.train) != _normalized(stages[0].data):
+        problems.append(
+            f"data.train ({config.data.train}) must name the first stage's data ({stages[0].data}): with "
+            "data.curriculum.stages, the stages' data is the training data; set data.train to the first stage's"
+        )
+    return problems
+
+
+def _spec_paths(spec: Any) -> list[str]:
+    """The paths (or globs) of a data.train-like value."""
+    entries = spec if isinstance(spec, list) else [spec]
+    return [entry if isinstance(entry, str) else entry.path for entry in entries]
+
+
+def _normalized(spec: Any) -> list[tuple[str, float]]:
+    """A data.train-like value as sorted (normalized path, weight) pairs, to compare two of them."""
+    entries = spec if isinstance(spec, list) else [spec]
+    pairs = [(entry, 1.0) if isinstance(entry, str) else (entry.path, entry.weight) for entry in entries]
+    return sorted((os.path.normpath(os.path.expanduser(path)), weight) for path, weight in pairs)
 
 
 def _check_architecture(config: Config) -> list[str]:

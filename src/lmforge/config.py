@@ -1046,12 +1046,6 @@ def _check_curriculum(config: Config) -> list[str]:
                 f"({', '.join(texts)}); give the difficulty in .jsonl/.csv/.parquet records, or set "
                 "data.curriculum=length to rank them by length"
             )
-    steps = config.train.max_steps
-    if curriculum.steps is not None and steps is not None and curriculum.steps > steps:
-        problems.append(
-            f"data.curriculum.steps={curriculum.steps} is beyond train.max_steps={steps}: the hardest data would "
-            f"never be reached; lower data.curriculum.steps (default: half of the run)"
-        )
     return problems
 
 
@@ -1090,15 +1084,6 @@ def _check_stages(config: Config) -> list[str]:
                 f"data.curriculum.stages.{i}.until_step={end} must be above the previous stage's ({before}): "
                 "each stage ends after the one before it"
             )
-    max_steps = config.train.max_steps
-    for i in range(1, len(stages) if max_steps is not None else 0):
-        begin = stages[i - 1].until_step
-        if begin is not None and begin >= max_steps:
-            problems.append(
-                f"data.curriculum.stages.{i} starts after step {begin}, at or beyond train.max_steps={max_steps}: "
-                "it would never train; raise train.max_steps or lower the until_step before it"
-            )
-            break
     if _normalized(config.data.train) != _normalized(stages[0].data):
         problems.append(
             f"data.train ({config.data.train}) must name the first stage's data ({stages[0].data}): with "
@@ -1397,6 +1382,8 @@ def hub_problems(field: str, repo_id: str) -> list[str]:
 def check_paths(config: Config) -> list[str]:
     """The files and directories a config names, each checked to exist (relative paths against the
     working directory, which the messages name)."""
+    from lmforge.data.qdrant import PREFIX as QDRANT_PREFIX
+    from lmforge.data.qdrant import parse as parse_qdrant
     from lmforge.data.sources import HUB_PREFIX, resolve_paths
     from lmforge.errors import DataError
 
@@ -1408,6 +1395,12 @@ def check_paths(config: Config) -> list[str]:
         for entry in entries:
             path = entry if isinstance(entry, str) else entry.path
             if path.startswith(HUB_PREFIX):
+                continue
+            if path.startswith(QDRANT_PREFIX):  # its form and local store here; the server when data is read
+                try:
+                    parse_qdrant(path, f"data.{split}")
+                except DataError as exc:
+                    problems.append(str(exc))
                 continue
             try:
                 resolve_paths(path, f"data.{split}")

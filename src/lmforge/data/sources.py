@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lmforge.data.qdrant import QdrantSource, is_qdrant
 from lmforge.errors import DataError
 
 HUB_PREFIX = "hub:"  # hub:org/name or hub:org/name:split, read with datasets.load_dataset (needs network)
@@ -38,7 +39,8 @@ class Record:
 
 @dataclass(frozen=True)
 class Source:
-    path: Path
+    path: Path | QdrantSource
+    """A file or directory, a hub: name, or a Qdrant collection (data.qdrant)."""
     weight: float = 1.0
     """Sampling weight: 2 repeats every record twice, 0.5 keeps half of them (chosen by hash)."""
 
@@ -59,6 +61,11 @@ def resolve_sources(spec: Any, field_name: str) -> list[Source]:
             entry, weight = entry.path, entry.weight
         if str(entry).startswith(HUB_PREFIX):
             sources.append(Source(Path(entry), weight))
+            continue
+        if is_qdrant(entry):
+            from lmforge.data import qdrant
+
+            sources.append(Source(qdrant.parse(entry, field_name), weight))
             continue
         sources.extend(Source(p, weight) for p in resolve_paths(entry, field_name))
     return list(dict.fromkeys(sources))
@@ -112,9 +119,14 @@ def hub_name(path: Path) -> tuple[str, str] | None:
     return name, split or "train"
 
 
-def source_digest(path: Path) -> str:
-    """sha256 of a file's bytes, of every file of a saved dataset directory, or of a hub dataset's
-    own fingerprint (which changes when the dataset does)."""
+def source_digest(path: Path | QdrantSource) -> str:
+    """sha256 of a file's bytes, of every file of a saved dataset directory, of a hub dataset's
+    own fingerprint (which changes when the dataset does), or of a Qdrant collection's point ids
+    and payloads."""
+    if isinstance(path, QdrantSource):
+        from lmforge.data import qdrant
+
+        return qdrant.digest(path)
     digest = hashlib.sha256()
     if hub := hub_name(path):
         digest.update(_load_hub(*hub)._fingerprint.encode())
@@ -128,9 +140,15 @@ def source_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_records(path: Path, txt_documents: str = "paragraph") -> Iterator[Record]:
-    """Yield every record of one source. Text files give {"text": document} records."""
-    if hub := hub_name(path):
+def read_records(path: Path | QdrantSource, txt_documents: str = "paragraph") -> Iterator[Record]:
+    """Yield every record of one source. Text files give {"text": document} records; a Qdrant
+    collection's points give their payloads."""
+    if isinstance(path, QdrantSource):
+        from lmforge.data import qdrant
+
+        for fields, where in qdrant.records(path):
+            yield Record(fields, where)
+    elif hub := hub_name(path):
         for number, row in enumerate(_load_hub(*hub)):
             yield Record(row, f"{hub[0]}[{hub[1]}] row {number}")
     elif is_saved_dataset(path):

@@ -7,6 +7,8 @@ using the tokenizer's character offsets, so masks are exact for any tokenizer.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +77,30 @@ def field_text(record: dict[str, Any], data: DataConfig, name: str, allow_empty:
     if not value.strip() and not allow_empty:
         raise FormatProblem(f"empty_{name}", f"field {key!r} is empty")
     return value
+
+
+def difficulty_of(record: dict[str, Any], name: str) -> float:
+    """The difficulty that data.curriculum.column names in a record: a number (from a .csv, its text).
+
+    Raises:
+        FormatProblem: the record has no such field, or it holds no finite number.
+    """
+    if name not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        raise FormatProblem(
+            "missing_difficulty",
+            f"no field {name!r} (fields: {fields}); data.curriculum.column names the field holding the difficulty",
+        )
+    value = record[name]
+    number = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number):
+        raise FormatProblem(
+            "bad_difficulty", f"field {name!r} (data.curriculum.column) must hold a finite number, got {value!r}"
+        )
+    return number
 
 
 def text_format(record: dict[str, Any], data: DataConfig, tokenizer) -> list[Segment]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from lmforge.data.curriculum import CurriculumPhase
 from lmforge.data.packing import position_ids
 
 IGNORE_INDEX = -100
@@ -203,6 +204,8 @@ def eval_batches(dataset: Dataset, batch_size: int, max_batches: int | None, ran
 class StepData:
     epoch: int
     step_in_epoch: int
+    """The step's position in its epoch; -1 for a step of data.curriculum's phase, which is in no
+    epoch (the loop counts the step and keeps step_in_epoch at 0 until the epochs begin)."""
     rows: list[np.ndarray]
     """Row indices of each micro-batch (for error messages)."""
     batches: list[dict[str, torch.Tensor]]
@@ -221,22 +224,53 @@ def step_data(
 ) -> Iterator[StepData]:
     """This process's micro-batches of every optimizer step from start = (epoch, step_in_epoch) on.
 
+    With data.curriculum, the steps of its phase come first: step t draws the rows of all processes
+    from the pool of step t (`CurriculumPhase.draw`, a function of (seed, t)) and this process takes
+    its micro-batches of them, as StepPlan deals out an epoch's; the epochs begin after the phase,
+    at (0, 0).
+
     Args:
-        step: optimizer steps taken so far (the run's global step), and total_steps: the run's length;
-            data.curriculum's schedule is a function of them.
+        step: optimizer steps taken so far (the run's global step), and total_steps: the run's
+            length (default: what train.max_steps / train.epochs make of `plan`); data.curriculum's
+            schedule is a function of them.
     """
     (epoch, step_in_epoch), lengths, task = start, dataset["num_tokens"], config.model.task
+    if total_steps is None:
+        train = config.train
+        total_steps = train.max_steps if train.max_steps is not None else train.epochs * plan.steps_per_epoch
+    phase = curriculum_phase(dataset, config, total_steps)
+    if phase is not None and phase.in_phase(step):
+        epoch, step_in_epoch = 0, 0
+        per_step = plan.micro_batch_size * plan.grad_accum * plan.world
+        share = StepPlan(per_step, plan.micro_batch_size, plan.grad_accum, plan.world)
+        while phase.in_phase(step):
+            rows = share.step_rows(phase.draw(step, per_step), 0, rank)
+            yield StepData(0, -1, rows, _fetched(dataset, rows, pad_id, task, pin))
+            step += 1
     order = training_order(lengths, config, epoch)
     while True:
         if step_in_epoch == plan.steps_per_epoch:  # next epoch, next permutation
             epoch, step_in_epoch = epoch + 1, 0
             order = training_order(lengths, config, epoch)
         rows = plan.step_rows(order, step_in_epoch, rank)
-        batches = [fetch(dataset, r, pad_id, task) for r in rows]
-        if pin:
-            batches = [{k: v if k in HOST_KEYS else v.pin_memory() for k, v in b.items()} for b in batches]
-        yield StepData(epoch, step_in_epoch, rows, batches)
+        yield StepData(epoch, step_in_epoch, rows, _fetched(dataset, rows, pad_id, task, pin))
         step_in_epoch += 1
+
+
+def curriculum_phase(dataset: Dataset, config, total_steps: int) -> CurriculumPhase | None:
+    """data.curriculum's phase over the prepared training rows (None without a curriculum)."""
+    if config.data.curriculum is None:
+        return None
+    if "level" not in dataset.column_names:
+        raise ValueError("data.curriculum needs training rows prepared with it (they have no level column)")
+    return CurriculumPhase.of(config, dataset.data.column("level").to_numpy(), total_steps)
+
+
+def _fetched(dataset: Dataset, rows: list[np.ndarray], pad_id: int, task: str, pin: bool) -> list[dict]:
+    batches = [fetch(dataset, r, pad_id, task) for r in rows]
+    if pin:
+        batches = [{k: v if k in HOST_KEYS else v.pin_memory() for k, v in b.items()} for b in batches]
+    return batches
 
 
 class Prefetcher:

@@ -39,6 +39,29 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def pack_within_levels(
+    lengths: Sequence[int], levels: Sequence[int], capacity: int, rank: Sequence[int] | None = None
+) -> list[list[int]]:
+    """best_fit_decreasing within each difficulty level (data.curriculum): no bin holds examples of
+    two levels. Bins come level by level, easiest first; within a level, ordered by the highest
+    `rank` (difficulty rank) of their examples when given, so that the bins are in difficulty order.
+
+    Returns:
+        Bins of example indices; each bin becomes one row.
+    """
+    by_level: dict[int, list[int]] = {}
+    for i, level in enumerate(levels):
+        by_level.setdefault(int(level), []).append(i)
+    bins: list[list[int]] = []
+    for level in sorted(by_level):
+        members = by_level[level]
+        packed = [[members[j] for j in group] for group in best_fit_decreasing([lengths[i] for i in members], capacity)]
+        if rank is not None:
+            packed.sort(key=lambda group: max(rank[i] for i in group))
+        bins += packed
+    return bins
+
+
 def position_ids(lengths: Sequence[int]) -> list[int]:
     """0..n-1 for each example of a row, concatenated."""
     return [p for n in lengths for p in range(n)]

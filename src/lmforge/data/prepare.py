@@ -32,15 +32,18 @@ from transformers import PreTrainedTokenizerBase
 
 from lmforge.atomic import atomic_dir
 from lmforge.config import Config, DataConfig
+from lmforge.data.curriculum import difficulty_levels
 from lmforge.data.formats import CHAT_MARKERS, chat_template_of, class_names, label_of
 from lmforge.data.loader import padding_fraction, training_order
-from lmforge.data.packing import best_fit_decreasing
+from lmforge.data.packing import best_fit_decreasing, pack_within_levels
 from lmforge.data.sources import Record, Source, read_records, resolve_sources, source_digest
 from lmforge.data.tokenize import (
     Counts,
     Example,
+    Scoring,
     adds_bos,
     chunk_examples,
+    has_difficulty,
     prompt_and_reference,
     record_examples,
     rendered_text,
@@ -68,7 +71,8 @@ ROW_FEATURES = Features(
 class PreparedData:
     tokenizer: PreTrainedTokenizerBase
     splits: dict[str, Dataset]
-    """Rows per split (input_ids, labels, lengths of the packed examples, num_tokens); test may be absent."""
+    """Rows per split (input_ids, labels, lengths of the packed examples, num_tokens; with
+    data.curriculum, the training rows' difficulty level, easiest rows first); test may be absent."""
     report: dict[str, Any]
     """What was read, dropped, truncated, trained on, per split."""
     samples: list[dict[str, str]] = field(default_factory=list)
@@ -88,7 +92,8 @@ def cache_root(config: Config) -> Path:
 def prepare_data(config: Config, log: Callable[[str], None] = print) -> PreparedData:
     """Tokenizer and packed splits for a config, from the cache when the inputs are unchanged."""
     data = config.data
-    sources = _sources(data)
+    stages = _stage_sources(data)
+    sources = _sources(data, stages)
     settings = data.model_dump(
         include={"format", "columns", "template", "chat_template", "loss_on", "text_field", "txt_documents"}
     )
@@ -101,16 +106,24 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
             "files": {s: [(source_digest(x.path), x.weight) for x in v] for s, v in sources.items()},
         }
     )
-    splits = SplitReader(sources, data)
+    splits = SplitReader(sources, data, stages)
     try:
         return _prepare(config, source_fp, splits, log)
     except RecordError as exc:  # how many records are like it decides the advice
         raise RecordError(f"{exc}{_invalid_advice(splits, data)}") from None
 
 
-def _sources(data: DataConfig) -> dict[str, list[Source]]:
+def _stage_sources(data: DataConfig) -> list[list[Source]]:
+    """The training sources of each data.curriculum stage; without stages, one: data.train's."""
+    stages = data.curriculum.stages if data.curriculum is not None else None
+    if not stages:
+        return [resolve_sources(data.train, "data.train")]
+    return [resolve_sources(stage.data, f"data.curriculum.stages.{i}.data") for i, stage in enumerate(stages)]
+
+
+def _sources(data: DataConfig, stages: list[list[Source]]) -> dict[str, list[Source]]:
     return {
-        "train": resolve_sources(data.train, "data.train"),
+        "train": [source for stage in stages for source in stage],
         "validation": resolve_sources(data.validation, "data.validation") if data.validation else [],
         "test": resolve_sources(data.test, "data.test") if data.test else [],
     }
@@ -119,7 +132,8 @@ def _sources(data: DataConfig) -> dict[str, list[Source]]:
 def split_records(data: DataConfig, split: str) -> Iterator[Record]:
     """The records of one split, streamed in file order, exactly those `prepare_data` puts in it
     (held-out records are chosen from the training files by the same hash)."""
-    yield from SplitReader(_sources(data), data).records(split)
+    stages = _stage_sources(data)
+    yield from SplitReader(_sources(data, stages), data, stages).records(split)
 
 
 def _prepare(config: Config, source_fp: str, splits: SplitReader, log: Callable[[str], None]) -> PreparedData:
@@ -138,11 +152,13 @@ def _prepare(config: Config, source_fp: str, splits: SplitReader, log: Callable[
         data.labels,
         data.max_target_length,
     ]
+    if data.curriculum is not None:  # (appended: the caches of runs without one keep their keys)
+        rows_fp.append(_curriculum_fp(config, splits))
     directory = cache_root(config) / "data" / _digest(rows_fp)
     hit = (directory / "report.json").is_file()
     if not hit:
         log("tokenizing and packing the data")
-        _build(directory, splits, data, tokenizer)
+        _build(directory, splits, data, tokenizer, config.seed)
     report = json.loads((directory / "report.json").read_text())
     datasets = {s: Dataset.from_file(str(directory / f"{s}.arrow")) for s in SPLITS if s in report["splits"]}
     lengths = datasets["train"].data.column("num_tokens").to_numpy().tolist()
@@ -150,6 +166,15 @@ def _prepare(config: Config, source_fp: str, splits: SplitReader, log: Callable[
     report["splits"]["train"]["padding_fraction"] = padding_fraction(lengths, order, config.train.micro_batch_size)
     samples = json.loads((directory / "samples.json").read_text())
     return PreparedData(tokenizer, datasets, report, samples, cache_hit=hit)
+
+
+def _curriculum_fp(config: Config, splits: SplitReader) -> dict[str, Any]:
+    """The data.curriculum settings that change the training rows (levels and packing), and the files
+    of each stage; the schedule (start, schedule, steps) is the loader's and changes no row."""
+    curriculum = config.data.curriculum
+    if curriculum.stages:
+        return {"stages": [[(source_digest(x.path), x.weight) for x in stage] for stage in splits.stages]}
+    return {"column": curriculum.column, "levels": curriculum.levels, "seed": config.seed}
 
 
 def tokenize_files(
@@ -179,34 +204,38 @@ def row_bos(tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> bool:
 class SplitReader:
     """Streams the records of each split; held-out splits are chosen by a hash of each record."""
 
-    def __init__(self, sources: dict[str, list[Source]], data: DataConfig) -> None:
+    def __init__(self, sources: dict[str, list[Source]], data: DataConfig, stages: list[list[Source]]) -> None:
         self.sources, self.data = sources, data
+        self.stages = stages
+        """The training sources of each data.curriculum stage (one, data.train's, without stages)."""
         self.held_out = {
             "test": data.test_fraction if not sources["test"] else 0.0,
             "validation": data.validation_fraction if not sources["validation"] else 0.0,
         }
 
-    def routed(self) -> Iterator[tuple[str, Record]]:
-        """(split, record) for every record of every split, reading each file once."""
+    def routed(self) -> Iterator[tuple[str, int, Record]]:
+        """(split, stage, record) for every record of every split, reading each file once; the stage
+        is the data.curriculum stage whose files hold the record (0 without stages)."""
         yield from self._from_training_files()
         for split in ("validation", "test"):
             for record in self._read(split):
-                yield split, record
+                yield split, 0, record
 
     def records(self, split: str) -> Iterator[Record]:
         if split != "train" and self.sources[split]:
             yield from self._read(split)
         elif split == "train" or self.held_out[split]:
-            yield from (record for s, record in self._from_training_files() if s == split)
+            yield from (record for s, _, record in self._from_training_files() if s == split)
 
-    def _from_training_files(self) -> Iterator[tuple[str, Record]]:
-        """(split, record) for the records of the training files, training records as many times
-        as their source's weight says."""
-        for source in self.sources["train"]:
-            for record in read_records(source.path, self.data.txt_documents):
-                split = self._split_of(record)
-                for _ in range(_copies(record, source.weight) if split == "train" else 1):
-                    yield split, record
+    def _from_training_files(self) -> Iterator[tuple[str, int, Record]]:
+        """(split, stage, record) for the records of the training files, training records as many
+        times as their source's weight says."""
+        for stage, sources in enumerate(self.stages):
+            for source in sources:
+                for record in read_records(source.path, self.data.txt_documents):
+                    split = self._split_of(record)
+                    for _ in range(_copies(record, source.weight) if split == "train" else 1):
+                        yield split, stage, record
 
     def _read(self, split: str) -> Iterator[Record]:
         for source in self.sources[split]:
@@ -275,7 +304,7 @@ def _nonempty(texts: Iterator[str], data: DataConfig) -> Iterator[str]:
 # --------------------------------------------------------------------------- building
 
 
-def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) -> None:
+def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer, seed: int = 0) -> None:
     report: dict[str, Any] = {"max_length": data.max_length, "packing": data.packs, "splits": {}}
     label_ids = None
     if data.format == "classification":
@@ -283,7 +312,7 @@ def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) ->
         report["labels"] = labels
         label_ids = {name: i for i, name in enumerate(labels)}
     with atomic_dir(directory) as tmp:
-        counts = _write_examples(splits.routed(), tmp, data, tokenizer, label_ids)
+        counts = _write_examples(splits.routed(), tmp, data, tokenizer, label_ids, seed)
         for split in SPLITS:
             examples_path = tmp / f"{split}.examples.arrow"
             if counts[split].examples == 0:
@@ -291,7 +320,10 @@ def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) ->
                 _check_empty(split, counts[split], splits, data)
                 continue
             examples = Dataset.from_file(str(examples_path))
-            rows = _write_rows(examples, tmp / f"{split}.arrow", data)
+            levels = _levels(examples, data) if split == "train" and data.curriculum is not None else None
+            rows = _write_rows(examples, tmp / f"{split}.arrow", data, levels)
+            if levels is not None:
+                report["curriculum"] = _curriculum_report(examples, levels[0], rows, data)
             del examples
             examples_path.unlink()
             report["splits"][split] = _split_report(counts[split], rows, data.max_length)
@@ -303,6 +335,45 @@ def _build(directory: Path, splits: SplitReader, data: DataConfig, tokenizer) ->
                 samples.append(sample)
         (tmp / "samples.json").write_text(json.dumps(samples, ensure_ascii=False))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def _levels(examples: Dataset, data: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """(level, difficulty rank) of each training example; with stages the level is the stage, and
+    a stage without any example is an error."""
+    difficulty = examples.data.column("difficulty").to_numpy()
+    curriculum = data.curriculum
+    if curriculum.stages:
+        level = difficulty.astype(np.int32)
+        empty = sorted(set(range(len(curriculum.stages))) - set(np.unique(level).tolist()))
+        if empty:
+            raise DataError(
+                f"data.curriculum.stages.{empty[0]}.data: no training example in this stage's records (all were "
+                "held out or dropped; see lmforge data inspect); give the stage more data or remove it"
+            )
+        return level, None
+    return difficulty_levels(difficulty, examples.data.column("tie").to_numpy(), curriculum.levels)
+
+
+def _curriculum_report(examples: Dataset, level: np.ndarray, rows: Dataset, data: DataConfig) -> dict[str, Any]:
+    """Per level: its examples, rows, tokens and (without stages) the difficulties it spans."""
+    curriculum = data.curriculum
+    by = "stages" if curriculum.stages else f"column {curriculum.column}" if curriculum.column else "length"
+    difficulty = examples.data.column("difficulty").to_numpy()
+    row_level = rows.data.column("level").to_numpy()
+    row_tokens = rows.data.column("num_tokens").to_numpy()
+    levels = []
+    for k in range(len(curriculum.stages) if curriculum.stages else curriculum.levels):
+        mine = difficulty[level == k]
+        entry = {
+            "level": k,
+            "examples": len(mine),
+            "rows": int(np.count_nonzero(row_level == k)),
+            "tokens": int(row_tokens[row_level == k].sum()),
+        }
+        if not curriculum.stages and len(mine):
+            entry["difficulty"] = [float(mine.min()), float(mine.max())]
+        levels.append(entry)
+    return {"by": by, "levels": levels}
 
 
 def _check_empty(split: str, counts: Counts, splits: SplitReader, data: DataConfig) -> None:
@@ -330,9 +401,12 @@ def _invalid_advice(splits: SplitReader, data: DataConfig) -> str:
     """What to do about an invalid record: drop such records when few are (counted over the first
     SAMPLED_RECORDS training records), fix the settings when most are."""
     lenient = data.model_copy(update={"on_invalid": "drop"})
+    column = data.curriculum.column if data.curriculum is not None else None
     counts, seen = Counts(), 0
     for record in splits.records("train"):
-        segments_of(record, lenient, None, counts)  # (formats read no tokenizer, but a chat's own template)
+        # (formats read no tokenizer, but a chat's own template)
+        if segments_of(record, lenient, None, counts) is not None:
+            has_difficulty(record, lenient, column, counts)
         seen += 1
         if seen == SAMPLED_RECORDS:
             break
@@ -371,15 +445,18 @@ def _describe_drops(counts: Counts) -> str:
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(data: DataConfig, tokenizer, add_bos: bool, label_ids: dict[str, int] | None) -> None:
-    _worker_state.update(data=data, tokenizer=tokenizer, add_bos=add_bos, label_ids=label_ids)
+def _init_worker(data: DataConfig, tokenizer, add_bos: bool, label_ids: dict[str, int] | None, seed: int = 0) -> None:
+    _worker_state.update(data=data, tokenizer=tokenizer, add_bos=add_bos, label_ids=label_ids, seed=seed)
 
 
-def _examples_of_chunk(chunk: tuple[str, list[Record]]) -> tuple[str, dict[str, np.ndarray], Counts]:
-    split, records = chunk
+def _examples_of_chunk(chunk: tuple[str, int, list[Record]]) -> tuple[str, dict[str, np.ndarray], Counts]:
+    split, stage, records = chunk
     counts = Counts()
     s = _worker_state
-    examples = chunk_examples(records, s["data"], s["tokenizer"], s["add_bos"], counts, s["label_ids"])
+    data, scoring = s["data"], None
+    if split == "train" and data.curriculum is not None:  # scored for the curriculum: training rows only
+        scoring = Scoring(data.curriculum.column, stage if data.curriculum.stages else None, s["seed"])
+    examples = chunk_examples(records, data, s["tokenizer"], s["add_bos"], counts, s["label_ids"], scoring)
     return split, _flat_columns(examples), counts
 
 
@@ -394,6 +471,8 @@ def _flat_columns(examples: list[Example]) -> dict[str, np.ndarray]:
         "labels": flat([e.labels for e in examples]),
         "id_lengths": np.array([len(e.input_ids) for e in examples], dtype=np.int32),
         "label_lengths": np.array([len(e.labels) for e in examples], dtype=np.int32),
+        "difficulty": np.array([e.difficulty for e in examples], dtype=np.float64),
+        "tie": np.array([e.tie for e in examples], dtype=np.uint64),
     }
 
 
@@ -403,30 +482,43 @@ def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
 
 
-def _chunks(routed: Iterator[tuple[str, Record]]) -> Iterator[tuple[str, list[Record]]]:
-    """Records grouped into worker tasks of one split each, in order within each split; a task
-    holds CHUNK records or CHUNK_CHARS characters of text, so long documents still spread over
-    the workers."""
-    chunks: dict[str, list[Record]] = {split: [] for split in SPLITS}
-    sizes = dict.fromkeys(SPLITS, 0)
-    for split, record in routed:
-        chunk = chunks[split]
+def _chunks(routed: Iterator[tuple[str, int, Record]]) -> Iterator[tuple[str, int, list[Record]]]:
+    """Records grouped into worker tasks of one split (and curriculum stage) each, in order within
+    each split; a task holds CHUNK records or CHUNK_CHARS characters of text, so long documents
+    still spread over the workers."""
+    chunks: dict[tuple[str, int], list[Record]] = {}
+    sizes: dict[tuple[str, int], int] = {}
+    for split, stage, record in routed:
+        key = (split, stage)
+        chunk = chunks.setdefault(key, [])
         chunk.append(record)
-        sizes[split] += sum(len(v) for v in record.fields.values() if isinstance(v, str))
-        if len(chunk) == CHUNK or sizes[split] >= CHUNK_CHARS:
-            yield split, chunk
-            chunks[split], sizes[split] = [], 0
-    for split, chunk in chunks.items():
+        sizes[key] = sizes.get(key, 0) + sum(len(v) for v in record.fields.values() if isinstance(v, str))
+        if len(chunk) == CHUNK or sizes[key] >= CHUNK_CHARS:
+            yield split, stage, chunk
+            chunks[key], sizes[key] = [], 0
+    for (split, stage), chunk in chunks.items():
         if chunk:
-            yield split, chunk
+            yield split, stage, chunk
+
+
+EXAMPLE_FEATURES = Features(
+    {
+        "input_ids": List(Value("int32")),
+        "labels": List(Value("int32")),
+        "length": Value("int32"),
+        "difficulty": Value("float64"),
+        "tie": Value("uint64"),
+    }
+)
+"""Tokenized examples before packing; difficulty and tie: data.curriculum's (0 when not scored)."""
 
 
 def _write_examples(
-    routed: Iterator[tuple[str, Record]], directory: Path, data: DataConfig, tokenizer, label_ids=None
+    routed: Iterator[tuple[str, int, Record]], directory: Path, data: DataConfig, tokenizer, label_ids=None, seed=0
 ) -> dict[str, Counts]:
     """Tokenized examples of every split, to <split>.examples.arrow in `directory`; their counts."""
     add_bos = row_bos(tokenizer, data)
-    features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32")})
+    features = EXAMPLE_FEATURES
     counts = {split: Counts() for split in SPLITS}
     with ExitStack() as stack:
         writers = {
@@ -441,11 +533,11 @@ def _write_examples(
             gc.freeze()
             stack.callback(gc.unfreeze)
             pool = stack.enter_context(
-                get_context("fork").Pool(data.num_proc, _init_worker, (data, tokenizer, add_bos, label_ids))
+                get_context("fork").Pool(data.num_proc, _init_worker, (data, tokenizer, add_bos, label_ids, seed))
             )
             _drain(pool.imap(_examples_of_chunk, _chunks(routed)), writers, counts)
         else:
-            _init_worker(data, tokenizer, add_bos, label_ids)
+            _init_worker(data, tokenizer, add_bos, label_ids, seed)
             _drain(map(_examples_of_chunk, _chunks(routed)), writers, counts)
         for writer in writers.values():
             writer.finalize()
@@ -461,6 +553,8 @@ def _drain(results, writers: dict[str, ArrowWriter], counts: dict[str, Counts]) 
                     "input_ids": _list_array(columns["input_ids"], columns["id_lengths"]),
                     "labels": _list_array(columns["labels"], columns["label_lengths"]),
                     "length": pa.array(columns["id_lengths"]),
+                    "difficulty": pa.array(columns["difficulty"]),
+                    "tie": pa.array(columns["tie"]),
                 }
             )
 
@@ -499,11 +593,16 @@ class _ListColumn:
 ROWS_PER_BATCH = 1024
 
 
-def _write_rows(examples: Dataset, path: Path, data: DataConfig) -> Dataset:
+def _write_rows(
+    examples: Dataset, path: Path, data: DataConfig, levels: tuple[np.ndarray, np.ndarray | None] | None = None
+) -> Dataset:
+    """Rows of packed (or single) examples. `levels`: (level, difficulty rank) of each example for
+    data.curriculum: no row mixes levels, and rows are written easiest first, each with its level."""
     lengths = examples.data.column("length").to_numpy().tolist()  # the token lists stay on disk
-    groups = best_fit_decreasing(lengths, data.max_length) if data.packs else [[i] for i in range(len(lengths))]
+    groups = _row_groups(lengths, data, levels)
     ids, labels = _ListColumn(examples, "input_ids"), _ListColumn(examples, "labels")
-    with ArrowWriter(features=ROW_FEATURES, path=str(path)) as writer:
+    features = ROW_FEATURES if levels is None else Features({**ROW_FEATURES, "level": Value("int32")})
+    with ArrowWriter(features=features, path=str(path)) as writer:
         for first in range(0, len(groups), ROWS_PER_BATCH):
             batch = groups[first : first + ROWS_PER_BATCH]
             members = [i for group in batch for i in group]
@@ -513,16 +612,30 @@ def _write_rows(examples: Dataset, path: Path, data: DataConfig) -> Dataset:
             starts = np.r_[0, np.cumsum(sizes)[:-1]]
             # tokens the model reads: for seq2seq the decoder reads the (shifted) target too
             read = id_lengths + (label_lengths if data.format == "seq2seq" else 0)
-            writer.write_batch(
-                {
-                    "input_ids": _list_array(row_ids, np.add.reduceat(id_lengths, starts)),
-                    "labels": _list_array(row_labels, np.add.reduceat(label_lengths, starts)),
-                    "lengths": _list_array(id_lengths, sizes),
-                    "num_tokens": pa.array(np.add.reduceat(read, starts), type=pa.int32()),
-                }
-            )
+            columns = {
+                "input_ids": _list_array(row_ids, np.add.reduceat(id_lengths, starts)),
+                "labels": _list_array(row_labels, np.add.reduceat(label_lengths, starts)),
+                "lengths": _list_array(id_lengths, sizes),
+                "num_tokens": pa.array(np.add.reduceat(read, starts), type=pa.int32()),
+            }
+            if levels is not None:  # a row's examples share one level
+                columns["level"] = pa.array(levels[0][[group[0] for group in batch]], type=pa.int32())
+            writer.write_batch(columns)
         writer.finalize()
     return Dataset.from_file(str(path))
+
+
+def _row_groups(
+    lengths: list[int], data: DataConfig, levels: tuple[np.ndarray, np.ndarray | None] | None
+) -> list[list[int]]:
+    """The examples of each row, in row order."""
+    if levels is None:
+        return best_fit_decreasing(lengths, data.max_length) if data.packs else [[i] for i in range(len(lengths))]
+    level, rank = levels
+    if data.packs:
+        return pack_within_levels(lengths, level.tolist(), data.max_length, None if rank is None else rank.tolist())
+    easiest_first = np.lexsort((np.arange(len(lengths)) if rank is None else rank, level))
+    return [[int(i)] for i in easiest_first]
 
 
 def _split_report(counts: Counts, rows: Dataset, max_length: int) -> dict[str, Any]:

@@ -28,7 +28,21 @@ def data_report_lines(report: dict[str, Any]) -> list[str]:
         if "padding_fraction" in s:
             parts.append(f"padding {s['padding_fraction']:.1%}")
         lines.append("; ".join(parts))
+    if "curriculum" in report:
+        lines.append(curriculum_line(report["curriculum"]))
     return lines
+
+
+def curriculum_line(curriculum: dict[str, Any]) -> str:
+    """The training rows' difficulty levels (data.curriculum): rows, tokens, and difficulties of each."""
+    stages = curriculum["by"] == "stages"
+    parts = []
+    for level in curriculum["levels"]:
+        span = level.get("difficulty")
+        difficulty = f" (difficulty {span[0]:g}-{span[1]:g})" if span else ""
+        name = "stage" if stages else "level"
+        parts.append(f"{name} {level['level']}: {level['rows']:,} rows / {level['tokens']:,} tokens{difficulty}")
+    return f"curriculum by {curriculum['by']}: " + "; ".join(parts)
 
 
 LOUD_SHARE = 0.10

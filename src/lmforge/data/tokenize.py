@@ -8,6 +8,8 @@ a packed row the token before it belongs to another example.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.config import DataConfig
-from lmforge.data.formats import FORMATS, FormatProblem, Segment, chat_messages
+from lmforge.data.formats import FORMATS, FormatProblem, Segment, chat_messages, difficulty_of
 from lmforge.data.sources import Record
 from lmforge.errors import DataError, RecordError
 
@@ -29,6 +31,29 @@ class Example:
     input_ids: Sequence[int]
     labels: Sequence[int]
     """Lists, or int32 arrays for causal-LM examples."""
+    difficulty: float = 0.0
+    """data.curriculum's score of the example's record (training examples of a curriculum run)."""
+    tie: int = 0
+    """A seeded hash of the record, which orders records of equal difficulty (0 when not scored)."""
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the training examples of a chunk of records are scored for data.curriculum."""
+
+    column: str | None = None
+    """The record field holding the difficulty; None: the record's length in tokens."""
+    stage: int | None = None
+    """With stages: the stage the records were read for, which is their difficulty."""
+    seed: int = 0
+    """Seeds the hash of each record that breaks ties between equal difficulties."""
+
+
+def record_tie(fields: dict[str, Any], seed: int) -> int:
+    """A 64-bit hash of a record's content seeded with `seed`: equal difficulties are ordered by it,
+    not by where the records sit in the files (copies of a record get the same one)."""
+    blob = f"{seed}\0" + json.dumps(fields, sort_keys=True, default=str, ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big")
 
 
 @dataclass
@@ -252,11 +277,32 @@ def segments_of(record: Record, data: DataConfig, tokenizer, counts: Counts | No
             raise FormatProblem(record.reason, record.problem)
         return FORMATS[data.format](record.fields, data, tokenizer)
     except FormatProblem as problem:
-        if data.on_invalid == "error":
-            raise RecordError(f"{record.where}: {problem}") from None
-        if counts is not None:
-            counts.dropped[problem.reason] += 1
-        return None
+        return _invalid(record, problem, data, counts)
+
+
+def _invalid(record: Record, problem: FormatProblem, data: DataConfig, counts: Counts | None) -> None:
+    """An invalid record: an error naming file and line, or (data.on_invalid=drop) a counted drop."""
+    if data.on_invalid == "error":
+        raise RecordError(f"{record.where}: {problem}") from None
+    if counts is not None:
+        counts.dropped[problem.reason] += 1
+
+
+def has_difficulty(record: Record, data: DataConfig, column: str | None, counts: Counts | None = None) -> bool:
+    """Whether a record has the difficulty data.curriculum.column asks for (always, when column is
+    None); if not, it is invalid: an error, or (data.on_invalid=drop) False and counted.
+
+    Raises:
+        RecordError: naming file, line and problem, when data.on_invalid is error.
+    """
+    if column is None:
+        return True
+    try:
+        difficulty_of(record.fields, column)
+    except FormatProblem as problem:
+        _invalid(record, problem, data, counts)
+        return False
+    return True
 
 
 def record_examples(
@@ -273,26 +319,57 @@ def chunk_examples(
     add_bos: bool,
     counts: Counts,
     label_ids: dict[str, int] | None = None,
+    scoring: Scoring | None = None,
 ) -> list[Example]:
     """The examples of several records, in order, counted in `counts`; the texts of causal-LM
-    formats go through the tokenizer in one batch call."""
+    formats go through the tokenizer in one batch call.
+
+    Args:
+        scoring: training records of a curriculum run: every example gets its record's difficulty
+            (the column's value, the stage, or the record's length in tokens: the pieces of a text
+            cut at max_length all get the whole record's) and tie hash. A record without a number
+            in the column is invalid (data.on_invalid).
+    """
     counts.records += len(records)
-    parsed = [(r, segments) for r in records if (segments := segments_of(r, data, tokenizer, counts)) is not None]
+    parsed = [
+        (r, segments)
+        for r in records
+        if (segments := segments_of(r, data, tokenizer, counts)) is not None
+        and (scoring is None or has_difficulty(r, data, scoring.column, counts))
+    ]
     if data.format == "seq2seq":
-        return [e for r, segments in parsed for e in _seq2seq_example(segments, data, tokenizer, r.where, counts)]
-    if data.format == "classification":
-        return [
-            e
+        made = [_seq2seq_example(segments, data, tokenizer, r.where, counts) for r, segments in parsed]
+        lengths = [sum(len(e.input_ids) + len(e.labels) for e in examples) for examples in made]
+    elif data.format == "classification":
+        made = [
+            _classification_example(segments, data, tokenizer, r.where, counts, label_ids or {})
             for r, segments in parsed
-            for e in _classification_example(segments, data, tokenizer, r.where, counts, label_ids or {})
         ]
-    if not parsed:
-        return []
-    examples = []
-    marked = encode_marked([segments for _, segments in parsed], tokenizer, add_bos)
-    for (record, _), (ids, trained) in zip(parsed, marked, strict=True):
-        examples += _causal_examples(ids, trained, data, record.where, counts)
-    return examples
+        lengths = [sum(len(e.input_ids) for e in examples) for examples in made]
+    else:
+        marked = encode_marked([segments for _, segments in parsed], tokenizer, add_bos) if parsed else []
+        made = [
+            _causal_examples(ids, trained, data, record.where, counts)
+            for (record, _), (ids, trained) in zip(parsed, marked, strict=True)
+        ]
+        lengths = [len(ids) for ids, _ in marked]  # the whole record's, before any cut to max_length
+    if scoring is not None:
+        for (record, _), examples, length in zip(parsed, made, lengths, strict=True):
+            _score(examples, record, length, scoring)
+    return [e for examples in made for e in examples]
+
+
+def _score(examples: list[Example], record: Record, length: int, scoring: Scoring) -> None:
+    """Give a record's examples its difficulty and tie hash."""
+    if scoring.stage is not None:
+        difficulty = float(scoring.stage)
+    elif scoring.column is not None:
+        difficulty = difficulty_of(record.fields, scoring.column)
+    else:
+        difficulty = float(length)
+    tie = record_tie(record.fields, scoring.seed)
+    for example in examples:
+        example.difficulty, example.tie = difficulty, tie
 
 
 def _causal_examples(

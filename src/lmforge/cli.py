@@ -112,6 +112,29 @@ def train_command(
         raise typer.Exit(SIGNAL_EXITS[outcome.paused])
 
 
+@app.command("init")
+def init_command(
+    template: str = typer.Option(
+        "sft", "--template", "-t", help="pretrain, sft, lora, chat, seq2seq or classify.", show_default=True
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="The config file to write. Default: <template>.yaml."),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="The pretrained model to start from (a Hub id or a local directory), not the template's.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace the config file if it exists.", metavar=""),
+) -> None:
+    """Write a commented config for a common job, and sample data where the data it names is
+    missing: `lmforge train FILE --quick-test` runs straight after."""
+    from lmforge.starter import write_starter
+
+    out = out or Path(f"{template}.yaml")
+    for line in write_starter(template, out, model, force):
+        console.print(line, markup=False)
+    console.print(f"next: lmforge train {out} --quick-test", markup=False)
+
+
 @app.command("lr-find")
 def lr_find_command(
     config: Path = typer.Argument(..., help="YAML or JSON config file."),

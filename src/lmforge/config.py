@@ -146,9 +146,10 @@ class CurriculumStage(Section):
 
 class CurriculumConfig(Section):
     """Easy examples first (competence-based curriculum, Platanios et al. 2019). Every training row
-    gets a difficulty level when the data is prepared: examples are ranked by difficulty (ties broken
-    by a hash of the record seeded with the run's seed, never by file order) and cut into `levels` buckets of
-    equal count; with stages, the level is the stage. Packing never puts two levels in one row.
+    gets a difficulty level when the data is prepared: examples are ranked by difficulty (ties
+    broken by a hash of the record seeded with the run's seed, never by file order) and cut into
+    `levels` buckets of equal count; with stages, the level is the stage. Packing never puts two
+    levels in one row.
 
     During the curriculum phase (the first `steps` optimizer steps, or the stages), the rows of step t
     are drawn from the pool of step t alone, by a draw seeded with (seed, t): the same on every

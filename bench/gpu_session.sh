@@ -11,6 +11,9 @@
 #   bash bench/gpu_session.sh serve   # lmforge serve on CUDA through the openai client (streaming,
 #                                     # 8 concurrent clients, cancellation), bench/serve.py figures;
 #                                     # train.mirror + --resume auto from a moto server in bf16
+#   bash bench/gpu_session.sh controls # issue 23 on CUDA: every optimizer's exact resume (the 8-bit
+#                                     # ones only run here), train.lr=find's bit-exact restore in bf16,
+#                                     # curriculum resume, GPT-2/Qwen2 from scratch with varlen
 #
 # The machine has torch, transformers and pytest but not every package lmforge needs: the
 # missing ones travel as wheels in .whl (ignored; the device tool's `carry: [".whl"]`). Logs go
@@ -18,9 +21,9 @@
 # bench/RESULTS.md with the hardware and the date.
 set -euo pipefail
 case "${1:-}" in
-tests | mfu | peers | sweep | results | serve) ;;
+tests | mfu | peers | sweep | results | serve | controls) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|mfu|peers|sweep|results|serve" >&2
+    echo "usage: bash bench/gpu_session.sh tests|mfu|peers|sweep|results|serve|controls" >&2
     exit 2
     ;;
 esac
@@ -75,6 +78,14 @@ serve)
     python3 -m pytest -q -p no:cacheprovider tests/integration/test_serve.py tests/integration/test_mirror.py \
         2>&1 | tee "$out/serve-tests.log"
     python3 bench/serve.py 2>&1 | tee "$out/serve.log"
+    ;;
+controls)
+    # Needs lion-pytorch, bitsandbytes, qdrant-client (with its deps) in .whl where missing. The
+    # resumes are bit-exact where CUDA's kernels are deterministic: a difference is a finding.
+    python3 -m pytest -q -p no:cacheprovider tests/integration/test_optimizers_resume.py \
+        tests/integration/test_lr_find.py tests/integration/test_curriculum_runs.py \
+        tests/integration/test_architectures.py -m "not slow" 2>&1 | tee "$out/controls-tests.log"
+    python3 bench/lr_find_check.py --smoke 2>&1 | tee "$out/lr-find.log"
     ;;
 peers)
     for workload in sft pretrain; do

@@ -76,6 +76,9 @@ def quick_test_config(config: Config) -> Config:
     quick.train.max_steps = min(config.train.max_steps or 3, 3)
     quick.train.eval_every = None
     quick.train.log_every = 1
+    if quick.train.warmup_steps is not None:  # (a wsd schedule needs its decay after the warmup)
+        quick.train.warmup_steps = min(quick.train.warmup_steps, 1)
+    quick.train.lr_find.num_steps = min(config.train.lr_find.num_steps, 10)  # train.lr=find: a short test
     quick.eval.max_batches = 2
     quick.eval.at_start = False
     quick.eval.generate.num_examples = min(config.eval.generate.num_examples, 2)

@@ -135,7 +135,7 @@ def run_train(
             log = lambda message: console.print(message, highlight=False)  # noqa: E731
             checkpoint = find_resume_checkpoint(config, resume, warn, log) if resume else None
     if checkpoint is not None:
-        config = found_lr_of(checkpoint, config, console)
+        config = as_resolved_before(checkpoint, config, console)
         check_resume_config(checkpoint, config, warn)
     held = run_dir or (checkpoint.path.parent.parent if checkpoint is not None else None)
     if held is not None and process.is_main_process:
@@ -202,6 +202,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
     trainable, total = count_parameters(model)
     plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
     steps = total_steps(config.train, plan)
+    config = resolved_curriculum(config, steps)
     _print_plan(console, config, data, model, trainable, total, plan, steps, precision)
     _warn_before_training(data.report, data.tokenizer, config, checkpoint, plan, steps, warn)
     config, finder = _lr_of_run(config, model, data, console, how.dry_run)
@@ -343,15 +344,31 @@ def run_lr_find(config: Config, console: Console, out: Path | None = None):
     return result, out
 
 
-def found_lr_of(checkpoint: Checkpoint, config: Config, console: Console) -> Config:
-    """A resumed train.lr=find run goes on with the learning rate its range test found (the
-    checkpoint's config holds it): the test does not run again."""
-    if config.train.lr != "find":
-        return config
+def as_resolved_before(checkpoint: Checkpoint, config: Config, console: Console) -> Config:
+    """The settings a run resolved when it started, taken from the checkpoint's config where this
+    config leaves them to be resolved: train.lr=find goes on with the learning rate its range test
+    found (the test does not run again), and a curriculum's default length stays the half of the
+    run it was, whatever train.max_steps is now."""
+    saved = saved_config(checkpoint.path / "config.yaml")
     resumed = config.model_copy(deep=True)
-    resumed.train.lr = saved_config(checkpoint.path / "config.yaml").train.lr
-    console.print(f"train.lr=find: resuming with the learning rate found before, {resumed.train.lr:.3g}")
+    if config.train.lr == "find":
+        resumed.train.lr = saved.train.lr
+        console.print(f"train.lr=find: resuming with the learning rate found before, {resumed.train.lr:.3g}")
+    ours, theirs = resumed.data.curriculum, saved.data.curriculum
+    if ours is not None and theirs is not None and ours.steps is None and not ours.stages:
+        ours.steps = theirs.steps
     return resumed
+
+
+def resolved_curriculum(config: Config, steps: int) -> Config:
+    """The config with data.curriculum.steps, when left to its default, set to half of the run's
+    `steps`: the saved config says the curriculum's length, and a resume with another length keeps it."""
+    curriculum = config.data.curriculum
+    if curriculum is None or curriculum.stages or curriculum.steps is not None:
+        return config
+    resolved = config.model_copy(deep=True)
+    resolved.data.curriculum.steps = max(1, steps // 2)
+    return resolved
 
 
 def adapter_base(config: Config) -> dict | None:
@@ -709,7 +726,8 @@ def _warn_before_training(
         )
     if checkpoint is not None:
         saved = saved_config(checkpoint.path / "config.yaml")
-        if note := schedule_change(saved.train, config.train, total_steps(saved.train, plan), steps, checkpoint.step):
+        before = total_steps(saved.train, plan)
+        if note := schedule_change(saved.train, config.train, before, steps, checkpoint.step):
             warn(note)
 
 

@@ -210,3 +210,32 @@ def test_two_processes_draw_the_same_schedule_each_its_share(tmp_path):
     one = losses(run_dir_of(tmp_path, "one"))
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, STEPS + 1))
     assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-5)
+
+
+def test_the_default_curriculum_length_is_saved_and_a_longer_resume_keeps_it(tmp_path):
+    """data.curriculum.steps left to its default (half of the run) is resolved when the run starts:
+    the saved config holds it, and a resume with a longer train.max_steps keeps the curriculum the
+    run started with (the default of the new length would move every later pool)."""
+    import io
+
+    from rich.console import Console
+
+    from lmforge.config import load_config
+    from lmforge.run import run_train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(chapters(30)) + "\n")
+    cfg = tiny_config_dict(corpus, tmp_path / "cache", tmp_path / "runs")
+    cfg["data"]["curriculum"] = "length"
+    cfg["train"].update({"max_steps": 4, "save_every": 2})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    first = run_train(load_config(path, env={}), Console(file=io.StringIO()))
+    saved = yaml.safe_load((first.run_dir / "config.yaml").read_text())
+    assert saved["data"]["curriculum"]["steps"] == 2
+
+    out = io.StringIO()
+    resumed = run_train(load_config(path, ["train.max_steps=10"], env={}), Console(file=out), resume="auto")
+    assert resumed.run_dir == first.run_dir and "resuming from" in out.getvalue()
+    again = yaml.safe_load((resumed.run_dir / "config.yaml").read_text())
+    assert again["data"]["curriculum"]["steps"] == 2 and again["train"]["max_steps"] == 10

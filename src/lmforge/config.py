@@ -80,16 +80,24 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     """Allow a pretrained model directory to run its own Python code. Only for sources you trust."""
     architecture: str | None = None
-    """The model family of a model built from scratch: a Hugging Face model_type, e.g. llama (the
-    default), gpt2, qwen2, mistral. Sizes (hidden_size, num_layers, ...) and model.config set its
-    config; a preset gives the sizes."""
+    """The family of a causal LM built from scratch: a Hugging Face model_type (as in a config.json),
+    e.g. llama (the default), gpt2, qwen2, mistral; without it, the preset's (gpt2-tiny, qwen2-tiny).
+    The sizes (a preset's, then explicit ones) go under the family's own names (gpt2: n_embd, n_layer,
+    n_head, n_inner); those not given keep the family's defaults, but num_kv_heads (num_heads),
+    head_dim (hidden_size / num_heads) and the positions (raised to data.max_length). The new model is
+    checked before training: causal, and its packed examples kept apart by the attention in use
+    (model.attention=auto falls back to the family's own where varlen differs from it)."""
     config: dict[str, Any] = {}
-    """Fields of the family's Hugging Face config class for a model built from scratch, e.g.
-    {n_positions: 1024} for gpt2 or {rope_theta: 1e6, sliding_window: null} for qwen2; they win over
-    the sizes and the preset."""
+    """Fields of the family's Hugging Face config class for a model built from scratch, by the class's
+    names or its attribute_map's (hidden_size is gpt2's n_embd), e.g. {n_positions: 2048} for gpt2,
+    {rope_theta: 1e6} for qwen2, {sliding_window: null} for mistral (no window: varlen attention).
+    They win over the sizes, the preset and model.dropout; a name the class does not know is an error."""
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
-    """Dropout probability for every dropout the family has (attention, residual, embedding,
-    hidden); null keeps the family's defaults (Llama and Qwen2: 0 attention dropout; GPT-2: 0.1)."""
+    """Dropout probability for every dropout field of the model's config (names holding dropout or
+    pdrop: gpt2's attn_pdrop, embd_pdrop, resid_pdrop and summary_first_dropout; Llama's and Qwen2's
+    attention_dropout; T5's dropout_rate), saved in its config.json; a family with none is an error.
+    Also for a pretrained model (model.name_or_path): its modules are built with it. null keeps the
+    family's or the model's own (Llama and Qwen2: 0; GPT-2: 0.1)."""
 
 
 class LoraConfig(Section):
@@ -1107,8 +1115,35 @@ def _normalized(spec: Any) -> list[tuple[str, float]]:
 
 
 def _check_architecture(config: Config) -> list[str]:
-    """model.architecture, model.config and model.dropout."""
-    return []
+    """model.architecture, model.config and model.dropout: the family must be a causal LM transformers
+    knows, model.config's names fields of its config class, and the sizes complete
+    (lmforge.models.build.architecture_problems; imported only for a model that needs it)."""
+    from lmforge.models.presets import PRESETS, family
+
+    m = config.model
+    given = [f"model.{name}" for name in ("architecture", "config") if getattr(m, name)]
+    settings, s = " and ".join(given), "" if len(given) > 1 else "s"
+    if m.name_or_path is not None:
+        if not given:
+            return []  # model.dropout applies to a pretrained model's dropout fields
+        return [
+            f"{settings} build{s} a new model, and model.name_or_path loads a pretrained one (its config.json says "
+            f"its family and fields): remove {settings} or model.name_or_path"
+        ]
+    if m.task != "causal-lm":
+        if not given:
+            return []
+        return [
+            f"{settings} build{s} causal LMs from scratch, not model.task={m.task}: remove {settings} (a new "
+            "encoder-decoder is model.preset=t5-tiny with model.task=seq2seq)"
+        ]
+    if m.preset is not None and m.preset not in PRESETS:
+        return []  # said by _check_model
+    if family(m.architecture, m.preset) == "llama" and not m.config:
+        return []  # llama_config: _check_model checks its sizes, and Llama has attention_dropout
+    from lmforge.models.build import architecture_problems
+
+    return architecture_problems(config)
 
 
 def _check_lr_find(config: Config) -> list[str]:
@@ -1117,7 +1152,7 @@ def _check_lr_find(config: Config) -> list[str]:
 
 
 def _check_model(config: Config) -> list[str]:
-    from lmforge.models.presets import PRESETS
+    from lmforge.models.presets import PRESETS, family
 
     m, problems = config.model, []
     sizes = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
@@ -1129,16 +1164,19 @@ def _check_model(config: Config) -> list[str]:
         )
     if m.name_or_path is not None:
         return problems
-    if m.preset is None and len(set(given) - {"num_kv_heads"}) < 4:
-        problems.append(
-            "model: give model.name_or_path (a pretrained model), model.preset (one of "
-            f"{', '.join(PRESETS)}), or all of hidden_size, num_layers, num_heads, intermediate_size"
-        )
-        return problems
     if m.preset is not None and m.preset not in PRESETS:
         match = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
         hint = f"; did you mean {match[0]}?" if match else ""
         problems.append(f"model.preset: unknown preset {m.preset!r}{hint} (known: {', '.join(PRESETS)})")
+        return problems
+    if m.task == "causal-lm" and (family(m.architecture, m.preset) != "llama" or m.config):
+        return problems  # sized by the family's config class: _check_architecture
+    if m.preset is None and len(set(given) - {"num_kv_heads"}) < 4:
+        problems.append(
+            "model: give model.name_or_path (a pretrained model), model.preset (one of "
+            f"{', '.join(PRESETS)}), or all of hidden_size, num_layers, num_heads, intermediate_size (or "
+            "model.architecture and model.config with the family's own size fields)"
+        )
         return problems
     arch = resolved_architecture(config)
     if arch["hidden_size"] % arch["num_heads"]:
@@ -1424,8 +1462,10 @@ def check_paths(config: Config) -> list[str]:
     return problems
 
 
-def resolved_architecture(config: Config) -> dict[str, Any]:
-    """The from-scratch architecture: the preset's values overridden by explicit sizes."""
+def resolved_architecture(config: Config, defaults: bool = True) -> dict[str, Any]:
+    """The from-scratch sizes: the preset's values overridden by explicit sizes, then (with
+    `defaults`) lmforge's defaults for the rest. Without them, what the config gives: a family built
+    by model.architecture keeps its own defaults for the others."""
     from lmforge.models.presets import PRESETS
 
     m = config.model
@@ -1442,6 +1482,8 @@ def resolved_architecture(config: Config) -> dict[str, Any]:
         value = getattr(m, key)
         if value is not None:
             arch[key] = value
+    if not defaults:
+        return arch
     arch.setdefault("num_kv_heads", arch.get("num_heads"))
     arch.setdefault("max_position_embeddings", max(2048, config.data.max_length))
     arch.setdefault("tie_embeddings", False)

@@ -1,7 +1,9 @@
-"""Built-in Llama-architecture sizes for training from scratch.
+"""Built-in sizes for training from scratch.
 
-Each preset is a plain function returning architecture fields; the vocabulary size comes from the
-tokenizer. Parameter counts below are at the vocabulary size in brackets.
+Each preset is a plain function returning lmforge's size fields; the vocabulary size comes from the
+tokenizer. Parameter counts below are at the vocabulary size in brackets. A preset builds a Llama
+unless PRESET_ARCHITECTURES names its family (model.architecture overrides it: the preset then gives
+only the sizes).
 """
 
 from __future__ import annotations
@@ -37,10 +39,32 @@ def t5_tiny() -> dict[str, Any]:
     return {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 512}
 
 
+def gpt2_tiny() -> dict[str, Any]:
+    """~0.4M parameters [4k vocab, tied embeddings]: a GPT-2 (learned absolute positions, LayerNorm,
+    GELU MLP) for tests and CPU runs."""
+    return {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 256}
+
+
+def qwen2_tiny() -> dict[str, Any]:
+    """~0.6M parameters [4k vocab]: a Qwen2 (rotary positions, grouped-query attention with biased
+    q/k/v projections, SwiGLU MLP) for tests and CPU runs."""
+    return {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
+
+
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     "llama-tiny": llama_tiny,
     "llama-20m": llama_20m,
     "llama-120m": llama_120m,
     "t5-tiny": t5_tiny,
+    "gpt2-tiny": gpt2_tiny,
+    "qwen2-tiny": qwen2_tiny,
 }
 PRESET_TASKS = {"t5-tiny": "seq2seq"}  # the rest build causal LMs
+PRESET_ARCHITECTURES = {"gpt2-tiny": "gpt2", "qwen2-tiny": "qwen2"}
+"""The Hugging Face model_type of the causal-LM presets that are no Llama."""
+
+
+def family(architecture: str | None, preset: str | None) -> str:
+    """The Hugging Face model_type of a causal LM built from scratch: model.architecture, else the
+    preset's family, else llama."""
+    return architecture or PRESET_ARCHITECTURES.get(preset or "", "llama")

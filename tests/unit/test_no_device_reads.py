@@ -127,3 +127,23 @@ def test_a_cuda_training_step_never_synchronizes(segments, chunk_size):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_other_families_step_without_reading_the_device(family):
+    """GPT-2 passes a view of the all-True mask on to the attention: varlen still knows it (the same
+    memory) instead of checking it on the device; Qwen2 as Llama."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300}
+    if family == "qwen2":  # (its default is 32 key/value heads)
+        sizes.update(num_key_value_heads=2, intermediate_size=128)
+    config = AutoConfig.for_model(family, **sizes, max_position_embeddings=128, n_positions=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.set_attn_implementation(attention.NAME)
+    model = model.to(META)
+    batch = to_device(collate(rows(PACKED), pad_id=0), META)
+    loss, _ = causal_lm_step(model, batch, 16)
+    loss.backward()
+    assert loss.device == META

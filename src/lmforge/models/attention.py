@@ -177,6 +177,14 @@ class _Known:
             return None
         return self.lengths
 
+    def is_full_mask(self, mask: torch.Tensor) -> bool:
+        """Whether `mask` is the all-True mask handed out (the same memory: GPT-2 passes a view of it)."""
+        full = self.full_mask
+        return full is not None and (
+            mask is full
+            or (mask.data_ptr() == full.data_ptr() and mask.numel() == full.numel() and mask.dtype == full.dtype)
+        )
+
 
 _known: _Known | None = None
 
@@ -429,7 +437,7 @@ def varlen_attention_forward(
 def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     """No mask when every token is real (examples are told apart by position ids); else sdpa's mask,
     which sends the call to sdpa."""
-    if attention_mask is None or (_known is not None and attention_mask is _known.full_mask):
+    if attention_mask is None or (_known is not None and _known.is_full_mask(attention_mask)):
         return None
     if bool(attention_mask.all()):
         return None

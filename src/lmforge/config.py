@@ -42,7 +42,8 @@ class ModelConfig(Section):
     """A local Hugging Face model directory (or hub id, online only) to start from. Leave empty to
     build a new model from `preset` and/or explicit sizes."""
     preset: str | None = None
-    """A built-in architecture for training from scratch: llama-tiny, llama-20m or llama-120m."""
+    """A built-in architecture for training from scratch: llama-tiny, llama-20m, llama-120m, gpt2-tiny,
+    qwen2-tiny (causal LMs) or t5-tiny (seq2seq)."""
     hidden_size: int | None = Field(default=None, gt=0)
     """Width of the model; overrides the preset's."""
     num_layers: int | None = Field(default=None, gt=0)

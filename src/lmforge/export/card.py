@@ -250,11 +250,20 @@ def _is_hub_id(name: str, working_dir: str | None) -> bool:
     return not looks_local(name) and not relative.exists()
 
 
+def _scratch_family(config: Config) -> str:
+    """How a model built from scratch was built: its family (a Hugging Face model_type) and preset."""
+    from lmforge.models.presets import PRESET_TASKS, family
+
+    m = config.model
+    kind = "t5" if PRESET_TASKS.get(m.preset or "") == "seq2seq" else family(m.architecture, m.preset)
+    return f"{kind}, {f'preset {m.preset}' if m.preset else 'explicit sizes'}"
+
+
 def _body(
     run_dir: Path, config: Config, adapter_only: bool, final: dict, trained: str, report: dict, step: int | None
 ) -> str:
     """The card's Markdown below the metadata."""
-    base = config.model.name_or_path or f"none: trained from scratch ({config.model.preset or 'explicit sizes'})"
+    base = config.model.name_or_path or f"none: trained from scratch ({_scratch_family(config)})"
     record = _read_json(run_dir / BASE_FILE)
     if record:  # an adapter: the base it was trained on, resolved
         fingerprint = f"; weights fingerprint {record['fingerprint'][:12]}" if record.get("fingerprint") else ""

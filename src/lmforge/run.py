@@ -687,13 +687,16 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
     cached = " (from cache)" if data.cache_hit else ""
     console.print(f"data{cached}: {rows}", highlight=False)
     console.print(
-        f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({trainable / total:.2%}), "
-        f"vocab {len(data.tokenizer):,}",
+        f"model: {getattr(model.config, 'model_type', 'model')}, {total / 1e6:.2f}M parameters, "
+        f"{trainable / 1e6:.3f}M trainable ({trainable / total:.2%}), vocab {len(data.tokenizer):,}"
+        + _dropout_said(config, model),
         highlight=False,
     )
     attention = getattr(model.config, "_attn_implementation", None)
+    train, lr = config.train, config.train.lr
     console.print(
         f"plan: {steps:,} steps ({plan.steps_per_epoch:,} per epoch), up to {per_step:,} tokens per step, "
+        f"{train.optimizer} at lr {lr if isinstance(lr, str) else f'{lr:.3g}'} ({train.scheduler}), "
         f"precision {precision if precision != 'no' else 'fp32'}"
         + (f", attention {attention.removeprefix('lmforge_')}" if attention else "")
         + f", {malloc.active()}"
@@ -706,6 +709,15 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
         )
     if not torch.cuda.is_available() and (tip := malloc.advice()):
         console.print(f"[dim]{tip}[/dim]", highlight=False)
+
+
+def _dropout_said(config: Config, model) -> str:
+    """', dropout P (the fields set)' when model.dropout is given."""
+    if config.model.dropout is None:
+        return ""
+    from lmforge.models.build import dropout_fields
+
+    return f", dropout {config.model.dropout:g} ({', '.join(dropout_fields(model.config))})"
 
 
 def _threads(n: int) -> str:

@@ -61,7 +61,7 @@ RUNS = {
         },
     },
 }
-STEPS = 60
+STEPS = 30
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,8 @@ def runs(tmp_path_factory):
         cfg["model"] = model
         cfg["data"].update({"max_length": 64, "txt_documents": "line"})
         cfg["train"].update({"max_steps": STEPS, "lr": 3e-3, "micro_batch_size": 8})
-        cfg["eval"].update({"max_batches": None})
+        cfg["eval"].update({"max_batches": None, "predictions": False, "bootstrap_resamples": 0})
+        cfg["eval"]["generate"]["max_examples"] = 0
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         console = io.StringIO()

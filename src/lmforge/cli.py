@@ -86,6 +86,7 @@ def train_command(
 ) -> None:
     """Train a model as the config says."""
     from lmforge.config import load_config
+    from lmforge.engine.lr_find import RangeTestInterrupted
     from lmforge.run import quick_test_config, resume_command, run_train
 
     if multirun:
@@ -104,6 +105,9 @@ def train_command(
         outcome = run_train(
             cfg, console, dry_run=dry_run, resume=resume, config_path=str(config), overrides=overrides or []
         )
+    except RangeTestInterrupted as exc:
+        err_console.print(f"{exc}: stopped during the learning-rate range test (train.lr=find); nothing was trained")
+        raise typer.Exit(SIGNAL_EXITS.get(str(exc), 130)) from None
     except KeyboardInterrupt:
         command = resume_command(str(config), overrides or [], "auto")
         err_console.print(f"interrupted at once; the newest complete checkpoint is kept: {command}", markup=False)
@@ -150,7 +154,11 @@ def lr_find_command(
 
     cfg = load_config(config, overrides or [], check_files=True)
     _quiet_libraries()
-    run_lr_find(cfg, console, out)
+    try:
+        run_lr_find(cfg, console, out)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: the range test stopped; nothing was saved", markup=False)
+        raise typer.Exit(130) from None  # (a SIGTERM too: the command leaves nothing to resume)
 
 
 @app.command("eval")

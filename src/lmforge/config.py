@@ -1011,6 +1011,7 @@ def _check_optimizer(config: Config) -> list[str]:
                 f"train.{name} applies to train.{field}={owner} only, not {value}: remove train.{name} "
                 f"or set train.{field}={owner}{hint}"
             )
+    problems += _adam_settings(train)
     if train.nesterov and train.optimizer == "sgd" and train.momentum == 0:
         problems.append(
             "train.nesterov needs momentum, but train.momentum is 0: raise train.momentum (e.g. 0.9) "
@@ -1147,8 +1148,33 @@ def _check_architecture(config: Config) -> list[str]:
     return architecture_problems(config)
 
 
+def _adam_settings(train: TrainConfig) -> list[str]:
+    """adam_beta1/adam_beta2/adam_eps changed from their defaults for an optimizer that has no use for
+    them (sgd and adafactor take none, lion takes the betas only)."""
+    takes = {"sgd": (), "adafactor": (), "lion": ("adam_beta1", "adam_beta2")}.get(train.optimizer)
+    if takes is None:
+        return []
+    fields = TrainConfig.model_fields
+    changed = [
+        name
+        for name in ("adam_beta1", "adam_beta2", "adam_eps")
+        if name not in takes and getattr(train, name) != fields[name].default
+    ]
+    return [
+        f"train.{name} applies to train.optimizer=adamw (and its 8-bit forms{', lion' if name != 'adam_eps' else ''}) "
+        f"only, not {train.optimizer}: remove it"
+        for name in changed
+    ]
+
+
 def _check_lr_find(config: Config) -> list[str]:
-    """train.lr_find's range."""
+    """train.lr_find's range goes up."""
+    find = config.train.lr_find
+    if find.start_lr >= find.end_lr:
+        return [
+            f"train.lr_find.start_lr ({find.start_lr:g}) must be below train.lr_find.end_lr ({find.end_lr:g}): the "
+            "range test raises the learning rate from one to the other (e.g. 1e-7 to 10)"
+        ]
     return []
 
 

@@ -78,7 +78,8 @@ def quick_test_config(config: Config) -> Config:
     quick.train.log_every = 1
     if quick.train.warmup_steps is not None:  # (a wsd schedule needs its decay after the warmup)
         quick.train.warmup_steps = min(quick.train.warmup_steps, 1)
-    quick.train.lr_find.num_steps = min(config.train.lr_find.num_steps, 10)  # train.lr=find: a short test
+    quick.train.lr_find.num_steps = min(config.train.lr_find.num_steps, 10)  # train.lr=find: a short test,
+    quick.train.lr_find.smoothing = min(config.train.lr_find.smoothing, 0.8)  # smoothed for its length
     quick.eval.max_batches = 2
     quick.eval.at_start = False
     quick.eval.generate.num_examples = min(config.eval.generate.num_examples, 2)
@@ -282,12 +283,18 @@ def _record_lr_find(result, run_dir: Path, trackers: Trackers) -> None:
     trackers.log_params({f"lr_find.{name}": lr for name, lr in result.suggestions.items()})
 
 
-def find_lr(config: Config, model, data: PreparedData, console: Console):
+def find_lr(config: Config, model, data: PreparedData, console: Console, training: bool = True):
     """train.lr=find: the range test (engine.lr_find) on the run's model and data, and the config
     with train.lr set to its train.lr_find.suggestion; returns (config, LrFindResult).
 
+    Args:
+        training: the run trains with the suggestion (train.lr=find), which a curve that never
+            fell refuses; else (lmforge lr-find) that is a warning.
+
     Raises:
-        UserError: the test had too few finite losses to suggest anything.
+        UserError: the test had too few finite losses to suggest anything, or (training) its loss
+            never fell.
+        KeyboardInterrupt: a signal stopped the test.
     """
     from lmforge.engine.lr_find import range_test
 
@@ -303,11 +310,14 @@ def find_lr(config: Config, model, data: PreparedData, console: Console):
     found = config.model_copy(deep=True)
     found.train.lr = result.suggestions[cfg.suggestion]
     shown = ", ".join(f"{name} {lr:.2e}" for name, lr in result.suggestions.items())
-    console.print(
-        f"train.lr=find: {result.stopped}; suggestions {shown}; training with the {cfg.suggestion} one, "
-        f"train.lr={found.train.lr:.3g}",
-        highlight=False,
-    )
+    flat = result.flat()
+    if flat and training:
+        raise UserError(f"train.lr=find: {flat}; nothing was trained. `lmforge lr-find CONFIG` shows the curve")
+    if flat:
+        console.print(f"[yellow]warning: {flat}[/yellow]", highlight=False)
+    then = f"training with the {cfg.suggestion} one, train.lr={found.train.lr:.3g}" if training else ""
+    said = f"train.lr=find: {result.stopped}; suggestions {shown}"
+    console.print(said + (f"; {then}" if then else ""), highlight=False)
     return found, result
 
 
@@ -332,7 +342,7 @@ def run_lr_find(config: Config, console: Console, out: Path | None = None):
         data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
     model = build_model(config, data.tokenizer, labels=data.labels)
-    found, result = find_lr(config, model, data, console)
+    found, result = find_lr(config, model, data, console, training=False)
     out = out or Path(config.output_dir) / f"{config.name}-lr-find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if process.is_main_process:
         result.save(out)

@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 from conftest import ROOT, lmforge_command, save_tiny_llama, subprocess_env, tiny_config_dict
 from lmforge.config import load_config
 from lmforge.engine.lr_find import PLOT_FILE, RESULT_FILE
+from lmforge.errors import ConfigError
 from lmforge.models.tokenizer import train_bpe_tokenizer
 from lmforge.run import run_train
 
-FIND = {"num_steps": 12, "start_lr": 1e-5, "end_lr": 1.0}
+FIND = {"num_steps": 12, "start_lr": 1e-5, "end_lr": 1.0, "smoothing": 0.8}
 
 
 def config_file(tmp_path, corpus, cache_dir, lora: bool = False, **train) -> dict:
@@ -127,3 +128,50 @@ def test_the_suggestion_is_within_3x_of_the_best_lr_of_a_grid(tmp_path):
     result = check.known_answer(tmp_path, 60, check.SMOKE_GRID, 100)
     assert result["best"] not in (check.SMOKE_GRID[0], check.SMOKE_GRID[-1]), result  # an interior best
     assert result["factors"]["valley"] <= 3, result
+
+
+def test_a_signal_stops_the_test_and_nothing_is_trained(tmp_path, corpus, cache_dir):
+    """Ctrl-C during train.lr=find never trains with a curve cut short: exit 130, no run directory."""
+    import signal
+
+    raw = config_file(tmp_path, corpus, cache_dir)
+    raw["train"]["lr_find"] = {"num_steps": 5000, "start_lr": 1e-7, "end_lr": 1e-6}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen(
+        lmforge_command("train", str(path), "train.lr=find"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("lr-find step 10/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, output
+    assert "stopped during the learning-rate range test (train.lr=find); nothing was trained" in output
+    assert "Traceback" not in output and not list((tmp_path / "runs").glob("tiny-*"))
+
+
+def test_a_curve_that_never_falls_is_refused_for_training_and_a_warning_for_lr_find(tmp_path, corpus, cache_dir):
+    from lmforge.errors import UserError
+    from lmforge.run import run_lr_find
+
+    raw = config_file(tmp_path, corpus, cache_dir)
+    raw["train"]["lr_find"] = {"num_steps": 20, "start_lr": 1e-9, "end_lr": 1e-8}  # too small to move anything
+    with pytest.raises(UserError, match="never fell by 0.5%.*raise train.lr_find.end_lr"):
+        run(tmp_path, raw, "train.lr=find")
+    assert not list((tmp_path / "runs").glob("tiny-*"))
+    out = io.StringIO()
+    path = tmp_path / "config.yaml"
+    run_lr_find(load_config(path, env={}), Console(file=out, width=300), tmp_path / "found")
+    assert "warning: the smoothed loss never fell by 0.5%" in out.getvalue() and "training with" not in out.getvalue()
+    assert (tmp_path / "found" / RESULT_FILE).is_file()
+
+    with pytest.raises(ConfigError, match=r"start_lr \(1\) must be below train.lr_find.end_lr \(1e-05\)"):
+        load_config(path, ["train.lr_find.start_lr=1", "train.lr_find.end_lr=1e-5"], env={})

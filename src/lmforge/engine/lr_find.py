@@ -25,6 +25,16 @@ from lmforge.data.prepare import PreparedData
 from lmforge.engine.checkpoint import capture_rng, restore_rng
 
 RESULT_FILE = "lr_find.json"
+MIN_FALL = 0.005
+"""The least fall of the smoothed loss (a share of its first value) that the curve must show for
+its suggestions to mean anything."""
+INTERRUPTS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
+class RangeTestInterrupted(KeyboardInterrupt):
+    """A signal stopped the range test: its curve is cut short and is never used."""
+
+
 PLOT_FILE = "lr_find.png"
 SUGGESTIONS = ("valley", "steepest", "minimum")
 
@@ -43,6 +53,19 @@ class LrFindResult:
     """completed, or diverged at a step (the smoothed loss passed diverge_factor x its lowest)."""
     settings: dict = field(default_factory=dict)
     """The train.lr_find settings the test ran with."""
+
+    def flat(self) -> str | None:
+        """Why the curve says nothing (its smoothed loss never fell by MIN_FALL of its first value),
+        with what to change; None when it fell."""
+        finite = [v for v in self.smoothed if math.isfinite(v)]
+        if len(finite) >= 2 and min(finite) <= finite[0] * (1 - MIN_FALL):
+            return None
+        low = f"{min(finite):.4f}" if finite else "nan"
+        return (
+            f"the smoothed loss never fell by {MIN_FALL:.1%} ({finite[0] if finite else float('nan'):.4f} at "
+            f"{self.lrs[0]:.1e}, lowest {low}, up to lr {self.lrs[-1]:.1e}): the curve says nothing; raise "
+            "train.lr_find.end_lr or num_steps (or lower start_lr if it diverged at once)"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,8 +167,9 @@ def plot_curve(result: LrFindResult, path: Path) -> None:
         axes.axvline(lr, color=colors[name], linestyle="--", linewidth=1, label=f"{name} {lr:.2e}")
     axes.set_xscale("log")
     finite = [v for v in result.smoothed if math.isfinite(v)]
+    raw = [v for v in result.losses if math.isfinite(v)]
     if finite:  # the divergence at the end would flatten the rest of the curve
-        low, first = min(finite), finite[0]
+        low, first = min(finite + raw[: len(finite)]), finite[0]
         axes.set_ylim(low - 0.1 * (first - low + 1e-9), first + 0.5 * (first - low + 1e-9))
     axes.set_xlabel("learning rate")
     axes.set_ylabel("training loss")
@@ -199,6 +223,8 @@ def range_test(model: torch.nn.Module, data: PreparedData, config: Config, conso
             schedule=lambda step: lrs[min(step, len(lrs) - 1)] / cfg.start_lr,
         )
         stopped = result.state.stop_reason
+        if stopped in INTERRUPTS:  # the user stopped it: no curve cut short is ever used
+            raise RangeTestInterrupted(stopped)
     finally:
         _restore(model, saved_weights)
         restore_rng(saved_rng)

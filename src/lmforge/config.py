@@ -1448,30 +1448,42 @@ def hub_problems(field: str, repo_id: str) -> list[str]:
 def check_paths(config: Config) -> list[str]:
     """The files and directories a config names, each checked to exist (relative paths against the
     working directory, which the messages name)."""
+    return _data_path_problems(config) + _model_path_problems(config)
+
+
+def _data_path_problems(config: Config) -> list[str]:
+    """data.train/validation/test and the curriculum's stages: files, globs and directories that
+    exist, qdrant:// URLs of a valid form (hub: sources are checked when read)."""
     from lmforge.data.qdrant import PREFIX as QDRANT_PREFIX
     from lmforge.data.qdrant import parse as parse_qdrant
     from lmforge.data.sources import HUB_PREFIX, resolve_paths
     from lmforge.errors import DataError
 
     problems = []
-    cwd = Path.cwd()
-    for split in ("train", "validation", "test"):
-        spec = getattr(config.data, split)
+    named = {f"data.{split}": getattr(config.data, split) for split in ("train", "validation", "test")}
+    for i, stage in enumerate(config.data.curriculum.stages or [] if config.data.curriculum else []):
+        named[f"data.curriculum.stages.{i}.data"] = stage.data
+    for field, spec in named.items():
         entries = [] if spec is None else spec if isinstance(spec, list) else [spec]
         for entry in entries:
             path = entry if isinstance(entry, str) else entry.path
             if path.startswith(HUB_PREFIX):
                 continue
-            if path.startswith(QDRANT_PREFIX):  # its form and local store here; the server when data is read
-                try:
-                    parse_qdrant(path, f"data.{split}")
-                except DataError as exc:
-                    problems.append(str(exc))
-                continue
             try:
-                resolve_paths(path, f"data.{split}")
+                if path.startswith(QDRANT_PREFIX):  # its form and local store here; the server when data is read
+                    parse_qdrant(path, field)
+                else:
+                    resolve_paths(path, field)
             except DataError as exc:
                 problems.append(str(exc))
+    return problems
+
+
+def _model_path_problems(config: Config) -> list[str]:
+    """model.name_or_path and tokenizer.path: local directories that exist (a model's with a
+    config.json of a kind that can do model.task), or Hub ids that are cached or reachable."""
+    problems = []
+    cwd = Path.cwd()
     for field, value in (("model.name_or_path", config.model.name_or_path), ("tokenizer.path", config.tokenizer.path)):
         if value is None or (field == "model.name_or_path" and value.startswith("s3://")):
             continue  # s3://: read when training starts (publish.push.local_model), with its own errors
@@ -1486,7 +1498,33 @@ def check_paths(config: Config) -> list[str]:
             )
         elif field == "model.name_or_path" and not (where / "config.json").is_file():
             problems.append(f"{field}: {where} is not a Hugging Face model directory (it has no config.json)")
+        elif field == "model.name_or_path":
+            problems += _task_problems(config, where)
     return problems
+
+
+def _task_problems(config: Config, where: Path) -> list[str]:
+    """A local model whose kind cannot do model.task: a decoder-only model for seq2seq, an
+    encoder-decoder for causal-lm (an adapter is judged by its task_type)."""
+    try:
+        saved = json.loads((where / "config.json").read_text())
+    except (OSError, ValueError):
+        return []  # loading it says what is wrong
+    if (where / "adapter_config.json").is_file():
+        return []
+    task, kind = config.model.task, saved.get("model_type", "model")
+    both_ways = bool(saved.get("is_encoder_decoder"))
+    if task == "seq2seq" and not both_ways:
+        return [
+            f"model.name_or_path: {where} is a {kind} model, not an encoder-decoder: model.task=seq2seq needs one "
+            "(T5, BART, ...), or use a causal format (prompt-completion) with model.task=causal-lm"
+        ]
+    if task == "causal-lm" and both_ways:
+        return [
+            f"model.name_or_path: {where} is a {kind} encoder-decoder: set model.task=seq2seq (data.format=seq2seq), "
+            "or start from a decoder-only model"
+        ]
+    return []
 
 
 def resolved_architecture(config: Config, defaults: bool = True) -> dict[str, Any]:

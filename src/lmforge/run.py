@@ -740,6 +740,8 @@ def _warn_before_training(
     """The data's losses, and what a resume with another length does to the schedule."""
     for message in data_warnings(report, config.data):
         warn(message)
+    if note := curriculum_beyond_the_run(config, steps):
+        warn(note)
     if split := split_markers(config.data, tokenizer):
         warn(
             f"the tokenizer cuts the {config.data.chat_template} chat template's markers {', '.join(split)} into "
@@ -751,6 +753,30 @@ def _warn_before_training(
         before = total_steps(saved.train, plan)
         if note := schedule_change(saved.train, config.train, before, steps, checkpoint.step):
             warn(note)
+
+
+def curriculum_beyond_the_run(config: Config, steps: int) -> str:
+    """What of data.curriculum a run of `steps` steps never reaches, in words ('' when it reaches
+    all of it): stages that start at or after its end, or a phase longer than the run (fine for a run
+    to be resumed longer, so a warning, not an error)."""
+    curriculum = config.data.curriculum
+    if curriculum is None:
+        return ""
+    if curriculum.stages:
+        starts = [0] + [s.until_step for s in curriculum.stages[:-1]]
+        never = [i for i, start in enumerate(starts) if start >= steps]
+        if never:
+            return (
+                f"data.curriculum.stages {', '.join(map(str, never))} start at or after step {steps:,}, the run's "
+                "last: they never train unless the run is resumed longer (raise train.max_steps or lower until_step)"
+            )
+        return ""
+    if curriculum.steps is not None and curriculum.steps > steps:
+        return (
+            f"data.curriculum.steps ({curriculum.steps:,}) is longer than the run ({steps:,} steps): it ends before "
+            "all the data is in its pool (lower data.curriculum.steps, or resume the run longer)"
+        )
+    return ""
 
 
 def resume_command(config_path: str | None, overrides: list[str], resume: str | Path) -> str:

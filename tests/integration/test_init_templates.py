@@ -75,3 +75,11 @@ def test_init_keeps_existing_files_and_refuses_what_does_not_apply(tmp_path, mon
     ]:
         failed = runner.invoke(app, args)
         assert failed.exit_code != 0 and message in str(failed.exception), failed.output
+
+
+def test_init_writes_nothing_where_its_data_cannot_go(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").write_text("not a directory")
+    failed = CliRunner().invoke(app, ["init", "--template", "sft"])
+    assert failed.exit_code != 0 and "data is a file" in str(failed.exception)
+    assert not (tmp_path / "sft.yaml").exists()  # checked before anything was written

@@ -117,3 +117,18 @@ def test_a_missing_collection_an_unreachable_server_and_bad_urls_are_one_clear_e
     ]:
         with pytest.raises(ConfigError, match=message):
             config_for(tmp_path, cache_dir, bad)
+
+
+def test_an_invalid_point_is_named_even_while_the_collection_is_being_read(tmp_path, cache_dir):
+    """The advice on an invalid record reads records again while the first scan is open: the local
+    store (locked per client) is shared, and the error names the point, not a lock."""
+    payloads = pairs(POINTS)
+    payloads[6] = {"question": "where is the answer?"}  # point 7: no answer
+    store = make_store(tmp_path / "store", payloads)
+    config, path = config_for(tmp_path, cache_dir, f"qdrant://pairs?path={store}&page_size=50")
+    with pytest.raises(DataError, match=r"qdrant://pairs point 7: .*answer") as info:
+        prepare_data(config, log=lambda _: None)
+    assert "already accessed" not in str(info.value)
+    dropped = prepare_data(load_config(path, ["data.on_invalid=drop"], env={}), log=lambda _: None)
+    assert sum(dropped.report["splits"][s]["records"] for s in ("train", "validation", "test")) == POINTS
+    assert sum(sum(dropped.report["splits"][s]["dropped"].values()) for s in dropped.report["splits"]) == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,28 +92,58 @@ def parse(url: str, field: str) -> QdrantSource:
     return QdrantSource(url, collection, server, path, **numbers)
 
 
+_local_clients: dict[str, list] = {}
+"""Open local-store clients by directory, each with the number of readers using it: qdrant-client's
+local mode locks its directory, so a second reader in this process (a record read again while a
+scan is under way, as the invalid-record advice does) shares the first one's client."""
+_local_lock = threading.Lock()
+
+
+@contextmanager
+def _opened(source: QdrantSource):
+    """A client of the source's server or local store, closed after its last user."""
+    from qdrant_client import QdrantClient
+
+    if source.server:
+        client = QdrantClient(
+            url=source.server,
+            api_key=os.environ.get(KEY_VARIABLE),
+            timeout=source.timeout,
+            check_compatibility=False,  # (a warning when it fails; the errors below say more)
+        )
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    with _local_lock:
+        if source.path not in _local_clients:
+            _local_clients[source.path] = [QdrantClient(path=source.path), 0]
+        entry = _local_clients[source.path]
+        entry[1] += 1
+    try:
+        yield entry[0]
+    finally:
+        with _local_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _local_clients[source.path]
+                entry[0].close()
+
+
 @contextmanager
 def _client(source: QdrantSource):
-    """An open client, closed after (a local store is locked while a client holds it), whose
-    collection exists.
+    """An open client whose collection exists, closed after (a local store is locked while a
+    client holds it).
 
     Raises:
         DataError: the server cannot be reached, the store cannot be opened, or the collection
             is not there (the message lists the ones that are).
     """
-    from qdrant_client import QdrantClient
-
     where = source.server or source.path
     try:
-        if source.server:
-            client = QdrantClient(
-                url=source.server,
-                api_key=os.environ.get(KEY_VARIABLE),
-                timeout=source.timeout,
-                check_compatibility=False,  # (a warning when it fails; the errors below say more)
-            )
-        else:
-            client = QdrantClient(path=source.path)
+        opened = _opened(source)
+        client = opened.__enter__()
     except Exception as exc:  # noqa: BLE001 - a lock held by another process, a damaged store
         raise DataError(f"{source}: cannot open the Qdrant store at {where} ({_reason(exc)})") from None
     try:
@@ -126,7 +157,7 @@ def _client(source: QdrantSource):
             raise DataError(f"{source}: no collection {source.collection!r} at {where} (its collections: {known})")
         yield client
     finally:
-        client.close()
+        opened.__exit__(None, None, None)
 
 
 def _reason(exc: Exception) -> str:

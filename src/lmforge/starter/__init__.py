@@ -209,10 +209,19 @@ def write_starter(name: str, out: Path, model: str | None = None, force: bool = 
     text = render(name, model)
     if out.exists() and not force:
         raise UserError(f"{out} exists; choose another --out, or --force to replace it")
+    data = Path(TEMPLATES[name].data)
+    for parent in (*reversed(data.parents), data):  # checked before anything is written
+        if parent.exists() and not (parent.is_dir() if parent != data else parent.is_file()):
+            kind = "a file" if parent.is_file() else "a directory" if parent.is_dir() else "no regular file"
+            raise UserError(
+                f"{parent.resolve()} is {kind}: the template's sample data goes in {data.resolve()}; move it away "
+                "or run lmforge init in another directory"
+            )
+    if out.is_dir():
+        raise UserError(f"--out {out}: a directory; give the config file's path, e.g. {out / (name + '.yaml')}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     done = [f"wrote {out} ({TEMPLATES[name].description})"]
-    data = Path(TEMPLATES[name].data)
     if data.exists():
         done.append(f"{data} exists: the config trains on it as it is")
     else:

@@ -84,7 +84,7 @@ controls)
     # resumes are bit-exact where CUDA's kernels are deterministic: a difference is a finding.
     python3 -m pytest -q -p no:cacheprovider tests/integration/test_optimizers_resume.py \
         tests/integration/test_lr_find.py tests/integration/test_curriculum_runs.py \
-        tests/integration/test_architectures.py -m "not slow" 2>&1 | tee "$out/controls-tests.log"
+        tests/integration/test_architectures.py tests/integration/test_packing.py -m "not slow" 2>&1 | tee "$out/controls-tests.log"
     python3 bench/lr_find_check.py --smoke 2>&1 | tee "$out/lr-find.log"
     ;;
 peers)

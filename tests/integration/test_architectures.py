@@ -1,10 +1,9 @@
 """Models of other families built from scratch (model.architecture, model.config, model.dropout): a
 GPT-2 and a Qwen2 train with packing on the shipped corpus, their final/ loads in plain transformers
 and reproduces, example by example and without packing, the validation loss the trained model
-recorded on packed rows; model.dropout reaches every dropout field and changes training; packed rows
-of both families give each example's own losses and updates, with varlen and sdpa attention."""
+recorded on packed rows; model.dropout reaches every dropout field and changes training. (Packed rows
+of both families giving each example's own losses and updates: tests/integration/test_packing.py.)"""
 
-import copy
 import io
 import json
 import math
@@ -13,21 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from datasets import Dataset
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
-from conftest import RecordingTracker, chapters, tiny_config_dict
+from conftest import chapters, tiny_config_dict
 from lmforge.config import load_config
-from lmforge.data.loader import IGNORE_INDEX, collate
-from lmforge.data.prepare import PreparedData, prepare_data
-from lmforge.engine.loop import train
-from lmforge.engine.losses import causal_lm_inputs
+from lmforge.data.loader import IGNORE_INDEX
+from lmforge.data.prepare import prepare_data
 from lmforge.export.export import export_run
-from lmforge.models.build import build_model
 from lmforge.run import run_train
-from lmforge.tracking.base import Trackers
 
 GPT2_DROPOUT = ["attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"]
 RUNS = {
@@ -163,98 +157,3 @@ def test_export_card_and_generate_command(runs, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert result.output.startswith("And Moses") and len(result.output.strip()) > len("And Moses")
-
-
-# ------------------------------------------------------------------ packing, as in tests/integration/test_packing.py
-
-FAMILIES = {
-    "gpt2": ["model.architecture=gpt2", "model.preset=gpt2-tiny"],
-    "qwen2": ["model.preset=qwen2-tiny"],
-}
-
-
-@pytest.fixture(params=[(family, attention) for family in FAMILIES for attention in ("varlen", "sdpa")], ids=str)
-def setup(tiny_config, request):
-    """A new model of each family, with each attention training uses, and six examples of different
-    lengths with prompt-like masked prefixes. Dropout 0: train-mode forwards are then deterministic."""
-    family, attention = request.param
-    config = tiny_config(
-        *FAMILIES[family],
-        "model.dropout=0",
-        "data.max_length=64",
-        "train.max_steps=1",
-        "train.micro_batch_size=16",
-        f"model.attention={attention}",
-    )
-    prepared = prepare_data(config, log=lambda _: None)
-    ids = prepared.splits["train"]["input_ids"]
-    examples = []
-    for i, n in enumerate([9, 23, 14, 31, 6, 17]):
-        tokens = ids[i][:n]
-        labels = [IGNORE_INDEX] * (1 + i % 3) + tokens[1 + i % 3 :]
-        examples.append({"input_ids": tokens, "labels": labels, "lengths": [n], "num_tokens": n})
-    torch.manual_seed(0)
-    model = build_model(config, prepared.tokenizer)
-    assert model.config._attn_implementation.removeprefix("lmforge_") == attention
-    return config, prepared, model, examples
-
-
-def pack(examples, groups):
-    rows = []
-    for group in groups:
-        chosen = [examples[i] for i in group]
-        rows.append(
-            {
-                "input_ids": [t for e in chosen for t in e["input_ids"]],
-                "labels": [t for e in chosen for t in e["labels"]],
-                "lengths": [e["lengths"][0] for e in chosen],
-                "num_tokens": sum(e["num_tokens"] for e in chosen),
-            }
-        )
-    return rows
-
-
-def token_losses(model, batch):
-    """(B, T-1) per-token losses, 0 where there is no target, from the inputs training gives the model."""
-    with causal_lm_inputs(model, batch) as inputs:
-        out = model(**inputs)
-    logits, targets = out.logits[:, :-1].float(), batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return loss, targets != IGNORE_INDEX
-
-
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_packed_row_losses_equal_each_example_alone(setup, mode):
-    _, prepared, model, examples = setup
-    model.train(mode == "train")
-    pad = prepared.tokenizer.pad_token_id
-    (row,) = pack(examples, [range(len(examples))])
-    with torch.no_grad():
-        packed, mask = token_losses(model, collate([row], pad))
-        start = 0
-        for example in examples:
-            alone, alone_mask = token_losses(model, collate([example], pad))
-            n = example["lengths"][0]
-            ours = packed[0, start : start + n - 1][mask[0, start : start + n - 1]]
-            torch.testing.assert_close(ours, alone[0][alone_mask[0]], rtol=1e-5, atol=1e-5)
-            start += n
-
-
-def test_the_loop_logs_the_same_loss_and_update_packed_or_not(setup):
-    config, prepared, model, examples = setup
-    config.train.adam_eps = 1e-6  # as in test_packing: Adam's first step smooth in near-zero gradients
-    results = []
-    for rows in (pack(examples, [[0, 3], [1, 2, 4], [5]]), examples):
-        data = PreparedData(
-            prepared.tokenizer, {"train": Dataset.from_list(rows), "validation": prepared.splits["validation"]}, {}
-        )
-        recorder = RecordingTracker()
-        result = train(
-            copy.deepcopy(model), data, config, Trackers(recorder, [], None, print), console=Console(file=io.StringIO())
-        )
-        ((_, loss),) = recorder.series("train/loss")
-        results.append((loss, result.model.state_dict()))
-    (packed_loss, packed_weights), (alone_loss, alone_weights) = results
-    assert packed_loss == pytest.approx(alone_loss, rel=1e-5)
-    for name, value in packed_weights.items():
-        torch.testing.assert_close(value, alone_weights[name], rtol=0, atol=1e-6)

@@ -1,5 +1,6 @@
 """Packing parity: a packed row's per-token losses equal each example's losses alone, in training
-and in evaluation mode, and the loop logs the same loss and makes the same update either way."""
+and in evaluation mode, and the loop logs the same loss and makes the same update either way; for
+the Llama presets, and for GPT-2 and Qwen2 built from scratch (model.architecture)."""
 
 import copy
 import io
@@ -29,11 +30,25 @@ def token_losses(model, batch):
     return loss, targets != IGNORE_INDEX
 
 
-@pytest.fixture(params=["varlen", "sdpa"])
+FAMILIES = {
+    "llama": [],
+    "gpt2": ["model.preset=gpt2-tiny", "model.dropout=0"],  # dropout 0: train-mode forwards are deterministic
+    "qwen2": ["model.preset=qwen2-tiny"],
+}
+EVERY_FAMILY = [(family, attention) for family in FAMILIES for attention in ("varlen", "sdpa")]
+
+
+@pytest.fixture(params=[("llama", "varlen"), ("llama", "sdpa")], ids=str)
 def setup(tiny_config, request):
-    """Both attention implementations that training uses must keep packed examples apart."""
+    """Both attention implementations that training uses must keep packed examples apart (tests
+    parametrized with EVERY_FAMILY: of each family's new model)."""
+    family, attention = request.param
     config = tiny_config(
-        "data.max_length=64", "train.max_steps=1", "train.micro_batch_size=16", f"model.attention={request.param}"
+        *FAMILIES[family],
+        "data.max_length=64",
+        "train.max_steps=1",
+        "train.micro_batch_size=16",
+        f"model.attention={attention}",
     )
     prepared = prepare_data(config, log=lambda _: None)
     ids = prepared.splits["train"]["input_ids"]
@@ -45,6 +60,7 @@ def setup(tiny_config, request):
         examples.append({"input_ids": tokens, "labels": labels, "lengths": [n], "num_tokens": n})
     torch.manual_seed(0)
     model = build_model(config, prepared.tokenizer)
+    assert model.config._attn_implementation.removeprefix("lmforge_") == attention
     return config, prepared, model, examples
 
 
@@ -63,6 +79,7 @@ def pack(examples, groups):
     return rows
 
 
+@pytest.mark.parametrize("setup", EVERY_FAMILY, indirect=True, ids=str)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_packed_row_losses_equal_each_example_alone(setup, mode):
     _, prepared, model, examples = setup
@@ -132,6 +149,7 @@ def test_evaluate_from_hidden_states_equals_evaluate_from_logits(setup, chunk_si
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is back
 
 
+@pytest.mark.parametrize("setup", EVERY_FAMILY, indirect=True, ids=str)
 def test_the_loop_logs_the_same_loss_and_update_packed_or_not(setup):
     config, prepared, model, examples = setup
     # as in the invariance test: eps 1e-6 keeps Adam's first step smooth in near-zero gradients,

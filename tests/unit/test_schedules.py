@@ -7,6 +7,7 @@ import typing
 
 import pytest
 import torch
+from test_config import BASE  # the config the config tests use
 from transformers.optimization import (
     get_cosine_with_hard_restarts_schedule_with_warmup,
     get_inverse_sqrt_schedule,
@@ -257,18 +258,6 @@ def test_lion_takes_the_adam_betas():
 
 
 # --------------------------------------------------------------------------- config errors
-
-BASE = """\
-name: demo
-model:
-  preset: llama-tiny
-tokenizer:
-  train: true
-data:
-  train: corpus.txt
-train:
-  lr: 1.0e-3
-"""
 
 
 def problems(tmp_path, *overrides: str) -> list[str]:

@@ -25,8 +25,8 @@ app.add_typer(config_app, name="config")
 data_app = typer.Typer(no_args_is_help=True, help="Look at the data a config prepares.")
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=False, highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(stderr=False, highlight=False, soft_wrap=True, emoji=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 SIGNAL_EXITS = {"SIGINT": 130, "SIGUSR1": 138, "SIGTERM": 143}
 """Exit codes of a run paused by a signal: 128 + the signal's number, as a shell reports it."""

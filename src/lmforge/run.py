@@ -192,18 +192,10 @@ def run_lock(run_dir: Path | None) -> Iterator[None]:
 
 def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> RunOutcome:
     """run_train after the checks: data, model, plan, training, outputs."""
-    if config.train.num_threads is not None:
-        torch.set_num_threads(config.train.num_threads)
     plugins = plugins_for(config)
-    with process.main_process_first():  # the main process fills the data cache, the others read it
-        data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
-    set_seed(config.seed)
     base = adapter_base(config)
-    model = build_model(config, data.tokenizer, labels=data.labels)
+    config, data, model, plan, steps = _data_and_model(config, console, process)
     trainable, total = count_parameters(model)
-    plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
-    steps = total_steps(config.train, plan)
-    config = resolved_curriculum(config, steps)
     _print_plan(console, config, data, model, trainable, total, plan, steps, precision)
     _warn_before_training(data.report, data.tokenizer, config, checkpoint, plan, steps, warn)
     config, finder = _lr_of_run(config, model, data, console, how.dry_run)
@@ -261,6 +253,22 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
         link = link_latest(run_dir, config.name)
         console.print(f"latest:   {link / 'final'} (points at this run)", highlight=False)
     return RunOutcome(run_dir, final_eval)
+
+
+def _data_and_model(config: Config, console: Console, process: PartialState):
+    """(config, data, model, plan, steps) of a run, and of `lmforge lr-find`: the data prepared
+    (the main process fills the cache, the others read it), a model built from the seeded RNGs, the
+    step plan and the run's length, and the config with the curriculum's default length resolved
+    over that length."""
+    if config.train.num_threads is not None:
+        torch.set_num_threads(config.train.num_threads)
+    with process.main_process_first():
+        data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    set_seed(config.seed)
+    model = build_model(config, data.tokenizer, labels=data.labels)
+    plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
+    steps = total_steps(config.train, plan)
+    return resolved_curriculum(config, steps), data, model, plan, steps
 
 
 def _lr_of_run(config: Config, model, data: PreparedData, console: Console, dry_run: bool):
@@ -336,12 +344,7 @@ def run_lr_find(config: Config, console: Console, out: Path | None = None):
     process = PartialState(cpu=distributed_cpu())
     if not process.is_main_process:
         console = Console(quiet=True)
-    if config.train.num_threads is not None:
-        torch.set_num_threads(config.train.num_threads)
-    with process.main_process_first():
-        data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
-    set_seed(config.seed)
-    model = build_model(config, data.tokenizer, labels=data.labels)
+    config, data, model, _, _ = _data_and_model(config, console, process)  # the model and data training would have
     found, result = find_lr(config, model, data, console, training=False)
     out = out or Path(config.output_dir) / f"{config.name}-lr-find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if process.is_main_process:
@@ -750,8 +753,7 @@ def _warn_before_training(
         )
     if checkpoint is not None:
         saved = saved_config(checkpoint.path / "config.yaml")
-        before = total_steps(saved.train, plan)
-        if note := schedule_change(saved.train, config.train, before, steps, checkpoint.step):
+        if note := schedule_change(saved.train, config.train, total_steps(saved.train, plan), steps, checkpoint.step):
             warn(note)
 
 

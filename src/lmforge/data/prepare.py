@@ -169,11 +169,13 @@ def _prepare(config: Config, source_fp: str, splits: SplitReader, log: Callable[
 
 
 def _curriculum_fp(config: Config, splits: SplitReader) -> dict[str, Any]:
-    """The data.curriculum settings that change the training rows (levels and packing), and the files
-    of each stage; the schedule (start, schedule, steps) is the loader's and changes no row."""
+    """The data.curriculum settings that change the training rows (levels and packing), and which
+    training sources make each stage (their contents are in the source fingerprint already: the
+    training sources are the stages' in order); the schedule (start, schedule, steps) is the
+    loader's and changes no row."""
     curriculum = config.data.curriculum
     if curriculum.stages:
-        return {"stages": [[(source_digest(x.path), x.weight) for x in stage] for stage in splits.stages]}
+        return {"stage_sources": [len(stage) for stage in splits.stages]}
     return {"column": curriculum.column, "levels": curriculum.levels, "seed": config.seed}
 
 

@@ -711,6 +711,7 @@ def load_config(
         dotted, value = item.split("=", 1)
         _apply_override(raw, dotted.strip(), value, f"override {item!r}", origins, problems)
         literal[dotted.strip()] = value
+    problems += [text for _, text in (_located(p, key_lines, origins, source) for p in _unspaced_colons(raw))]
     if problems:
         raise ConfigError(problems, source)
     try:
@@ -780,6 +781,24 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         raw = raw[key]
     raw[last] = value
+
+
+def _unspaced_colons(node: Any, dotted: str = "") -> list[str]:
+    """Keys YAML read with their value (`{n_embd:32}` is the key 'n_embd:32' with no value: YAML's
+    colon needs a space after it), each named with the fix."""
+    if not isinstance(node, dict):
+        return []
+    problems = []
+    for key, value in node.items():
+        name = f"{dotted}.{key}" if dotted else str(key)
+        if isinstance(key, str) and value is None and re.fullmatch(r"[A-Za-z_][\w.-]*:\S.*", key):
+            field, given = key.split(":", 1)
+            problems.append(
+                f"{name}: YAML reads {key!r} as one key with no value (a colon needs a space after it): write "
+                f"{field}: {given}"
+            )
+        problems += _unspaced_colons(value, name)
+    return problems
 
 
 def _located(problem: str, key_lines: dict[str, int], origins: dict[str, str], source: str | None) -> tuple[int, str]:

@@ -691,6 +691,17 @@ def _write_examples(path: Path, prompts: list[Prompt], texts: list[str], stage: 
     path.write_text("".join(line + "\n" for line in kept + rows), encoding="utf-8")
 
 
+def _preset_said(config: Config) -> str:
+    """Where a preset of one family gives its sizes to another (model.architecture), the plan says so."""
+    from lmforge.models.presets import PRESET_ARCHITECTURES, family
+
+    m = config.model
+    if m.preset is None or m.architecture is None or m.name_or_path is not None:
+        return ""
+    own = PRESET_ARCHITECTURES.get(m.preset, "llama")
+    return f", the sizes of the {own} preset {m.preset}" if family(m.architecture, m.preset) != own else ""
+
+
 def _print_plan(console, config, data, model, trainable, total, plan, steps, precision) -> None:
     splits = data.report["splits"]
     rows = ", ".join(
@@ -702,6 +713,7 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
     console.print(
         f"model: {getattr(model.config, 'model_type', 'model')}, {total / 1e6:.2f}M parameters, "
         f"{trainable / 1e6:.3f}M trainable ({trainable / total:.2%}), vocab {len(data.tokenizer):,}"
+        + _preset_said(config)
         + _dropout_said(config, model),
         highlight=False,
     )

@@ -11,7 +11,7 @@ from lmforge.config import load_config
 from lmforge.data.loader import IGNORE_INDEX, collate
 from lmforge.engine.losses import causal_lm_step
 from lmforge.errors import ConfigError, UserError
-from lmforge.models.build import build_model, count_parameters, dropout_fields, family_config
+from lmforge.models.build import build_model, check_new_model, count_parameters, dropout_fields, family_config
 from lmforge.models.tokenizer import train_bpe_tokenizer
 
 BASE = ["tokenizer.train=true", "data.train=x.txt"]
@@ -210,18 +210,57 @@ def test_attention_follows_what_the_family_does(tokenizer):
     assert unpacked.config._attn_implementation == "sdpa"
 
 
-def test_a_new_model_that_is_not_causal_or_does_not_run_is_refused(tokenizer):
-    bert = built(tokenizer, "model.architecture=bert", *TINY, "train.loss_chunk_size=null")
+def test_a_new_model_that_is_not_causal_or_does_not_run_is_refused_at_config_time(tokenizer):
+    # training's check of a new model runs on one block when the config is read: `config validate` says it
+    bert = built(tokenizer, "model.architecture=bert", *TINY)
     assert bert.config.is_decoder  # BERT's LM head model decodes only when told
+    text = problems_of("model.architecture=bert", *TINY, "model.config={is_decoder: false}")
+    assert "model.architecture=bert: the new model is not causal" in text
+    text = problems_of("model.architecture=gptj", *TINY, "model.config={rotary_dim: 15}")
+    assert "a forward pass of the new model fails" in text
+    encoder_config = bert.config.__class__(**{**bert.config.to_dict(), "is_decoder": False})
     with pytest.raises(UserError, match="model.architecture=bert: the new model is not causal"):
-        built(tokenizer, "model.architecture=bert", *TINY, "model.config={is_decoder: false}")
-    with pytest.raises(UserError, match="a forward pass of the new model fails"):
-        built(tokenizer, "model.architecture=gptj", *TINY)  # rotary_dim 64 > its heads' 16
+        check_new_model(type(bert)(encoder_config), config_of("model.architecture=bert", *TINY))  # training's
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen2-tiny"])
-def test_the_chunked_loss_equals_the_plain_loss(tokenizer, preset):
-    model = built(tokenizer, f"model.preset={preset}", "model.dropout=0")
+def test_the_config_check_leaves_the_random_state_as_it_was():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    config_of("model.preset=gpt2-tiny")  # builds and checks one block of a new GPT-2
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_a_rotary_family_rotates_at_most_a_whole_head(tokenizer):
+    # GPT-J's rotary_dim defaults to 64, a full-size model's head: a head of 16 rotates 16
+    model = built(tokenizer, "model.architecture=gptj", *TINY)
+    assert model.config.rotary_dim == 16
+    assert built(tokenizer, "model.architecture=gptj", *TINY, "model.config={rotary_dim: 8}").config.rotary_dim == 8
+    text = problems_of("model.architecture=gptj", *TINY, "model.config={rotary_dim: 32}")
+    assert "model.config.rotary_dim (32) exceeds the head size (64 / 4 = 16): lower it to at most 16" in text
+
+
+def test_size_errors_name_the_fields_the_user_set():
+    text = problems_of("model.architecture=gpt2", "model.config={n_embd: 30, n_layer: 2, n_head: 4}")
+    assert "model.config.n_embd (30) must be divisible by model.config.n_head (4)" in text
+    assert "model.hidden_size (30) must be divisible by model.num_heads (4)" in problems_of(
+        "model.architecture=gpt2", "model.hidden_size=30", "model.num_layers=2", "model.num_heads=4"
+    )
+
+
+def test_a_key_without_a_space_after_its_colon_is_named_with_the_fix():
+    text = problems_of("model.architecture=gpt2", *TINY, "model.config={n_embd:32}")
+    assert "YAML reads 'n_embd:32' as one key with no value (a colon needs a space after it): write n_embd: 32" in text
+    assert "needs its sizes" not in text and "no such field" not in text  # one problem, said once
+
+
+@pytest.mark.parametrize(
+    "family",
+    [["model.preset=gpt2-tiny"], ["model.preset=qwen2-tiny"], ["model.architecture=bert", *TINY]],
+    ids=["gpt2", "qwen2", "bert"],  # BERT keeps its output layer's bias apart: the layer swaps out all the same
+)
+def test_the_chunked_loss_equals_the_plain_loss(tokenizer, family):
+    model = built(tokenizer, *family, "model.dropout=0")
     ids = [(torch.arange(n) * 11 + 5).remainder(len(tokenizer)).tolist() for n in (13, 7, 21)]
     rows = [{"input_ids": t, "labels": [IGNORE_INDEX, *t[1:]], "lengths": [len(t)], "num_tokens": len(t)} for t in ids]
     batch = collate(rows, tokenizer.pad_token_id)
@@ -236,3 +275,16 @@ def test_the_chunked_loss_equals_the_plain_loss(tokenizer, preset):
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
     for a, b in zip(chunked_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_plan_says_when_a_preset_of_one_family_sizes_another():
+    from lmforge.run import _preset_said
+
+    assert _preset_said(config_of("model.preset=gpt2-tiny", "model.architecture=qwen2")) == (
+        ", the sizes of the gpt2 preset gpt2-tiny"
+    )
+    assert _preset_said(config_of("model.preset=llama-tiny", "model.architecture=gpt2")) == (
+        ", the sizes of the llama preset llama-tiny"
+    )
+    assert _preset_said(config_of("model.preset=gpt2-tiny", "model.architecture=gpt2")) == ""
+    assert _preset_said(config_of("model.preset=gpt2-tiny")) == ""

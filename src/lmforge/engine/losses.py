@@ -325,6 +325,13 @@ def _logit_transform(base: nn.Module) -> str | None:
     return None
 
 
+class _Passthrough(nn.Identity):
+    """The identity in place of an output projection. It has no bias, for the families whose
+    set_output_embeddings reads one (BERT and 40-odd others keep the projection's bias apart)."""
+
+    bias = None
+
+
 @contextmanager
 def hidden_states_out(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, the model's forward returns final hidden states in place of logits (its
@@ -337,7 +344,7 @@ def hidden_states_out(model: nn.Module) -> Iterator[nn.Module]:
             f"train.loss_chunk_size: {type(base).__name__} transforms its logits ({name}); "
             "chunked loss does not support that yet: set train.loss_chunk_size to auto or null"
         )
-    base.set_output_embeddings(nn.Identity())
+    base.set_output_embeddings(_Passthrough())
     try:
         yield head
     finally:

@@ -147,7 +147,44 @@ def architecture_problems(config: Config) -> list[str]:
             AutoConfig.for_model(family, **values)
         except Exception as exc:  # the class's own validation: a value of the wrong type, a bad combination
             problems.append(f"model.config: {cls.__name__} refuses these settings: {_first_line(exc)}")
+        if not problems:
+            problems += _probe_problems(config, cls, values)
     return problems
+
+
+PROBE_PARAMETERS = 50_000_000
+"""The largest one-block model `_probe_problems` builds (200 MB in fp32); past it, training's check alone runs."""
+
+
+def _probe_problems(config: Config, cls: type[PreTrainedConfig], values: dict[str, Any]) -> list[str]:
+    """What training's check of a new model (`check_new_model`: it runs, is causal, keeps packed
+    examples apart, suits the attention and the chunked loss) refuses, said at config time: the check
+    runs on one block of the configured sizes with a 256-token vocabulary (no tokenizer yet). Skipped
+    where that block has over PROBE_PARAMETERS parameters. The global RNGs are left as they were."""
+    probe = dict(values)
+    probe[_own_name(cls, "num_hidden_layers") or "num_hidden_layers"] = 1
+    probe.setdefault(_own_name(cls, "vocab_size") or "vocab_size", 256)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        probe.setdefault(name, None)  # the class's defaults (GPT-2's 50256) lie outside that vocabulary
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model_config = AutoConfig.for_model(cls.model_type, **probe)
+        with torch.device("meta"):
+            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters())
+        if size > PROBE_PARAMETERS:
+            return []
+        with torch.random.fork_rng(devices=[]):
+            model = AutoModelForCausalLM.from_config(model_config).to(DTYPES.get(config.model.dtype, torch.float32))
+    except Exception:  # noqa: BLE001  one block alone that the class refuses: the full model is built in training
+        return []
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    try:
+        check_new_model(model, config)
+    except UserError as exc:
+        return [str(exc)]
+    return []
 
 
 def family_config(config: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedConfig:
@@ -278,6 +315,9 @@ def _family_values(config: Config, cls: type[PreTrainedConfig], problems: list[s
         values[kv_field] = heads  # lmforge's default, not the family's full-size one
     if "head_dim" in _fields(cls) and "head_dim" not in configured and _ints(hidden, heads):
         values["head_dim"] = hidden // heads  # Qwen3's and Gemma's default is fixed (128, 256), not derived
+    rotary = _default(cls, "rotary_dim")
+    if "rotary_dim" not in configured and _ints(hidden, heads, rotary) and rotary > hidden // heads:
+        values["rotary_dim"] = hidden // heads  # GPT-J's and CodeGen's 64 is a full-size head's
     if "is_decoder" in _fields(cls) and "is_decoder" not in configured:
         values["is_decoder"] = True  # BERT-like families attend both ways unless told they decode
     positions = _own_name(cls, "max_position_embeddings")
@@ -361,10 +401,21 @@ def _check_sizes(
         return
     hidden, heads = values[names["hidden_size"]], values[names["num_heads"]]
     kv = values.get(names["num_kv_heads"]) if names["num_kv_heads"] else None
+
+    def setting(ours: str) -> str:  # the name the user gave the size: model.config.n_embd, else model.hidden_size
+        theirs = next((name for name in configured if cls.attribute_map.get(name, name) == names[ours]), None)
+        return f"model.config.{theirs}" if theirs else f"model.{ours}"
+
     if "head_dim" not in configured and _ints(hidden, heads) and hidden % heads:  # else the class says it
-        problems.append(f"model.hidden_size ({hidden}) must be divisible by model.num_heads ({heads})")
+        problems.append(f"{setting('hidden_size')} ({hidden}) must be divisible by {setting('num_heads')} ({heads})")
     if _ints(heads, kv) and heads % kv:
-        problems.append(f"model.num_heads ({heads}) must be divisible by model.num_kv_heads ({kv})")
+        problems.append(f"{setting('num_heads')} ({heads}) must be divisible by {setting('num_kv_heads')} ({kv})")
+    rotary = values.get("rotary_dim")
+    if "rotary_dim" in configured and _ints(hidden, heads, rotary) and rotary > hidden // heads:
+        problems.append(
+            f"model.config.rotary_dim ({rotary}) exceeds the head size ({hidden} / {heads} = {hidden // heads}): "
+            f"lower it to at most {hidden // heads}, or remove it (the default is the smaller of 64 and the head size)"
+        )
     field = names["max_position_embeddings"]
     positions = values.get(field) if field else None
     if _ints(positions) and config.data.max_length > positions:

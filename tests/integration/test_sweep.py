@@ -277,13 +277,19 @@ def test_workers_on_two_processes_share_one_study_in_postgresql_and_never_run_a_
 
 def test_the_multirun_shorthand_runs_the_grid_it_names(tmp_path):
     base = write_base(tmp_path, max_steps=6)
-    proc = cli(tmp_path, "train", str(base), "-m", "train.lr=1e-3,3e-3", "train.max_steps=4")
+    proc = cli(
+        tmp_path, "train", str(base), "-m", "train.lr=find,3e-3", "train.max_steps=4", "train.lr_find.num_steps=8"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (sweep_dir,) = (tmp_path / "runs" / "sweeps").glob("tiny-multirun-*")
-    rows = trials(sweep_dir)
-    assert sorted(float(r["train.lr"]) for r in rows) == [1e-3, 3e-3] and {r["state"] for r in rows} == {"complete"}
-    for r in rows:
+    rows = {r["train.lr"].split(" ")[0]: r for r in trials(sweep_dir)}
+    assert set(rows) == {"find", "0.003"} and {r["state"] for r in rows.values()} == {"complete"}
+    for r in rows.values():
         assert yaml.safe_load((Path(r["run_dir"]) / "trial.yaml").read_text())["train"]["max_steps"] == 4
+    # a trial with train.lr=find shows the learning rate its range test found, in trials.csv and the leaderboard
+    found = yaml.safe_load((Path(rows["find"]["run_dir"]) / "config.yaml").read_text())["train"]["lr"]
+    assert rows["find"]["train.lr"] == f"find ({found:.3g})"
+    assert f"find ({found:.3g})" in proc.stdout
 
 
 def test_a_trial_out_of_memory_runs_again_with_half_the_micro_batch_and_the_same_effective_batch(tmp_path):

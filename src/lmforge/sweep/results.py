@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
@@ -51,12 +52,24 @@ def trial_rows(study: optuna.Study, loaded: LoadedSpec) -> list[dict[str, Any]]:
         row = {"number": t.number, "state": STATES.get(t.state, t.state.name.lower())}
         row["reason"] = t.user_attrs.get(REASON) or ""
         row.update({k: _text(params.get(k)) for k in loaded.spec.parameters})
+        if row.get("train.lr") == "find" and t.user_attrs.get(RUN_DIR):
+            row["train.lr"] = _found_lr(loaded.sweep_dir / t.user_attrs[RUN_DIR])
         row[metric] = value
         row["best_step"] = t.user_attrs.get(BEST_STEP)
         row["seconds"] = round(t.user_attrs.get(SECONDS, 0.0), 1)
         row["run_dir"] = str(loaded.sweep_dir / t.user_attrs[RUN_DIR]) if t.user_attrs.get(RUN_DIR) else ""
         rows.append(row)
     return rows
+
+
+def _found_lr(run_dir: Path) -> str:
+    """'find (3e-04)': train.lr=find with the learning rate the trial's range test found (its run's
+    saved config holds it), or 'find' before the test ended."""
+    try:
+        lr = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["train"]["lr"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "find"
+    return f"find ({lr:.3g})" if isinstance(lr, int | float) else "find"
 
 
 def state_counts(rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -568,10 +568,12 @@ def data_inspect(
 
 @config_app.command("show")
 def config_show(config: Path = typer.Argument(...), overrides: list[str] = OVERRIDES) -> None:
-    """Print the resolved config, every default filled in."""
-    from lmforge.config import dump_yaml, load_config
+    """Print the resolved config, every default filled in; a setting lmforge derives when unset (null)
+    has what it comes to as a comment."""
+    from lmforge.config import derived_defaults, dump_yaml, load_config, with_derived_comments
 
-    console.print(dump_yaml(load_config(config, overrides or [])), markup=False, end="")
+    resolved = load_config(config, overrides or [])
+    console.print(with_derived_comments(dump_yaml(resolved), derived_defaults(resolved)), markup=False, end="")
 
 
 @config_app.command("validate")

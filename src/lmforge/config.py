@@ -1655,3 +1655,64 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
+
+
+def derived_defaults(config: Config) -> dict[str, str]:
+    """What each unset (null) setting that lmforge derives comes to for this config, in words, keyed by
+    dotted name (`lmforge config show` writes them as comments): a preset's sizes, the held-out
+    splits, the packing, the too-long rule, the cache, evaluation's batch, the CPU threads."""
+    import torch
+
+    data, derived = config.data, _derived_sizes(config)
+    for split, fraction in (("validation", data.validation_fraction), ("test", data.test_fraction)):
+        if getattr(data, split) is None:
+            derived[f"data.{split}"] = f"{fraction:g} of data.train's records held out (data.{split}_fraction)"
+    if data.max_target_length is None and data.format == "seq2seq":
+        derived["data.max_target_length"] = f"{data.max_length} (data.max_length)"
+    if data.on_too_long is None:
+        derived["data.on_too_long"] = f"{data.too_long} (for data.format={data.format})"
+    if data.packing is None:
+        derived["data.packing"] = f"{str(data.packs).lower()} (for data.format={data.format})"
+    if data.cache_dir is None:
+        derived["data.cache_dir"] = os.path.join("~", ".cache", "lmforge")
+    if data.labels is None and data.format == "classification":
+        derived["data.labels"] = "the sorted labels of the training data"
+    if config.eval.batch_size is None:
+        derived["eval.batch_size"] = f"{config.train.micro_batch_size} (train.micro_batch_size)"
+    if config.train.num_threads is None:
+        derived["train.num_threads"] = f"{torch.get_num_threads()} (PyTorch's, one per core)"
+    return derived
+
+
+def _derived_sizes(config: Config) -> dict[str, str]:
+    """The sizes of a causal LM built from scratch that its preset (or lmforge's defaults, for a Llama)
+    gives, in words, keyed by dotted name."""
+    from lmforge.models.presets import PRESETS, family
+
+    m, derived = config.model, {}
+    if m.name_or_path is not None or m.task != "causal-lm" or (m.preset is not None and m.preset not in PRESETS):
+        return derived
+    llama = family(m.architecture, m.preset) == "llama" and not m.config
+    given = PRESETS[m.preset]() if m.preset else {}
+    for key, value in resolved_architecture(config, defaults=llama).items():
+        if getattr(m, key) is None:
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            derived[f"model.{key}"] = f"{shown} (model.preset {m.preset})" if key in given else shown
+    return derived
+
+
+def with_derived_comments(text: str, derived: dict[str, str]) -> str:
+    """`dump_yaml`'s text with '  # <value>' after each null setting that `derived` names (block-style
+    YAML, two spaces a level, as dump_yaml writes it)."""
+    path: list[str] = []
+    lines = []
+    for line in text.splitlines():
+        key = re.match(r"^( *)([A-Za-z_][\w-]*):(.*)$", line)
+        if key:
+            depth = len(key.group(1)) // 2
+            path[depth:] = [key.group(2)]
+            note = derived.get(".".join(path))
+            if note is not None and key.group(3).strip() == "null":
+                line = f"{line}  # {note}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

@@ -314,3 +314,20 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
         f"{path}:2: name: given twice (lines 1 and 2); keep one",
         f"{path}:6: train.lr: given twice (lines 5 and 6); keep one",
     ]
+
+
+def test_config_show_says_what_each_derived_default_comes_to(config_file):
+    import yaml
+
+    from lmforge.config import derived_defaults, with_derived_comments
+
+    config = load_config(config_file, ["train.micro_batch_size=3"], env={})
+    shown = yaml.safe_load(text := with_derived_comments(dump_yaml(config), derived_defaults(config)))
+    assert shown == yaml.safe_load(dump_yaml(config))  # comments only: the text is the same config
+    lines = text.splitlines()
+    assert "  num_layers: null  # 2 (model.preset llama-tiny)" in lines
+    assert "  tie_embeddings: null  # false" in lines
+    assert "  batch_size: null  # 3 (train.micro_batch_size)" in lines
+    assert "  on_too_long: null  # split (for data.format=text)" in lines
+    assert "  validation: null  # 0.05 of data.train's records held out (data.validation_fraction)" in lines
+    assert "  lr: 0.001" in lines  # a value given is left alone

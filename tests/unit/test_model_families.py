@@ -288,3 +288,23 @@ def test_the_plan_says_when_a_preset_of_one_family_sizes_another():
     )
     assert _preset_said(config_of("model.preset=gpt2-tiny", "model.architecture=gpt2")) == ""
     assert _preset_said(config_of("model.preset=gpt2-tiny")) == ""
+
+
+def test_a_pretrained_model_whose_attention_ignores_position_ids_is_not_packed(tokenizer, tmp_path):
+    """A loaded model goes through the same packed-row check when its attention is not lmforge's varlen:
+    OPT's sdpa path ignores the position ids (its packed examples would see each other); Llama's finds
+    the packed examples from them."""
+    from conftest import save_tiny_llama
+
+    opt = built(tokenizer, "model.architecture=opt", *TINY)
+    opt.save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    pretrained = ["model.name_or_path=" + str(tmp_path / "opt"), "tokenizer.train=false"]
+    with pytest.raises(UserError, match="data.packing: with sdpa attention, opt models let the examples packed"):
+        built(tokenizer, *pretrained, "model.attention=sdpa")
+    assert built(tokenizer, *pretrained).config._attn_implementation == "lmforge_varlen"
+    assert built(tokenizer, *pretrained, "model.attention=sdpa", "data.packing=false").config._attn_implementation == (
+        "sdpa"
+    )
+    llama = ["model.name_or_path=" + str(save_tiny_llama(tmp_path / "llama", tokenizer)), "tokenizer.train=false"]
+    assert built(tokenizer, *llama, "model.attention=sdpa").config._attn_implementation == "sdpa"

@@ -471,7 +471,7 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, labels: list
     if builds_family(config):
         check_new_model(model, config)  # selects the attention, checking it against the family's own
     elif m.task == "causal-lm":
-        select_attention(model, config)
+        check_packing(model, config, select_attention(model, config))
     if m.freeze:
         freeze(model, m.freeze)
     if m.gradient_checkpointing:
@@ -586,11 +586,36 @@ def check_new_model(model: PreTrainedModel, config: Config) -> str:
     return in_use
 
 
+def check_packing(model: PreTrainedModel, config: Config, in_use: str) -> None:
+    """A causal LM whose packed rows go through an attention other than lmforge's varlen (which keeps
+    the examples of a row apart by their position ids, as the collator gives them) must keep them apart
+    too: checked on a packed row of two examples (`PROBE_POSITIONS`, eval mode, no RNG drawn). Most
+    transformers families find packed examples from the position ids; some (OPT's sdpa and eager
+    paths) ignore them, and their examples would see each other.
+
+    Raises:
+        UserError: the second example's logits in the packed row differ from its logits alone.
+    """
+    from lmforge.models import attention
+
+    if not config.data.packs or in_use == attention.NAME:
+        return
+    family = getattr(model.config, "model_type", "these")
+    probe = _Probe(model, family, pretrained=True)
+    if not probe.same(probe.packed()[probe.first :], probe.alone()[1]):
+        varlen = attention.varlen_unsupported(model) is None
+        raise UserError(
+            f"data.packing: with {in_use} attention, {family} models let the examples packed in a row see each "
+            "other (their attention ignores the position ids); set data.packing=false"
+            + (", or model.attention=auto (lmforge's varlen attention keeps them apart)" if varlen else "")
+        )
+
+
 class _Probe:
     """Forwards of `model` (eval mode, no gradients) on one packed row of two examples."""
 
-    def __init__(self, model: PreTrainedModel, family: str) -> None:
-        self.model, self.family = model, family
+    def __init__(self, model: PreTrainedModel, family: str, pretrained: bool = False) -> None:
+        self.model, self.family, self.pretrained = model, family, pretrained
         self.positions = torch.tensor([PROBE_POSITIONS])
         self.first = PROBE_POSITIONS.index(0, 1)
         vocab = model.get_input_embeddings().num_embeddings
@@ -628,8 +653,12 @@ class _Probe:
         self.model.eval()
         try:
             with torch.no_grad():
-                return self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0].float()
+                device = self.model.device
+                output = self.model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False)
+                return output.logits[0].float().cpu()
         except Exception as exc:
+            if self.pretrained:
+                raise
             raise UserError(
                 f"model.architecture={self.family}: a forward pass of the new model fails ({_first_line(exc)}); "
                 "check its sizes and model.config"

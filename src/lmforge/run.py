@@ -28,7 +28,6 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 from rich.markup import escape
-from safetensors.torch import load_model
 
 from lmforge import malloc
 from lmforge.atomic import atomic_dir
@@ -37,7 +36,15 @@ from lmforge.data.formats import split_markers
 from lmforge.data.loader import StepPlan
 from lmforge.data.prepare import PreparedData, prepare_data
 from lmforge.data.report import data_report_lines, data_warnings
-from lmforge.engine.checkpoint import Checkpoint, checkpoint_name, latest_valid, load_trainer_state, verify
+from lmforge.engine.checkpoint import (
+    Checkpoint,
+    checkpoint_name,
+    holds_trainable_only,
+    latest_valid,
+    load_trainer_state,
+    load_weights,
+    verify,
+)
 from lmforge.engine.loop import (
     PAUSES,
     EvalHook,
@@ -194,6 +201,8 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
     """run_train after the checks: data, model, plan, training, outputs."""
     plugins = plugins_for(config)
     base = adapter_base(config)
+    if checkpoint is not None:
+        check_resume_base(checkpoint, base)
     config, data, model, plan, steps = _data_and_model(config, console, process)
     trainable, total = count_parameters(model)
     _print_plan(console, config, data, model, trainable, total, plan, steps, precision)
@@ -226,6 +235,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
             checkpoint_dir=run_dir / "checkpoints",
             resume_from=checkpoint.path if checkpoint else None,
             on_eval=how.on_eval,
+            base=base,
         )
         state = result.state
         if state.stop_reason in PAUSES:
@@ -396,6 +406,27 @@ def adapter_base(config: Config) -> dict | None:
     return record
 
 
+def check_resume_base(checkpoint: Checkpoint, base: dict | None) -> None:
+    """A checkpoint of an adapter run's trainable weights resumes on the base it was trained on only.
+
+    Raises:
+        UserError: the run's base model (`base`, `adapter_base`) has other weights than the
+            checkpoint's record of its base.
+    """
+    record_path = checkpoint.path / BASE_FILE
+    if not holds_trainable_only(checkpoint.path) or not record_path.is_file():
+        return
+    saved = json.loads(record_path.read_text())
+    if base is None or saved.get("fingerprint") in (None, base.get("fingerprint")):
+        return
+    raise UserError(
+        f"{checkpoint.path} holds LoRA adapters trained on the base model {saved['path']} (fingerprint "
+        f"{saved['fingerprint'][:12]}), and model.name_or_path now loads {base['path']} (fingerprint "
+        f"{str(base.get('fingerprint'))[:12]}): other weights. Adapters on another base give wrong outputs; resume "
+        "with the base they were trained on, or start a new run"
+    )
+
+
 def _run_dir(config: Config, process, checkpoint: Checkpoint | None, given: Path | None, console):
     """(run directory, saved trainer state or None): the checkpoint's run, the given directory, or a
     new one."""
@@ -487,7 +518,7 @@ def finish_outputs(
     validation = state.eval_history[-1]
     final_eval: dict = {"step": state.step, "stop_reason": state.stop_reason}
     if stopping and stopping.restore_best and state.best_step is not None and state.best_step != state.step:
-        load_model(model, str(run_dir / "checkpoints" / checkpoint_name(state.best_step) / "model.safetensors"))
+        load_weights(run_dir / "checkpoints" / checkpoint_name(state.best_step), model)
         validation = next(e for e in state.eval_history if e["step"] == state.best_step)
         final_eval["restored_best_step"] = state.best_step
         console.print(f"restored the best weights, from step {state.best_step}, into final/")

@@ -2,7 +2,9 @@
 
 A checkpoint is a directory `checkpoints/step-000040/` holding
 
-    model.safetensors     weights (shared/tied tensors stored once)
+    model.safetensors     weights (shared/tied tensors stored once); in a LoRA run on a pretrained
+                          base, the trainable ones only (adapters, modules_to_save), beside
+    lmforge_base.json     the base model: its resolved path and a fingerprint of its weights
     optimizer.pt          optimizer state       } torch.save of tensors and plain containers,
     scheduler.pt          lr scheduler state    } loaded back with weights_only=True:
     scaler.pt             fp16 grad scaler      } nothing is unpickled
@@ -30,14 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lmforge.atomic import atomic_dir, remove_dir
 from lmforge.engine.state import TrainState
-from lmforge.models.peft import save_base_config
+from lmforge.models.peft import BASE_FILE, save_base_config
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+TRAINABLE = "trainable"
+"""manifest.json's "weights" of a checkpoint that holds the trainable parameters only (else "all")."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -64,14 +68,25 @@ def save_checkpoint(
     config_yaml: str,
     tokenizer: Any | None = None,
     files: dict[str, str] | None = None,
+    base: dict | None = None,
 ) -> Checkpoint:
     """Write a checkpoint of `state.step` atomically and return it.
 
     Besides the resume state it holds the model's Hugging Face config.json and the tokenizer, so
-    that a checkpoint loads as a model (`lmforge generate/eval/export` take it; eval.target)."""
+    that a checkpoint loads as a model (`lmforge generate/eval/export` take it; eval.target).
+
+    Args:
+        base: an adapter run's base model record (`models.peft.base_record`): the checkpoint holds the
+            trainable parameters only (the adapters: MBs where the base is GBs) and the record, which
+            a resume or a load checks the base against.
+    """
     target = directory / checkpoint_name(state.step)
     with atomic_dir(target, durable=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        if base is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file(trainable_state(model), str(tmp / "model.safetensors"))
+            (tmp / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
         save_base_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -85,9 +100,15 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
         files = {p.name: _describe(p) for p in sorted(tmp.iterdir())}
-        manifest = {"format": FORMAT, "step": state.step, "files": files}
+        weights = "all" if base is None else TRAINABLE
+        manifest = {"format": FORMAT, "step": state.step, "weights": weights, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: it vouches for the rest
     return Checkpoint(target, state.step)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (requires_grad), by their names in the model's state dict, contiguous."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _describe(path: Path) -> dict[str, Any]:
@@ -180,10 +201,8 @@ def load_checkpoint(
     scheduler: Any | None = None,
     scaler: Any | None = None,
 ) -> TrainState:
-    """Restore weights, optimizer, scheduler, scaler and RNG states; return the loop state."""
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if unexpected or missing:
-        raise RuntimeError(f"{path}: the checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    """Restore weights (`load_weights`), optimizer, scheduler, scaler and RNG states; return the loop state."""
+    load_weights(path, model)
     if optimizer is not None:
         optimizer.load_state_dict(_load(path / "optimizer.pt"))
     if scheduler is not None:
@@ -192,6 +211,40 @@ def load_checkpoint(
         scaler.load_state_dict(_load(path / "scaler.pt"))
     restore_rng(_load(path / "rng.pt"))
     return load_trainer_state(path)
+
+
+def holds_trainable_only(path: Path) -> bool:
+    """Whether a checkpoint holds the trainable parameters only (an adapter run's: see save_checkpoint)."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("weights") == TRAINABLE
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """A checkpoint's weights into `model`: every weight of the model; or, from a checkpoint of the
+    trainable parameters only, exactly those (the rest is the base model, loaded by whoever built it).
+
+    Raises:
+        RuntimeError: the checkpoint's weights do not fit the model (names missing or unexpected).
+    """
+    file = str(path / "model.safetensors")
+    if not holds_trainable_only(path):
+        missing, unexpected = load_model(model, file, strict=False)
+        if unexpected or missing:
+            raise RuntimeError(
+                f"{path}: the checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
+            )
+        return
+    saved = load_file(file)
+    trainable = set(trainable_state(model))
+    if set(saved) != trainable:
+        missing, unexpected = sorted(trainable - set(saved)), sorted(set(saved) - trainable)
+        raise RuntimeError(
+            f"{path}: the checkpoint's trainable weights do not fit the model's: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(saved, strict=False)
 
 
 def _load(path: Path) -> Any:

@@ -114,6 +114,8 @@ class Loop:
     """Loss summed on device since the last log point: no host sync per step."""
     on_eval: EvalHook | None = None
     on_log: LogHook | None = None
+    base: dict | None = None
+    """An adapter run's base model record: its checkpoints hold the trainable weights only."""
     last_step: int = 0
     """The run's final step: a stop reason from on_eval there changes nothing (the run is done)."""
 
@@ -130,6 +132,7 @@ def train(
     on_eval: EvalHook | None = None,
     on_log: LogHook | None = None,
     schedule: Callable[[int], float] | None = None,
+    base: dict | None = None,
 ) -> TrainResult:
     """Train `model` on `data.splits["train"]`, evaluating, checkpointing and stopping as configured.
 
@@ -145,6 +148,8 @@ def train(
         on_log: see `LogHook`.
         schedule: the multiplier of train.lr at each optimizer step (0-based), instead of
             train.scheduler's (the range test's exponential sweep).
+        base: an adapter run's base model record (`models.peft.base_record`): checkpoints then hold
+            the trainable weights and the record, not the base's weights.
     """
     cfg = config.train
     accelerator = make_accelerator(cfg.precision)
@@ -171,7 +176,7 @@ def train(
     loop = Loop(
         config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir, chunk_size
     )
-    loop.on_eval, loop.on_log, loop.last_step = on_eval, on_log, steps
+    loop.on_eval, loop.on_log, loop.last_step, loop.base = on_eval, on_log, steps, base
     state = _start(loop, resume_from)
 
     model.train()
@@ -290,6 +295,7 @@ def _save(loop: Loop) -> None:
         dump_yaml(loop.config),
         tokenizer=loop.data.tokenizer,
         files={HINTS_FILE: json.dumps(hints_of(loop.data, loop.config), ensure_ascii=False)},
+        base=loop.base,
     )
     loop.trackers.log_checkpoint(checkpoint.path)  # complete on disk: the mirror may copy it
     prune(loop.checkpoint_dir, cfg.keep_last, {state.best_step} if state.best_step is not None else set())

@@ -19,7 +19,7 @@ from lmforge.engine.checkpoint import MANIFEST, latest_valid, verify
 from lmforge.errors import DataError, UserError
 from lmforge.eval.evaluate import evaluate
 from lmforge.eval.generation import read_hints
-from lmforge.models.build import load_pretrained, task_of
+from lmforge.models.build import DTYPES, load_pretrained, task_of
 from lmforge.models.peft import adapter_base, is_adapter_dir
 from lmforge.models.tokenizer import load_tokenizer
 from lmforge.results.analysis import compare
@@ -95,22 +95,38 @@ def _model_checkpoint(path: Path) -> Path:
 
 def load_checkpoint_dir(path: Path):
     """(model, tokenizer, run config) of a checkpoint: the architecture from its config.json (with
-    the run's adapters when it trained LoRA), every weight from its model.safetensors; no base
-    model is read, so a moved or changed base cannot slip in."""
-    from safetensors.torch import load_model
+    the run's adapters when it trained LoRA) and every weight from its model.safetensors, no base
+    model read; or, for a checkpoint of an adapter run's trainable weights, its base model (checked
+    against the checkpoint's record of it, so a moved or changed base cannot slip in) under them.
 
+    Raises:
+        UserError: the weights do not fit; the base is gone or changed (`peft.verify_base`).
+    """
+    from lmforge.engine.checkpoint import holds_trainable_only, load_weights
     from lmforge.models.build import AUTO_CLASSES
+    from lmforge.models.peft import BASE_FILE, verify_base
 
     run_config = saved_config(path / "config.yaml")
     task = task_of(path)
-    model = AUTO_CLASSES[task].from_config(AutoConfig.from_pretrained(str(path)))
+    if holds_trainable_only(path):
+        record = json.loads((path / BASE_FILE).read_text())
+        base = verify_base(record, path, path / BASE_FILE)
+        labels = None
+        if task == "classification":  # the run's classes, in its head's order, as the checkpoint's config.json has them
+            id2label = json.loads((path / "config.json").read_text())["id2label"]
+            labels = [id2label[str(i)] for i in range(len(id2label))]
+        dtype = DTYPES.get(run_config.model.dtype)
+        model = load_pretrained(base, dtype, run_config.model.trust_remote_code, task, labels)
+    else:
+        model = AUTO_CLASSES[task].from_config(AutoConfig.from_pretrained(str(path)))
     if run_config.lora is not None:
         from lmforge.models.peft import apply_lora
 
         model = apply_lora(model, run_config)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: the weights do not fit the saved model config (missing {missing[:3]}...)")
+    try:
+        load_weights(path, model)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: the weights do not fit the saved model config ({str(exc)[:300]})") from None
     model.config.use_cache = True
     tokenizer = load_tokenizer(path, need_eos=task != "classification")
     return model, tokenizer, run_config

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from lmforge.atomic import check_target, owned_dir
+from lmforge.engine.checkpoint import holds_trainable_only
 from lmforge.errors import UserError
 from lmforge.eval.generation import HINTS_FILE
 from lmforge.eval.target import load_target, resolve_target
@@ -56,7 +57,8 @@ def export_run(
         model.save_pretrained(str(tmp))
         if adapter and not merged:
             save_base_config(model, tmp)
-            _copy_base_record(model_dir, run_dir, tmp, verify=kind == "checkpoint")
+            full_checkpoint = kind == "checkpoint" and not holds_trainable_only(model_dir)  # (else load_target checked)
+            _copy_base_record(model_dir, run_dir, tmp, verify=full_checkpoint)
             _sort_target_modules(tmp / "adapter_config.json")
         tokenizer.save_pretrained(str(tmp))
         if (model_dir / HINTS_FILE).is_file():
@@ -72,7 +74,8 @@ def export_run(
 
 def _copy_base_record(model_dir: Path, run_dir: Path, out: Path, verify: bool) -> None:
     """The adapter's lmforge_base.json (the model directory's, else the run's) into `out`; with
-    `verify` (a checkpoint, whose own weights were loaded) the base on this machine must match it."""
+    `verify` (a checkpoint that holds every weight, loaded without its base: an older lmforge's) the
+    base on this machine must match it."""
     for record_path in (model_dir / BASE_FILE, run_dir / BASE_FILE):
         if record_path.is_file():
             record = json.loads(record_path.read_text())

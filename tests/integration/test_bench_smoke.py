@@ -133,3 +133,11 @@ def test_serve_smoke():
         assert rps > 0 and 0 < p50 <= p95 and 0 < tok_s <= 4 * rps + 0.1  # at most 4 new tokens a request (rounded)
     assert lines[-1].startswith("summary (cpu, ") and "medians of 1, " in lines[-1] and "2 clients " in lines[-1]
     assert "x the req/s of 1" in lines[-1]
+
+
+def test_checkpoint_size_smoke():
+    lines = [line for line in run_bench("checkpoint_size.py", "--smoke") if not line.startswith(("Writing", "Loading"))]
+    assert lines[0].split()[:3] == ["base", "params", "trainable"]
+    row = lines[1].split()
+    full_mb, adapter_mb = float(row[5]), float(row[7])
+    assert lines[1].startswith("spelling (quickstart model)") and 0 < adapter_mb < full_mb

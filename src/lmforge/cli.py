@@ -83,15 +83,27 @@ def train_command(
         help="A grid sweep over every override with several values: train.lr=1e-4,3e-4 lora.r=8,16.",
         metavar="",
     ),
+    nproc: int = typer.Option(
+        None, "--nproc", min=1, help="Start a job of this many processes on this machine (lmforge runs torchrun)."
+    ),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines in the job (each runs this command)."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's number in the job, 0 to nnodes-1."),
+    master_addr: str = typer.Option(None, "--master-addr", help="Where every machine reaches machine 0."),
+    master_port: int = typer.Option(None, "--master-port", min=1, max=65535, help="Machine 0's port (29500)."),
 ) -> None:
     """Train a model as the config says."""
     from lmforge.config import load_config
     from lmforge.engine.lr_find import RangeTestInterrupted
+    from lmforge.launch import Launch, check_launch, start_job
     from lmforge.run import quick_test_config, resume_command, run_train
 
+    job = None
+    if nproc is not None or nnodes > 1 or node_rank or master_addr or master_port:
+        job = Launch(nproc or 1, nnodes, node_rank, master_addr, master_port)
+        check_launch(job)
     if multirun:
-        if quick_test or dry_run or resume:
-            raise UserError("-m (multirun) runs a sweep: --quick-test, --dry-run and --resume do not apply")
+        if quick_test or dry_run or resume or job:
+            raise UserError("-m (multirun) runs a sweep: --quick-test, --dry-run, --resume and --nproc do not apply")
         from lmforge.sweep.runner import run_sweep
         from lmforge.sweep.spec import multirun_spec
 
@@ -101,6 +113,12 @@ def train_command(
     if quick_test:
         cfg = quick_test_config(cfg)
     _quiet_libraries()
+    if job is not None:
+        from lmforge.data.prepare import prepare_data
+
+        prepare_data(cfg, log=lambda m: err_console.print(m, style="dim"))  # this machine's cache, before the job
+        flags = [*(["--quick-test"] if quick_test else []), *(["--dry-run"] if dry_run else [])]
+        start_job(job, ["train", str(config), *(overrides or []), *flags, *(["--resume", resume] if resume else [])])
     try:
         outcome = run_train(
             cfg, console, dry_run=dry_run, resume=resume, config_path=str(config), overrides=overrides or []
@@ -531,6 +549,28 @@ def runs_command(
     from lmforge.results.runs import list_runs
 
     list_runs(directory, filters or [], sort or [], fmt, out, columns, console, err_console)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: Path = typer.Argument(..., help="YAML or JSON config file."),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Tokenize the data into the cache ahead of a job (on each machine, when they share no
+    data.cache_dir), so that no process of the job waits on it; prints the data report."""
+    from lmforge.config import load_config
+    from lmforge.data.prepare import cache_root, prepare_data
+    from lmforge.data.report import data_report_lines, data_warnings
+
+    cfg = load_config(config, overrides or [], check_files=True)
+    _quiet_libraries()
+    data = prepare_data(cfg, log=lambda m: err_console.print(m, style="dim"))
+    for line in data_report_lines(data.report):
+        console.print(line, highlight=False)
+    for message in data_warnings(data.report, cfg.data):
+        err_console.print(f"warning: {message}", style="yellow")
+    done = "was in the cache" if data.cache_hit else "is cached now"
+    console.print(f"the data {done} ({cache_root(cfg)}): a job with this config reads it from there", highlight=False)
 
 
 @data_app.command("inspect")

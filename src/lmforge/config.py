@@ -643,6 +643,14 @@ class TrackingConfig(Section):
         return backends
 
 
+class DistributedConfig(Section):
+    """A job of several processes (`lmforge train --nproc/--nnodes`, torchrun, accelerate launch)."""
+
+    timeout_minutes: float = Field(default=60, gt=0)
+    """How long a process waits for the others at a collective (the process group's timeout) before
+    the job fails: long enough for the slowest step, evaluation or checkpoint save of any process."""
+
+
 class Config(Section):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Run name; the run directory is <output_dir>/<name>-<time>/."""
@@ -666,6 +674,8 @@ class Config(Section):
     """Experiment tracking."""
     storage: StorageConfig = StorageConfig()
     """Remote storage for s3:// URLs: train.mirror, `lmforge push/pull`, model.name_or_path."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Jobs of several processes or machines."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -1592,6 +1602,7 @@ RESUME_SAFE = (
     "train.max_bad_steps",
     "train.num_threads",
     "train.mirror",
+    "distributed.timeout_minutes",
     "storage.",
     "eval.",
     "tracking.",

@@ -132,7 +132,7 @@ def run_train(
     warn = lambda message: console.print(f"[yellow]warning: {message}[/yellow]")  # noqa: E731
     precision = resolve_precision(config.train.precision)  # fails early on an impossible choice
     check_quantization(config)
-    process = PartialState(cpu=distributed_cpu())  # one per process of a job; the main one writes and logs
+    process = job_state(config)  # one per process of a job; the main one writes and logs
     if not process.is_main_process:
         console = Console(quiet=True)
     check_mirror(config)
@@ -142,6 +142,7 @@ def run_train(
         with process.main_process_first():  # a checkpoint in the mirror is downloaded once, by the main process
             log = lambda message: console.print(message, highlight=False)  # noqa: E731
             checkpoint = find_resume_checkpoint(config, resume, warn, log) if resume else None
+        checkpoint = same_checkpoint_everywhere(process, checkpoint)
     if checkpoint is not None:
         config = as_resolved_before(checkpoint, config, console)
         check_resume_config(checkpoint, config, warn)
@@ -272,13 +273,60 @@ def _data_and_model(config: Config, console: Console, process: PartialState):
     over that length."""
     if config.train.num_threads is not None:
         torch.set_num_threads(config.train.num_threads)
-    with process.main_process_first():
-        data = prepare_data(config, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    data = prepare_per_node(config, process, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
     model = build_model(config, data.tokenizer, labels=data.labels)
     plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
     steps = total_steps(config.train, plan)
     return resolved_curriculum(config, steps), data, model, plan, steps
+
+
+def job_state(config: Config) -> PartialState:
+    """This process's place in its job (accelerate's PartialState; the process group, over gloo on a
+    machine without CUDA, with distributed.timeout_minutes), set up on first use."""
+    from datetime import timedelta
+
+    return PartialState(cpu=distributed_cpu(), timeout=timedelta(minutes=config.distributed.timeout_minutes))
+
+
+def prepare_per_node(config: Config, process: PartialState, log) -> PreparedData:
+    """`prepare_data` in every process of a job, the work done once per machine: the main process
+    first, then the first process of each other machine (which finds a shared data.cache_dir filled,
+    or fills its own machine's: nodes need no shared disk), then the rest, which read their machine's
+    cache. One process alone simply prepares it. A job whose data takes long to tokenize is best
+    prepared before it starts (`lmforge data prepare`; `lmforge train --nproc` does it itself), so
+    that no process waits past distributed.timeout_minutes."""
+    if process.num_processes == 1:
+        return prepare_data(config, log=log)
+    data = prepare_data(config, log=log) if process.is_main_process else None
+    process.wait_for_everyone()
+    if process.is_local_main_process and not process.is_main_process:
+        data = prepare_data(config, log=log)
+    process.wait_for_everyone()
+    return data if data is not None else prepare_data(config, log=log)
+
+
+def same_checkpoint_everywhere(process: PartialState, checkpoint: Checkpoint | None) -> Checkpoint | None:
+    """The main process's checkpoint to resume from, checked to be the one every process found: on
+    machines that share no output_dir, a resumed job needs each machine to hold it.
+
+    Raises:
+        UserError: in a process whose machine lacks the main process's checkpoint (or found another).
+    """
+    if process.num_processes == 1:
+        return checkpoint
+    mine = (str(checkpoint.path), checkpoint.step) if checkpoint is not None else None
+    chosen = broadcast_object_list([mine])[0]
+    if chosen == mine:
+        return checkpoint
+    if chosen is None:
+        raise UserError(f"process {process.process_index} found checkpoint {mine[0]}, the main process none")
+    raise UserError(
+        f"process {process.process_index} (machine {os.environ.get('GROUP_RANK', '?')}) has no copy of the checkpoint "
+        f"the main process resumes from, {chosen[0]}: a job on several machines resumes from an output_dir they "
+        "share, or from train.mirror (--resume auto pulls the newest checkpoint onto every machine); copy the run "
+        "directory there, or set train.mirror"
+    )
 
 
 def _lr_of_run(config: Config, model, data: PreparedData, console: Console, dry_run: bool):
@@ -351,7 +399,7 @@ def run_lr_find(config: Config, console: Console, out: Path | None = None):
 
     resolve_precision(config.train.precision)
     check_quantization(config)
-    process = PartialState(cpu=distributed_cpu())
+    process = job_state(config)
     if not process.is_main_process:
         console = Console(quiet=True)
     config, data, model, _, _ = _data_and_model(config, console, process)  # the model and data training would have

@@ -415,8 +415,9 @@ def test_a_backend_that_is_not_installed_is_a_config_error_naming_the_extra(tmp_
 
 @pytest.mark.slow
 def test_two_process_job_is_one_run_logged_once_with_the_single_process_losses(tmp_path, corpus, cache_dir):
-    """torchrun, 2 CPU processes over gloo, micro-batch 4 each, against 1 process with micro-batch 8:
-    the same per-step losses, one run directory, one MLflow run, every step logged once."""
+    """`lmforge train --nproc 2` (lmforge starts torchrun: 2 CPU processes over gloo), micro-batch 4
+    each, against 1 process with micro-batch 8: the same per-step losses, one run directory, one
+    MLflow run, every step logged once. (Plain torchrun: test_curriculum_runs.)"""
     from mlflow.tracking import MlflowClient
 
     path = write_config(tmp_path, corpus, cache_dir, backends=["mlflow"])
@@ -424,13 +425,7 @@ def test_two_process_job_is_one_run_logged_once_with_the_single_process_losses(t
     cfg["data"]["test_fraction"] = 0.0
     cfg["train"].update({"max_steps": 6, "eval_every": None, "save_every": None})
     path.write_text(yaml.safe_dump(cfg))
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "lmforge", "train", str(path)]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_cli("train", str(path), "--nproc", "2", cwd=tmp_path)
     assert proc.stdout.count("done in") == 1  # the other process prints nothing
     run_dir = run_dir_of(tmp_path)
     distributed = local_series(run_dir, "train/loss")

@@ -1,0 +1,147 @@
+"""`lmforge train --nnodes 2`: two "machines" of one process each on loopback, each in its own working
+directory with its own data cache (no shared filesystem), are one job: one run directory and one
+MLflow run (machine 0's), each machine's data prepared on it, the losses of one process with the
+whole batch; a resume needs the checkpoint on each machine. Also `lmforge data prepare` ahead of a
+job."""
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import chapters, free_port, lmforge_command, subprocess_env, tiny_config_dict
+
+pytestmark = pytest.mark.slow
+
+
+def machine(tmp_path, name: str, **train) -> tuple:
+    """A working directory with the corpus and a config whose paths are relative to it."""
+    where = tmp_path / name
+    where.mkdir()
+    (where / "corpus.txt").write_text("\n\n".join(chapters(40)) + "\n", encoding="utf-8")
+    cfg = tiny_config_dict(where / "corpus.txt", where / "cache", where / "runs")
+    cfg["data"].update({"train": "corpus.txt", "cache_dir": "cache", "test_fraction": 0.0})
+    cfg["output_dir"] = "runs"
+    cfg["train"].update({"max_steps": 6, "eval_every": 3, "save_every": 3} | train)
+    cfg["tracking"] = {"backends": ["mlflow"]}
+    (where / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return where
+
+
+def losses(run_dir):
+    points = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [(p["step"], p["train/loss"]) for p in points if "train/loss" in p]
+
+
+def test_two_machines_without_a_shared_disk_are_one_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    nodes = [machine(tmp_path, f"node{rank}") for rank in (0, 1)]
+    port = free_port()
+    jobs = [
+        subprocess.Popen(
+            lmforge_command(
+                "train",
+                "config.yaml",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+            ),  # fmt: skip
+            cwd=where,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+        )
+        for rank, where in enumerate(nodes)
+    ]
+    outputs = [job.communicate(timeout=400) for job in jobs]
+    for job, (out, err) in zip(jobs, outputs, strict=True):
+        assert job.returncode == 0, out + err
+    assert outputs[0][0].count("done in") == 1 and "done in" not in outputs[1][0]
+    (run_dir,) = (nodes[0] / "runs").glob("tiny-2*")
+    assert not list((nodes[1] / "runs").glob("tiny-2*"))  # machine 1 writes no run directory
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] and (run_dir / "final" / "config.json").is_file()
+    for where in nodes:  # each machine prepared its own copy of the data
+        assert any((where / "cache").rglob("*.arrow")), where
+    client = MlflowClient(tracking_uri=f"sqlite:///{nodes[0] / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 7))
+
+    single = machine(tmp_path, "single", micro_batch_size=8)
+    proc = subprocess.run(
+        lmforge_command("train", "config.yaml", "tracking.backends=[none]"),
+        cwd=single,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (alone,) = (single / "runs").glob("tiny-2*")
+    got, expected = losses(run_dir), losses(alone)
+    assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 7))
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
+
+    # a resume on machines that share no disk needs the checkpoint on each: machine 1 has none
+    port = free_port()
+    jobs = [
+        subprocess.Popen(
+            lmforge_command(
+                "train",
+                "config.yaml",
+                "train.max_steps=9",
+                "tracking.backends=[none]",
+                "distributed.timeout_minutes=1",
+                "--resume",
+                "auto",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+            ),  # fmt: skip
+            cwd=where,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+        )
+        for rank, where in enumerate(nodes)
+    ]
+    outputs = [job.communicate(timeout=400) for job in jobs]
+    assert jobs[1].returncode != 0
+    assert "has no copy of the checkpoint the main process resumes from" in outputs[1][1]
+
+
+def test_data_prepare_fills_the_cache_a_job_then_reads(tmp_path):
+    where = machine(tmp_path, "node")
+    proc = subprocess.run(
+        lmforge_command("data", "prepare", "config.yaml"),
+        cwd=where,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the data is cached now" in proc.stdout and "train: " in proc.stdout
+    proc = subprocess.run(
+        lmforge_command("train", "config.yaml", "--dry-run", "--nproc", "1"),
+        cwd=where,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "data (from cache)" in proc.stdout

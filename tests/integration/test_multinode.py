@@ -145,3 +145,59 @@ def test_data_prepare_fills_the_cache_a_job_then_reads(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "data (from cache)" in proc.stdout
+
+
+def test_a_signal_to_one_process_pauses_the_whole_job_at_one_step(tmp_path):
+    """SIGTERM reaches rank 1 alone (a scheduler that signals one process): the job agrees to pause
+    at one step, the main process checkpoints it, nothing waits on a collective, and --resume goes on."""
+    import signal
+    import time
+
+    import psutil
+
+    where = machine(tmp_path, "node", max_steps=400, eval_every=None, save_every=None, log_every=1)
+    launcher = subprocess.Popen(
+        lmforge_command("train", "config.yaml", "--nproc", "2", "tracking.backends=[none]"),
+        cwd=where,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    deadline = time.monotonic() + 180
+    rank1 = None
+    while time.monotonic() < deadline and rank1 is None:
+        time.sleep(0.2)
+        metrics = list((where / "runs").glob("tiny-2*/metrics.jsonl"))
+        if metrics and len(losses(metrics[0].parent)) >= 2:
+            workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "lmforge" in p.cmdline()]
+            rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    assert rank1 is not None, "the job did not reach step 2"
+    rank1.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)  # no process is left waiting at a collective
+    (run_dir,) = (where / "runs").glob("tiny-2*")
+    (checkpoint,) = (run_dir / "checkpoints").iterdir()
+    paused_at = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    assert 2 <= paused_at < 400 and json.loads((checkpoint / "trainer_state.json").read_text())["stop_reason"] == (
+        "SIGTERM"
+    ), out + err
+    assert losses(run_dir)[-1][0] == paused_at
+    proc = subprocess.run(
+        lmforge_command(
+            "train",
+            "config.yaml",
+            "--nproc",
+            "2",
+            "tracking.backends=[none]",
+            "train.max_steps=" + str(paused_at + 2),
+            "--resume",
+            "auto",
+        ),  # fmt: skip
+        cwd=where,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [s for s, _ in losses(run_dir)][-3:] == [paused_at, paused_at + 1, paused_at + 2]

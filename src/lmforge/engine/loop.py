@@ -208,7 +208,7 @@ def train(
             new_best = False
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
                 new_best = _evaluate(loop)
-            state.stop_reason = state.stop_reason or _pause_reason(signals, deadline)
+            state.stop_reason = state.stop_reason or _pause_reason(signals, deadline, accelerator)
             if last and state.stop_reason is None:
                 state.stop_reason = "max_steps" if cfg.max_steps is not None else "epochs"
             if _should_save(loop, new_best):
@@ -350,12 +350,17 @@ def _log_train(loop: Loop, lr: float, grad_norm: torch.Tensor, plan: StepPlan) -
     return metrics
 
 
-def _pause_reason(signals: StopOnSignal, deadline: float | None) -> str | None:
-    if signals.requested:
-        return signals.requested
-    if deadline and time.monotonic() >= deadline:
-        return "max_time"
-    return None
+def _pause_reason(signals: StopOnSignal, deadline: float | None, accelerator: Accelerator) -> str | None:
+    """Why the run pauses after this step (a signal, train.max_time), or None. The processes of a job
+    agree: one process that got a signal or reached its deadline pauses them all at this step (each
+    pausing alone would leave the others waiting at the next collective). The job's steps read the
+    host back already (`_forward_backward`'s totals); this adds one small reduction to each."""
+    reason = signals.requested or ("max_time" if deadline and time.monotonic() >= deadline else None)
+    if accelerator.num_processes == 1:
+        return reason
+    code = torch.tensor([PAUSES.index(reason) + 1 if reason in PAUSES else 0], device=accelerator.device)
+    agreed = int(accelerator.reduce(code, "max").item())
+    return PAUSES[agreed - 1] if agreed else None
 
 
 def _forward_backward(model, batches, loss_step, accelerator, task: str) -> tuple[torch.Tensor, int, int]:

@@ -643,9 +643,48 @@ class TrackingConfig(Section):
         return backends
 
 
+class FsdpConfig(Section):
+    """Fully sharded data parallel (PyTorch's FSDP2, `torch.distributed.fsdp.fully_shard`): each
+    process holds 1/N of the weights, gradients and optimizer state, gathering a block's weights for
+    its forward and backward only."""
+
+    reshard_after_forward: bool = True
+    """Free a block's gathered weights after its forward (gathered again for the backward): less
+    memory, one more all-gather per block (FSDP2's default; ZeRO-3). false keeps them until the
+    backward (ZeRO-2-like)."""
+    cpu_offload: bool = False
+    """Keep the sharded weights, gradients and optimizer state in CPU memory (FSDP2's
+    CPUOffloadPolicy): the optimizer step runs on the CPU. For a GPU job whose model does not fit."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them (transformers'
+    gradient checkpointing): about a third more compute for much less activation memory."""
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed ZeRO through accelerate (GPU only: DeepSpeed does not train on CPU)."""
+
+    zero_stage: Literal[2, 3] = 2
+    """ZeRO stage: 2 shards optimizer state and gradients, 3 the weights too."""
+    offload: Literal["none", "cpu", "nvme"] = "none"
+    """Where the optimizer state (and, at stage 3, the weights) are offloaded."""
+    config_file: str | None = None
+    """A DeepSpeed JSON config instead of the two settings above ("auto" values are filled in by
+    accelerate from the run's batch sizes and precision)."""
+
+
 class DistributedConfig(Section):
     """A job of several processes (`lmforge train --nproc/--nnodes`, torchrun, accelerate launch)."""
 
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
+    """How the processes share the work. ddp: every process holds the whole model and gradients are
+    averaged (DistributedDataParallel). fsdp: weights, gradients and optimizer state are sharded
+    (see distributed.fsdp); checkpoints are sharded too and resume on another number of processes.
+    deepspeed: ZeRO through accelerate, GPU only. auto: what `accelerate launch` was configured
+    with (its FSDP or DeepSpeed settings), else ddp. A job of one process trains unsharded."""
+    fsdp: FsdpConfig = FsdpConfig()
+    """FSDP settings (used with strategy: fsdp)."""
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """DeepSpeed settings (used with strategy: deepspeed)."""
     timeout_minutes: float = Field(default=60, gt=0)
     """How long a process waits for the others at a collective (the process group's timeout) before
     the job fails: long enough for the slowest step, evaluation or checkpoint save of any process."""
@@ -1016,7 +1055,56 @@ def check_config(config: Config) -> list[str]:
         + _check_curriculum(config)
         + _check_architecture(config)
         + _check_lr_find(config)
+        + _check_distributed(config)
     )
+
+
+def _check_distributed(config: Config) -> list[str]:
+    """distributed.strategy against the precision and loss it trains with, and a DeepSpeed JSON file
+    against the run's batch sizes. Whether the machine can run the strategy (DeepSpeed needs CUDA)
+    is known only where the job runs: lmforge.engine.sharding.check_strategy."""
+    dist, train, problems = config.distributed, config.train, []
+    if dist.strategy == "fsdp":
+        if train.precision == "fp16":
+            problems.append(
+                "distributed.strategy=fsdp trains in fp32 or bf16: fp16's loss scaling is not supported "
+                "with sharded gradients; set train.precision=bf16"
+            )
+        if isinstance(train.loss_chunk_size, int):
+            problems.append(
+                "train.loss_chunk_size: the chunked loss reads the output layer's weight outside the model's "
+                "forward, where FSDP keeps it sharded; with distributed.strategy=fsdp set it to auto or null "
+                "(the plain loss)"
+            )
+    if dist.deepspeed.config_file is not None:
+        problems += _check_deepspeed_file(Path(dist.deepspeed.config_file), train)
+    return problems
+
+
+def _check_deepspeed_file(path: Path, train: TrainConfig) -> list[str]:
+    """A DeepSpeed JSON config: readable, an object, a ZeRO stage DeepSpeed knows, and batch sizes that
+    are "auto" or those of the run (DeepSpeed refuses a mismatch only once the GPUs are up)."""
+    field = "distributed.deepspeed.config_file"
+    if not path.is_file():
+        return [f"{field}: {path.resolve()}: no such file"]
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"{field}: {path}: not valid JSON ({exc})"]
+    if not isinstance(ds, dict):
+        return [f"{field}: {path}: a DeepSpeed config is a JSON object"]
+    problems = []
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else 0
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"{field}: {path}: zero_optimization.stage is {stage!r}; DeepSpeed has stages 0 to 3")
+    for key, ours, name in (
+        ("train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size"),
+        ("gradient_accumulation_steps", train.grad_accum, "train.grad_accum"),
+    ):
+        value = ds.get(key, "auto")
+        if value != "auto" and value != ours:
+            problems.append(f'{field}: {path}: {key} is {value!r} but {name} is {ours}: write "auto" there')
+    return problems
 
 
 def _check_optimizer(config: Config) -> list[str]:
@@ -1603,6 +1691,9 @@ RESUME_SAFE = (
     "train.num_threads",
     "train.mirror",
     "distributed.timeout_minutes",
+    "distributed.strategy",  # a sharded checkpoint loads whole and a whole one loads sharded...
+    "distributed.fsdp.",  # ...(engine.checkpoint refuses the one pair it cannot)
+    "distributed.deepspeed.",
     "storage.",
     "eval.",
     "tracking.",

@@ -57,6 +57,7 @@ from lmforge.engine.loop import (
 )
 from lmforge.engine.optim import schedule_change
 from lmforge.engine.progress import format_duration
+from lmforge.engine.sharding import resolve_strategy
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
 from lmforge.eval.generation import HINTS_FILE, Prompt, hints_of, prompts_and_references, respond
@@ -145,7 +146,7 @@ def run_train(
         checkpoint = same_checkpoint_everywhere(process, checkpoint)
     if checkpoint is not None:
         config = as_resolved_before(checkpoint, config, console)
-        check_resume_config(checkpoint, config, warn)
+        check_resume_config(checkpoint, config, warn, process.num_processes)
     held = run_dir or (checkpoint.path.parent.parent if checkpoint is not None else None)
     if held is not None and process.is_main_process:
         held.mkdir(parents=True, exist_ok=True)
@@ -701,10 +702,32 @@ def check_mirror(config: Config) -> None:
             raise UserError(f"train.mirror: {exc}") from None
 
 
-def check_resume_config(checkpoint: Checkpoint, config: Config, warn) -> None:
-    """Refuse a resume whose config changes the model, the data or the optimisation."""
+def check_resume_config(checkpoint: Checkpoint, config: Config, warn, world_size: int = 1) -> None:
+    """Refuse a resume whose config changes the model, the data or the optimisation.
+
+    A job of another number of processes than the checkpoint's resumes when each optimizer step
+    still takes the same micro-batches: train.grad_accum x processes unchanged (from 2 processes
+    with grad_accum 1 to 1 with grad_accum 2), and then the data continues where it was."""
     saved = saved_config(checkpoint.path / "config.yaml")
     allowed, refused = resume_differences(saved, config)
+    saved_world = load_trainer_state(checkpoint.path).world_size
+    before, now = saved.train.grad_accum * saved_world, config.train.grad_accum * world_size
+    if before != now:
+        fits = before % world_size == 0
+        raise UserError(
+            f"cannot resume {checkpoint.path} on {world_size} process{'es' * (world_size > 1)}: it was written by "
+            f"{saved_world} with train.grad_accum={saved.train.grad_accum}, {before} micro-batches per step, and "
+            f"now a step would take {now}. "
+            + (
+                f"Set train.grad_accum={before // world_size} to keep each step's data"
+                if fits
+                else f"Use a number of processes that divides {before}"
+            )
+        )
+    if saved_world != world_size:  # the same global batch: grad_accum may change with the processes
+        accum = [line for line in refused if line.startswith("train.grad_accum:")]
+        refused = [line for line in refused if line not in accum]
+        allowed += [f"{line} ({saved_world} -> {world_size} processes)" for line in accum]
     if refused:
         raise UserError(
             f"cannot resume {checkpoint.path}: these settings differ from the checkpoint's and would change "
@@ -786,7 +809,9 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
     rows = ", ".join(
         f"{name} {s['records']:,} records / {s['tokens']:,} tokens / {s['rows']:,} rows" for name, s in splits.items()
     )
-    per_step = config.train.micro_batch_size * config.train.grad_accum * config.data.max_length
+    per_step = config.train.micro_batch_size * config.train.grad_accum * plan.world * config.data.max_length
+    strategy = resolve_strategy(config, plan.world)
+    job = {"ddp": "DDP", "fsdp": "FSDP, weights sharded", "deepspeed": "DeepSpeed"}.get(strategy)
     cached = " (from cache)" if data.cache_hit else ""
     console.print(f"data{cached}: {rows}", highlight=False)
     console.print(
@@ -802,6 +827,7 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
         f"plan: {steps:,} steps ({plan.steps_per_epoch:,} per epoch), up to {per_step:,} tokens per step, "
         f"{train.optimizer} at lr {lr if isinstance(lr, str) else f'{lr:.3g}'} ({train.scheduler}), "
         f"precision {precision if precision != 'no' else 'fp32'}"
+        + (f", {plan.world} processes ({job})" if plan.world > 1 else "")
         + (f", attention {attention.removeprefix('lmforge_')}" if attention else "")
         + f", {malloc.active()}"
         + ("" if torch.cuda.is_available() else f", {_threads(torch.get_num_threads())} (train.num_threads)"),

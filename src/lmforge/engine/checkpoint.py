@@ -13,6 +13,12 @@ A checkpoint is a directory `checkpoints/step-000040/` holding
     config.yaml           the resolved config
     manifest.json         size and sha256 of every file above; written last
 
+A checkpoint of a sharded model (distributed.strategy: fsdp) holds, instead of model.safetensors
+and optimizer.pt, `sharded/`: the weights and optimizer state as `torch.distributed.checkpoint`
+(DCP) writes them, every process its own shards, keyed by parameter name so that a job of another
+number of processes (one included) reads them back resharded. Its manifest records the world size
+and strategy it was written with.
+
 It is written under a temporary name in the same directory, the manifest last, every file and
 the directory fsynced, then renamed into place. A directory whose manifest is missing or disagrees with its files
 is not a checkpoint: a kill at any moment leaves the previous checkpoint usable.
@@ -25,7 +31,9 @@ import json
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +42,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from lmforge.atomic import atomic_dir, remove_dir
+from lmforge.atomic import atomic_dir, follow_umask, fsync_dir, fsync_file, remove_dir, replace_dir
+from lmforge.engine.sharding import is_sharded
 from lmforge.engine.state import TrainState
+from lmforge.errors import UserError
 from lmforge.models.peft import BASE_FILE, save_base_config
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+SHARDED = "sharded"
+"""The directory of a sharded checkpoint's DCP files."""
 TRAINABLE = "trainable"
 """manifest.json's "weights" of a checkpoint that holds the trainable parameters only (else "all")."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -104,6 +116,97 @@ def save_checkpoint(
         manifest = {"format": FORMAT, "step": state.step, "weights": weights, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: it vouches for the rest
     return Checkpoint(target, state.step)
+
+
+def save_sharded_checkpoint(
+    directory: Path,
+    state: TrainState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config_yaml: str,
+    main: bool,
+    world_size: int,
+    tokenizer: Any | None = None,
+    files: dict[str, str] | None = None,
+    base: dict | None = None,
+) -> Checkpoint:
+    """`save_checkpoint` for a sharded model: every process of the job calls it (DCP's save is a
+    collective) and writes its shards; the main process writes the rest and the manifest, then
+    renames the directory into place. The temporary directory's name is the same in every process.
+
+    Args:
+        main: whether this is the job's main process.
+        world_size: the number of processes, recorded in the manifest.
+        base: as in save_checkpoint: the adapters only (frozen weights are left out of the shards).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    target = directory / checkpoint_name(state.step)
+    tmp = directory / f".tmp-{target.name}-sharded"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    options = StateDictOptions(ignore_frozen_params=base is not None)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    with _one_process_is_fine():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED))
+    if main:
+        try:
+            if base is not None:
+                (tmp / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
+            save_base_config(model, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(capture_rng(), tmp / "rng.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=2))
+            (tmp / "config.yaml").write_text(config_yaml)
+            written = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {
+                "format": FORMAT,
+                "step": state.step,
+                "weights": "all" if base is None else TRAINABLE,
+                "sharded": {"strategy": "fsdp", "world_size": world_size},
+                "files": {str(p.relative_to(tmp)): _describe(p) for p in written},
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            follow_umask(tmp)
+            for path in [*written, tmp / MANIFEST]:
+                fsync_file(path)
+            fsync_dir(tmp / SHARDED)
+            fsync_dir(tmp)
+            replace_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _barrier()
+    return Checkpoint(target, state.step)
+
+
+@contextmanager
+def _one_process_is_fine():
+    """DCP warns that it assumes one process when no process group is set up: here that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def sharded_layout(path: Path) -> dict | None:
+    """A sharded checkpoint's {"strategy", "world_size"}, or None for a checkpoint of whole weights."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("sharded")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -201,16 +304,63 @@ def load_checkpoint(
     scheduler: Any | None = None,
     scaler: Any | None = None,
 ) -> TrainState:
-    """Restore weights (`load_weights`), optimizer, scheduler, scaler and RNG states; return the loop state."""
-    load_weights(path, model)
-    if optimizer is not None:
-        optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    """Restore weights (`load_weights`), optimizer, scheduler, scaler and RNG states; return the loop state.
+
+    A sharded checkpoint (save_sharded_checkpoint) loads into a sharded or a plain model of any
+    number of processes: every process of the job calls this then."""
+    if sharded_layout(path) is not None:
+        load_sharded(path, model, optimizer)
+    elif is_sharded(model):
+        raise UserError(
+            f"{path} holds whole weights (written with distributed.strategy=ddp or one process); a job with "
+            "distributed.strategy=fsdp resumes from sharded checkpoints only: resume it with the strategy it "
+            "was written with, or start a new run from its weights (model.name_or_path)"
+        )
+    else:
+        load_weights(path, model)
+        if optimizer is not None:
+            optimizer.load_state_dict(_load(path / "optimizer.pt"))
     if scheduler is not None:
         scheduler.load_state_dict(_load(path / "scheduler.pt"))
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(_load(path / "scaler.pt"))
     restore_rng(_load(path / "rng.pt"))
     return load_trainer_state(path)
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """A sharded checkpoint's weights (and optimizer state) into `model`, sharded or not, on any
+    number of processes: DCP reads each process's part of every tensor by name.
+
+    Raises:
+        RuntimeError: the checkpoint's weights do not fit the model (DCP names the missing keys).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    adapters_only = holds_trainable_only(path)  # the frozen base came from its own files
+    options = StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
+    where = str(path / SHARDED)
+    alone = not is_sharded(model)  # a whole model reads whole tensors: no process needs another
+    if optimizer is None:
+        model_state = get_model_state_dict(model, options=options)
+        with _one_process_is_fine():
+            dcp.load({"model": model_state}, checkpoint_id=where, no_dist=alone)
+        set_model_state_dict(model, model_state, options=options)
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    both = {"model": model_state, "optimizer": optimizer_state}
+    with _one_process_is_fine():
+        dcp.load(both, checkpoint_id=where, no_dist=alone)
+    set_state_dict(
+        model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"], options=options
+    )
 
 
 def holds_trainable_only(path: Path) -> bool:
@@ -228,6 +378,9 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     Raises:
         RuntimeError: the checkpoint's weights do not fit the model (names missing or unexpected).
     """
+    if sharded_layout(path) is not None:
+        load_sharded(path, model)
+        return
     file = str(path / "model.safetensors")
     if not holds_trainable_only(path):
         missing, unexpected = load_model(model, file, strict=False)

@@ -16,14 +16,30 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch import nn
 
-from lmforge.config import Config, TrainConfig, config_hash, dump_yaml
+from lmforge.config import Config, DistributedConfig, TrainConfig, config_hash, dump_yaml
 from lmforge.data.loader import Prefetcher, StepPlan, step_data, to_device
 from lmforge.data.prepare import PreparedData
-from lmforge.engine.checkpoint import load_checkpoint, prune, remove_stale_temporaries, save_checkpoint
+from lmforge.engine.checkpoint import (
+    load_checkpoint,
+    prune,
+    remove_stale_temporaries,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from lmforge.engine.early_stopping import record_eval
 from lmforge.engine.losses import count_targets, describe_loss, loss_step_for, resolve_loss_chunk_size
 from lmforge.engine.optim import build_optimizer, build_scheduler
 from lmforge.engine.progress import TrainProgress
+from lmforge.engine.sharding import (
+    accelerate_sharding_off,
+    check_strategy,
+    clip_sharded_grad_norm,
+    consolidate,
+    deepspeed_plugin,
+    meta_copy,
+    resolve_strategy,
+    shard_model,
+)
 from lmforge.engine.signals import StopOnSignal
 from lmforge.engine.state import TrainState
 from lmforge.errors import UserError
@@ -75,11 +91,18 @@ def distributed_cpu() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def make_accelerator(precision: str) -> Accelerator:
+def make_accelerator(
+    precision: str, strategy: str = "single", distributed: DistributedConfig | None = None
+) -> Accelerator:
+    """accelerate's Accelerator for train.precision and a resolved distributed.strategy
+    (engine.sharding.resolve_strategy): DeepSpeed through its plugin; FSDP is applied by lmforge
+    (engine.sharding.shard_model), never by accelerate."""
     # accelerate keeps its settings in a process-wide singleton; clear it so that a second run
     # in the same process (tests, notebooks, sweeps) may use another precision.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=resolve_precision(precision), cpu=distributed_cpu())
+    plugin = deepspeed_plugin(distributed.deepspeed) if strategy == "deepspeed" and distributed else None
+    with accelerate_sharding_off():
+        return Accelerator(mixed_precision=resolve_precision(precision), cpu=distributed_cpu(), deepspeed_plugin=plugin)
 
 
 def total_steps(cfg: TrainConfig, plan: StepPlan) -> int:
@@ -116,6 +139,8 @@ class Loop:
     on_log: LogHook | None = None
     base: dict | None = None
     """An adapter run's base model record: its checkpoints hold the trainable weights only."""
+    strategy: str = "single"
+    """distributed.strategy as resolved (engine.sharding.resolve_strategy); fsdp writes sharded checkpoints."""
     last_step: int = 0
     """The run's final step: a stop reason from on_eval there changes nothing (the run is done)."""
 
@@ -152,12 +177,8 @@ def train(
             the trainable weights and the record, not the base's weights.
     """
     cfg = config.train
-    accelerator = make_accelerator(cfg.precision)
-    model = model.to(accelerator.device)
-    optimizer = build_optimizer(model, cfg)
-    if cfg.compile:  # the compiled wrapper shares the parameters: the optimizer and checkpoints see the same
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    strategy = resolve_strategy(config, int(os.environ.get("WORLD_SIZE", "1")))
+    accelerator, model, optimizer, skeleton = _prepare(model, config, strategy)
     train_set, pad_id, rank = data.splits["train"], data.tokenizer.pad_token_id, accelerator.process_index
     plan = StepPlan(len(train_set), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes)
     steps = total_steps(cfg, plan)
@@ -165,18 +186,20 @@ def train(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     else:
         scheduler = build_scheduler(optimizer, cfg, steps)
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    sharded = skeleton is not None or accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     chunk_size = resolve_loss_chunk_size(cfg.loss_chunk_size, model, config.model.task, sharded or cfg.compile)
     loss_step = loss_step_for(config.model.task, chunk_size)
     loss_line = describe_loss(chunk_size, model, config.model.task)
     if console is not None and loss_line and accelerator.is_main_process:
         console.print(f"loss: {loss_line}", highlight=False)
     progress = progress_factory(steps, console, enabled=accelerator.is_main_process)
-    state = TrainState(config_hash=config_hash(config), tracker_ids=trackers.ids())
+    state = TrainState(
+        config_hash=config_hash(config), tracker_ids=trackers.ids(), world_size=accelerator.num_processes
+    )
     loop = Loop(
         config, data, accelerator, model, optimizer, scheduler, trackers, progress, state, checkpoint_dir, chunk_size
     )
-    loop.on_eval, loop.on_log, loop.last_step, loop.base = on_eval, on_log, steps, base
+    loop.on_eval, loop.on_log, loop.last_step, loop.base, loop.strategy = on_eval, on_log, steps, base, strategy
     state = _start(loop, resume_from)
 
     model.train()
@@ -191,7 +214,7 @@ def train(
             data = next(upcoming)  # step_data moves to the next epoch (and permutation) when one ends
             state.epoch, state.step_in_epoch, rows, batches = data.epoch, data.step_in_epoch, data.rows, data.batches
             loss_sum, targets, tokens = _forward_backward(model, batches, loss_step, accelerator, config.model.task)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            grad_norm = _clip(model, accelerator, cfg.max_grad_norm, skeleton is not None)
             lr = scheduler.get_last_lr()[0]
             finite = bool(torch.isfinite(torch.stack([loss_sum, grad_norm.float()])).all())  # one sync
             if finite or accelerator.scaler is not None:  # fp16: the scaler skips inf steps itself
@@ -214,7 +237,42 @@ def train(
             if _should_save(loop, new_best):
                 _save(loop)
     progress.close()
-    return TrainResult(accelerator.unwrap_model(model, keep_torch_compile=False), state, checkpoint_dir)
+    return TrainResult(_trained_model(model, accelerator, skeleton), state, checkpoint_dir)
+
+
+def _prepare(model: nn.Module, config: Config, strategy: str):
+    """(accelerator, model, optimizer, skeleton) of a run: the model on its device, sharded under
+    FSDP (skeleton: its shape from before, into which the weights are gathered at the end; else
+    None) or wrapped by accelerate (DDP, DeepSpeed), and its optimizer."""
+    check_strategy(strategy)
+    cfg = config.train
+    accelerator = make_accelerator(cfg.precision, strategy, config.distributed)
+    model = model.to(accelerator.device)
+    skeleton = None
+    if strategy == "fsdp" and accelerator.num_processes > 1:
+        skeleton = meta_copy(model)
+        model = shard_model(model, config.distributed.fsdp, accelerator.mixed_precision)
+    optimizer = build_optimizer(model, cfg)
+    if cfg.compile:  # the compiled wrapper shares the parameters: the optimizer and checkpoints see the same
+        model = torch.compile(model)
+    if skeleton is not None:
+        return accelerator, model, accelerator.prepare(optimizer), skeleton  # (accelerate would add DDP)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer, None
+
+
+def _clip(model: nn.Module, accelerator: Accelerator, max_norm: float | None, sharded: bool) -> torch.Tensor:
+    """Clip the step's gradients to train.max_grad_norm (None: measure only); return their total norm."""
+    if sharded:
+        return clip_sharded_grad_norm(model, max_norm or float("inf"))
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+
+
+def _trained_model(model: nn.Module, accelerator: Accelerator, skeleton: nn.Module | None) -> nn.Module | None:
+    """The plain trained model: unwrapped; under FSDP gathered into `skeleton` on the main process
+    (the others get None), for evaluation and final/."""
+    trained = accelerator.unwrap_model(model, keep_torch_compile=False)
+    return trained if skeleton is None else consolidate(trained, skeleton, accelerator.is_main_process)
 
 
 def _start(loop: Loop, resume_from: Path | None) -> TrainState:
@@ -227,6 +285,7 @@ def _start(loop: Loop, resume_from: Path | None) -> TrainState:
         return loop.state
     model, accelerator = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False), loop.accelerator
     loop.state = load_checkpoint(resume_from, model, loop.optimizer, loop.scheduler, accelerator.scaler)
+    loop.state.world_size = accelerator.num_processes  # (check_resume_config kept the global batch)
     if loop.state.stop_reason != "early_stopping":
         loop.state.stop_reason = None  # a pause, or a finished run given more steps, goes on
     return loop.state
@@ -276,27 +335,46 @@ def _should_save(loop: Loop, new_best: bool) -> bool:
 
 
 def _save(loop: Loop) -> None:
-    """Checkpoint the run (main process only), then drop checkpoints beyond keep_last but the best."""
+    """Checkpoint the run (the main process; under FSDP every process writes its shards), then drop
+    checkpoints beyond keep_last but the best."""
     state, cfg = loop.state, loop.config.train
     state.window_loss = float(loop.window_loss)
     state.metrics_lines = loop.trackers.position()
     state.tracker_ids = loop.trackers.ids()  # a backend that was down at the start may have started since
-    if loop.checkpoint_dir is None or not loop.accelerator.is_main_process:
+    main = loop.accelerator.is_main_process
+    if loop.checkpoint_dir is None or (not main and loop.strategy != "fsdp"):
         return
     model = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False)
-    scaler = loop.accelerator.scaler
-    checkpoint = save_checkpoint(
-        loop.checkpoint_dir,
-        state,
-        model,
-        loop.optimizer,
-        loop.scheduler,
-        scaler,
-        dump_yaml(loop.config),
-        tokenizer=loop.data.tokenizer,
-        files={HINTS_FILE: json.dumps(hints_of(loop.data, loop.config), ensure_ascii=False)},
-        base=loop.base,
-    )
+    files = {HINTS_FILE: json.dumps(hints_of(loop.data, loop.config), ensure_ascii=False)}
+    if loop.strategy == "fsdp":  # every process writes its shards
+        checkpoint = save_sharded_checkpoint(
+            loop.checkpoint_dir,
+            state,
+            model,
+            loop.optimizer,
+            loop.scheduler,
+            dump_yaml(loop.config),
+            main,
+            loop.accelerator.num_processes,
+            tokenizer=loop.data.tokenizer,
+            files=files,
+            base=loop.base,
+        )
+        if not main:
+            return
+    else:
+        checkpoint = save_checkpoint(
+            loop.checkpoint_dir,
+            state,
+            model,
+            loop.optimizer,
+            loop.scheduler,
+            loop.accelerator.scaler,
+            dump_yaml(loop.config),
+            tokenizer=loop.data.tokenizer,
+            files=files,
+            base=loop.base,
+        )
     loop.trackers.log_checkpoint(checkpoint.path)  # complete on disk: the mirror may copy it
     prune(loop.checkpoint_dir, cfg.keep_last, {state.best_step} if state.best_step is not None else set())
 

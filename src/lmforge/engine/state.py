@@ -42,6 +42,9 @@ class TrainState:
     """Run ids of the tracking backends, to continue the same runs on resume."""
     config_hash: str = ""
     """Hash of the config fields that define the model and data."""
+    world_size: int = 1
+    """Processes of the job that wrote this state: a resume on another number keeps the global
+    batch (train.grad_accum x processes) the same."""
     stop_reason: str | None = None
     """Why training ended or paused: max_steps, epochs, early_stopping, max_time, SIGTERM, SIGINT."""
 

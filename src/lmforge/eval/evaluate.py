@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
@@ -27,6 +28,7 @@ from lmforge.engine.losses import (
     seq2seq_logits,
     target_rows,
 )
+from lmforge.engine.sharding import is_sharded
 
 
 @torch.no_grad()
@@ -61,7 +63,9 @@ def evaluate(
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, targets
     confusion = torch.zeros((num_labels or 1, num_labels or 1), dtype=torch.float64, device=device)
-    for indices in eval_batches(dataset, batch_size, max_batches, rank, world):
+    sums = {True: (totals, confusion), False: (totals.clone(), confusion.clone())}  # False: not scored
+    for indices, counted in _in_step(eval_batches(dataset, batch_size, max_batches, rank, world), model, world):
+        totals, confusion = sums[counted]
         batch = to_device(fetch(dataset, indices, pad_id, task), device)
         if task == "classification":
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -88,6 +92,7 @@ def evaluate(
         loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         correct = ((logits.argmax(-1) == targets) & mask).sum()
         totals += torch.stack([loss.double(), correct.double(), mask.sum().double()])
+    totals, confusion = sums[True]
     if accelerator is not None and world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
         confusion = accelerator.reduce(confusion, reduction="sum")
@@ -170,6 +175,20 @@ def score_rows(
     mask = targets != IGNORE_INDEX
     loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return RowScores(loss.double().sum(1), mask.sum(1), ((logits.argmax(-1) == targets) & mask).sum(1))
+
+
+def _in_step(batches, model: nn.Module, world: int):
+    """(indices, counted) of this process's evaluation batches. A sharded model (FSDP) gathers its
+    weights from every process at each forward, so a process with fewer batches than the others
+    runs its first batch again, unscored, until all have run as many forwards."""
+    mine = list(batches)
+    for indices in mine:
+        yield indices, True
+    if world > 1 and is_sharded(model):
+        count = torch.tensor([len(mine)], device=next(model.parameters()).device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        for _ in range(int(count) - len(mine)):
+            yield (mine[0] if mine else np.arange(1)), False
 
 
 def evaluate_split(

@@ -161,11 +161,18 @@ def verify_base(record: dict, adapter_dir: Path, record_path: Path, fix: str = "
     return path
 
 
+def _class_name(model) -> str:
+    """The model's class name; under FSDP2, which swaps in a subclass `FSDP<Name>`, the original's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def save_base_config(model, directory: Path) -> None:
     """The config.json of the model under any adapter, its class named in `architectures`, into
     `directory`: beside an adapter it tells its base's task, labels and class, so that a checkpoint,
     a final/ and an export load as models. A model without a Hugging Face config writes nothing."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(inner, "config") and hasattr(inner.config, "save_pretrained"):
-        inner.config.architectures = [type(inner).__name__]
+        inner.config.architectures = [_class_name(inner)]
         inner.config.save_pretrained(str(directory))

@@ -14,6 +14,9 @@
 #   bash bench/gpu_session.sh controls # issue 23 on CUDA: every optimizer's exact resume (the 8-bit
 #                                     # ones only run here), train.lr=find's bit-exact restore in bf16,
 #                                     # curriculum resume, GPT-2/Qwen2 from scratch with varlen
+#   bash bench/gpu_session.sh scaleout # issue 24 on CUDA: FSDP (bf16 mixed precision, sharded
+#                                     # checkpoint, resume) on every GPU there is, DeepSpeed ZeRO-2/3
+#                                     # (never run before), adapter-only checkpoint sizes
 #
 # The machine has torch, transformers and pytest but not every package lmforge needs: the
 # missing ones travel as wheels in .whl (ignored; the device tool's `carry: [".whl"]`). Logs go
@@ -21,9 +24,9 @@
 # bench/RESULTS.md with the hardware and the date.
 set -euo pipefail
 case "${1:-}" in
-tests | mfu | peers | sweep | results | serve | controls) ;;
+tests | mfu | peers | sweep | results | serve | controls | scaleout) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|mfu|peers|sweep|results|serve|controls" >&2
+    echo "usage: bash bench/gpu_session.sh tests|mfu|peers|sweep|results|serve|controls|scaleout" >&2
     exit 2
     ;;
 esac
@@ -86,6 +89,26 @@ controls)
         tests/integration/test_lr_find.py tests/integration/test_curriculum_runs.py \
         tests/integration/test_architectures.py tests/integration/test_packing.py -m "not slow" 2>&1 | tee "$out/controls-tests.log"
     python3 bench/lr_find_check.py --smoke 2>&1 | tee "$out/lr-find.log"
+    ;;
+scaleout)
+    # Needs deepspeed (and its deps) in .whl for the DeepSpeed runs. With one GPU, FSDP runs as one
+    # process (sharded checkpoint format, then a resume); with two or more, across them over NCCL.
+    gpus=$(nvidia-smi --list-gpus | wc -l)
+    nproc=$((gpus > 1 ? 2 : 1))
+    quick=(train.max_steps=40 train.save_every=20 eval.generate.num_examples=1 tracking.backends=[none])
+    {
+        python3 -m lmforge train examples/quickstart.yaml "${quick[@]}" name=fsdp distributed.strategy=fsdp \
+            --nproc "$nproc"
+        python3 -m lmforge train examples/quickstart.yaml "${quick[@]}" name=fsdp distributed.strategy=fsdp \
+            train.max_steps=60 --resume auto --nproc "$nproc"
+        for stage in 2 3; do
+            python3 -m lmforge train examples/quickstart.yaml "${quick[@]}" name="zero$stage" \
+                distributed.strategy=deepspeed distributed.deepspeed.zero_stage=$stage --nproc "$nproc" || true
+        done
+        python3 bench/checkpoint_size.py
+    } 2>&1 | tee "$out/scaleout.log"
+    python3 -m pytest -q -p no:cacheprovider tests/integration/test_fsdp.py tests/unit/test_strategy.py \
+        tests/integration/test_adapter_checkpoints.py 2>&1 | tee "$out/scaleout-tests.log"
     ;;
 peers)
     for workload in sft pretrain; do

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from rich.console import Console
 from rich.markup import escape
 
@@ -217,6 +217,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
         return RunOutcome(None, {})
 
     run_dir, saved = _run_dir(config, process, checkpoint, how.run_dir, console)
+    check_shared_checkpoints(run_dir, process, resolve_strategy(config, process.num_processes))
     main = process.is_main_process
     trackers = _open_outputs(config, run_dir, data, saved, main, warn, console, how.config_path, base)
     trackers.log_params({"model.parameters": total, "model.trainable_parameters": trainable})
@@ -487,6 +488,35 @@ def _run_dir(config: Config, process, checkpoint: Checkpoint | None, given: Path
     for name in ("metrics.jsonl", "tracking.json", "eval.json", "examples.jsonl"):  # an attempt that saved nothing
         (given / name).unlink(missing_ok=True)
     return given, None
+
+
+def check_shared_checkpoints(run_dir: Path, process: PartialState, strategy: str) -> None:
+    """Under FSDP every process writes its shards into the run's checkpoints/ and a resume reads
+    them all, so every machine of the job must see the run directory machine 0 made: a shared
+    output_dir. Checked with a file the main process writes there, before anything trains.
+
+    Raises:
+        UserError: (in every process) a process does not see the file.
+    """
+    if strategy != "fsdp" or process.num_processes == 1:
+        return
+    token = run_dir / ".lmforge-shared"
+    if process.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        token.write_text(str(os.getpid()))
+    process.wait_for_everyone()
+    seen = gather_object([token.is_file()])
+    process.wait_for_everyone()
+    if process.is_main_process:
+        token.unlink()
+    if not all(seen):
+        blind = [rank for rank, ok in enumerate(seen) if not ok]
+        raise UserError(
+            f"distributed.strategy=fsdp: process{'es' * (len(blind) > 1)} {', '.join(map(str, blind))} cannot see "
+            f"the run directory {run_dir} that machine 0 made: each process writes its shards of every "
+            "checkpoint there, so the machines need a shared output_dir (a network filesystem). Give them one, "
+            "or use distributed.strategy=ddp, whose checkpoints machine 0 writes alone"
+        )
 
 
 def _end_pruned(run_dir: Path, state, main: bool, console) -> RunOutcome:

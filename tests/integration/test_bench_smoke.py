@@ -141,3 +141,14 @@ def test_checkpoint_size_smoke():
     row = lines[1].split()
     full_mb, adapter_mb = float(row[5]), float(row[7])
     assert lines[1].startswith("spelling (quickstart model)") and 0 < adapter_mb < full_mb
+
+
+@pytest.mark.slow
+def test_scaleout_smoke():
+    lines = run_bench("scaleout.py", "--smoke")
+    assert lines[0].split()[:2] == ["job", "tokens/s"]
+    rows = {line[:20].strip(): line[20:].split() for line in lines[1:4]}
+    assert list(rows) == ["1 process", "2 processes, DDP", "2 processes, FSDP"]
+    assert rows["1 process"][1] == "1.00x"
+    for figures in rows.values():  # tokens/s, ratio, peak RSS MB
+        assert float(figures[0].replace(",", "")) > 0 and float(figures[2].replace(",", "")) > 50

@@ -38,32 +38,7 @@ def test_two_machines_without_a_shared_disk_are_one_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
     nodes = [machine(tmp_path, f"node{rank}") for rank in (0, 1)]
-    port = free_port()
-    jobs = [
-        subprocess.Popen(
-            lmforge_command(
-                "train",
-                "config.yaml",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(rank),
-                "--nproc",
-                "1",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-            ),  # fmt: skip
-            cwd=where,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=subprocess_env(),
-        )
-        for rank, where in enumerate(nodes)
-    ]
-    outputs = [job.communicate(timeout=400) for job in jobs]
+    jobs, outputs = on_two_machines(nodes)
     for job, (out, err) in zip(jobs, outputs, strict=True):
         assert job.returncode == 0, out + err
     assert outputs[0][0].count("done in") == 1 and "done in" not in outputs[1][0]
@@ -92,26 +67,41 @@ def test_two_machines_without_a_shared_disk_are_one_run(tmp_path):
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
 
     # a resume on machines that share no disk needs the checkpoint on each: machine 1 has none
+    resume = ("train.max_steps=9", "tracking.backends=[none]", "distributed.timeout_minutes=1", "--resume", "auto")
+    jobs, outputs = on_two_machines(nodes, *resume)
+    assert jobs[1].returncode != 0
+    assert "has no copy of the checkpoint the main process resumes from" in outputs[1][1]
+
+    # FSDP: every process writes its shards into the run directory, so machines must share it
+    jobs, outputs = on_two_machines(nodes, "name=sharded", "distributed.strategy=fsdp", "tracking.backends=[none]")
+    assert all(job.returncode != 0 for job in jobs)
+    said = " ".join((outputs[1][0] + outputs[1][1]).split())
+    assert "process 1 cannot see the run directory" in said and "shared output_dir" in said
+    assert not list((nodes[0] / "runs").glob("sharded-2*/checkpoints/*"))  # nothing trained
+
+
+def machine_options(rank: int, port: int) -> list[str]:
+    return [
+        "--nnodes",
+        "2",
+        "--node-rank",
+        str(rank),
+        "--nproc",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+    ]
+
+
+def on_two_machines(nodes, *args) -> tuple[list, list]:
+    """`lmforge train config.yaml ARGS` as machine 0 and machine 1 of a job (one process each, each in
+    its own directory), on a free loopback port; the processes and their (stdout, stderr)."""
     port = free_port()
     jobs = [
         subprocess.Popen(
-            lmforge_command(
-                "train",
-                "config.yaml",
-                "train.max_steps=9",
-                "tracking.backends=[none]",
-                "distributed.timeout_minutes=1",
-                "--resume",
-                "auto",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(rank),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-            ),  # fmt: skip
+            lmforge_command("train", "config.yaml", *args, *machine_options(rank, port)),
             cwd=where,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -120,9 +110,7 @@ def test_two_machines_without_a_shared_disk_are_one_run(tmp_path):
         )
         for rank, where in enumerate(nodes)
     ]
-    outputs = [job.communicate(timeout=400) for job in jobs]
-    assert jobs[1].returncode != 0
-    assert "has no copy of the checkpoint the main process resumes from" in outputs[1][1]
+    return jobs, [job.communicate(timeout=400) for job in jobs]
 
 
 def test_data_prepare_fills_the_cache_a_job_then_reads(tmp_path):

@@ -31,14 +31,14 @@ def resolve_strategy(config: Config, world: int) -> str:
     """distributed.strategy for a job of `world` processes: "single", "ddp", "fsdp" or "deepspeed".
 
     auto is what `accelerate launch` was configured with (ACCELERATE_USE_FSDP/DEEPSPEED in the
-    environment), else ddp. One process trains unsharded whatever the strategy ("single"), except
-    that fsdp keeps its sharded checkpoint format (engine.checkpoint) so that a resume on more
-    processes reads it."""
+    environment), else ddp. One process of ddp is "single"; one of fsdp trains unsharded but keeps
+    the sharded checkpoint format (engine.checkpoint), so that a resume on more processes reads it;
+    one of deepspeed is DeepSpeed's (its offload is for one GPU too)."""
     strategy = config.distributed.strategy
     if strategy == "auto":
         chosen = [s for var, s in ACCELERATE_STRATEGIES.items() if os.environ.get(var, "").lower() == "true"]
         strategy = chosen[0] if chosen else "ddp"
-    if world == 1 and strategy != "fsdp":
+    if world == 1 and strategy == "ddp":
         return "single"
     return strategy
 

@@ -1,0 +1,93 @@
+"""One process against two (DDP and FSDP) on this machine's CPU: trained tokens per second of the
+job and peak RSS of each training process, in one run, the same global batch for all three.
+
+    python bench/scaleout.py            # llama-20m on the quickstart text, 30 steps
+    python bench/scaleout.py --smoke    # llama-tiny, 6 steps (tested)
+
+Each job is `lmforge train examples/quickstart.yaml` (its own tokenizer, the text in data/) with
+micro-batch 8 x grad_accum 2 in one process, and micro-batch 8 in each of two (`--nproc 2`,
+distributed.strategy ddp or fsdp), fp32, no evaluation, no checkpoint until the end. Tokens per
+second is the job's, from metrics.jsonl, over the steps after the first log point (start-up and
+first-step allocation excluded). Peak RSS is sampled every 0.1 s from every training process
+(psutil), the torchrun launcher excluded, and the largest is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = {  # name: (processes, overrides)
+    "1 process": (1, ["train.grad_accum=2"]),
+    "2 processes, DDP": (2, ["distributed.strategy=ddp"]),
+    "2 processes, FSDP": (2, ["distributed.strategy=fsdp"]),
+}
+
+
+def run(name: str, processes: int, overrides: list[str], settings: list[str], out: Path) -> dict:
+    command = [sys.executable, "-m", "lmforge", "train", str(ROOT / "examples" / "quickstart.yaml")]
+    command += [*settings, *overrides, f"output_dir={out}", f"name=job{processes}"]
+    if processes > 1:
+        command += ["--nproc", str(processes)]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peaks: dict[int, int] = {}
+    while job.poll() is None:
+        for child in psutil.Process(job.pid).children(recursive=True) + [psutil.Process(job.pid)]:
+            try:
+                if "torch.distributed.run" in " ".join(child.cmdline()):
+                    continue  # the launcher trains nothing
+                peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
+            except psutil.Error:
+                pass
+        time.sleep(0.1)
+    output = job.stdout.read()
+    if job.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{output}")
+    (run_dir,) = [p for p in out.glob(f"job{processes}-2*") if p.is_dir()]
+    points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [p for p in points if "train/step_time" in p]  # the job's tokens, every process's
+    first, later = logged[0], logged[1:]
+    seconds = sum(p["train/step_time"] * (p["step"] - q["step"]) for q, p in zip(logged[:-1], later, strict=True))
+    trained = later[-1]["train/tokens_seen"] - first["train/tokens_seen"]
+    top = sorted(peaks.values(), reverse=True)[:processes]
+    return {"tokens_per_sec": trained / seconds, "peak_rss_mb": max(top) / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps")
+    args = parser.parse_args()
+    steps, log_every = (6, 2) if args.smoke else (30, 5)
+    settings = [
+        f"train.max_steps={steps}",
+        f"train.log_every={log_every}",
+        "train.micro_batch_size=8",
+        "train.eval_every=null",
+        "train.precision=fp32",
+        "eval.generate.num_examples=0",
+        "eval.predictions=false",
+        "tracking.backends=[none]",
+    ]
+    if not args.smoke:
+        settings += ["model.preset=llama-20m", "model.hidden_size=null", "model.intermediate_size=null"]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (processes, overrides) in JOBS.items():
+            results[name] = run(name, processes, overrides, settings, Path(tmp) / name.replace(" ", "_"))
+    alone = results["1 process"]["tokens_per_sec"]
+    print(f"{'job':<20} {'tokens/s':>10} {'vs 1 process':>13} {'peak RSS per process':>22}")
+    for name, figures in results.items():
+        ratio = figures["tokens_per_sec"] / alone
+        print(f"{name:<20} {figures['tokens_per_sec']:>10,.0f} {ratio:>12.2f}x {figures['peak_rss_mb']:>19,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

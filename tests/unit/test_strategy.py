@@ -1,0 +1,109 @@
+"""distributed.strategy on the config's side: which strategy a job gets, what is refused before
+any process starts (fp16 or a fixed loss chunk size with FSDP, DeepSpeed without CUDA), and a
+DeepSpeed JSON file checked against the run (DeepSpeed itself needs GPUs: bench/gpu_session.sh runs
+it). Also the shape copy into which FSDP's shards are gathered."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import tiny_config_dict
+from lmforge.config import ConfigError, load_config
+from lmforge.engine.sharding import block_names, check_strategy, meta_copy, resolve_strategy
+from lmforge.errors import UserError
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    def make(distributed: dict, **train):
+        raw = tiny_config_dict(tmp_path / "corpus.txt", tmp_path / "cache", tmp_path / "runs")
+        raw["distributed"] = distributed
+        raw["train"].update(train)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return make
+
+
+def problems(path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    return " ".join(str(caught.value).split())
+
+
+@pytest.mark.parametrize(
+    ("strategy", "world", "environment", "expected"),
+    [
+        ("auto", 1, {}, "single"),
+        ("auto", 2, {}, "ddp"),
+        ("auto", 2, {"ACCELERATE_USE_FSDP": "true"}, "fsdp"),  # accelerate launch --config_file fsdp.yaml
+        ("auto", 2, {"ACCELERATE_USE_DEEPSPEED": "true"}, "deepspeed"),
+        ("ddp", 2, {"ACCELERATE_USE_FSDP": "true"}, "ddp"),  # the config's word wins
+        ("fsdp", 2, {}, "fsdp"),
+        ("fsdp", 1, {}, "fsdp"),  # one process, unsharded, but its checkpoints stay in the sharded format
+        ("ddp", 1, {}, "single"),
+        ("deepspeed", 1, {}, "deepspeed"),  # ZeRO-Offload on one GPU
+    ],
+)
+def test_the_strategy_a_job_gets(config_file, monkeypatch, strategy, world, environment, expected):
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    config = load_config(config_file({"strategy": strategy}), env={})
+    assert resolve_strategy(config, world) == expected
+
+
+def test_fsdp_refuses_fp16_and_a_fixed_loss_chunk_size(config_file):
+    said = problems(config_file({"strategy": "fsdp"}, precision="fp16", loss_chunk_size=256))
+    assert "distributed.strategy=fsdp trains in fp32 or bf16" in said and "train.precision=bf16" in said
+    assert "train.loss_chunk_size: the chunked loss reads the output layer's weight" in said
+    assert "config.yaml:" in said  # where each setting is
+
+
+def test_fsdp_settings_are_checked_by_name(config_file):
+    said = problems(config_file({"strategy": "fsdp", "fsdp": {"reshard_after_froward": False}}))
+    assert "distributed.fsdp.reshard_after_froward" in said and "reshard_after_forward" in said
+
+
+def test_a_deepspeed_file_is_checked_against_the_run(config_file, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 5}, "train_micro_batch_size_per_gpu": 16}))
+    said = problems(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(ds)}}))
+    assert "zero_optimization.stage is 5; DeepSpeed has stages 0 to 3" in said
+    assert "train_micro_batch_size_per_gpu is 16 but train.micro_batch_size is 4" in said and '"auto"' in said
+
+    ds.write_text("{not json")
+    assert "not valid JSON" in problems(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(ds)}}))
+    missing = problems(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": "nowhere.json"}}))
+    assert "nowhere.json: no such file" in missing
+
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    config = load_config(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(ds)}}), env={})
+    assert config.distributed.deepspeed.config_file == str(ds)
+    assert problems(config_file({"strategy": "deepspeed", "deepspeed": {"zero_stage": 1}}))  # 2 or 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_deepspeed_without_cuda_is_refused_before_the_job_starts(config_file):
+    config = load_config(config_file({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}), env={})
+    with pytest.raises(UserError, match="needs CUDA GPUs .* distributed.strategy=fsdp"):
+        check_strategy(resolve_strategy(config, 2))
+    check_strategy("fsdp")  # runs here
+
+
+def test_the_shape_copy_holds_no_weights_and_keeps_the_rotary_buffers():
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    )
+    copy = meta_copy(model)
+    assert all(p.is_meta for p in copy.parameters())
+    assert all(p.requires_grad == q.requires_grad for p, q in zip(copy.parameters(), model.parameters(), strict=True))
+    rotary = dict(copy.named_buffers())["model.rotary_emb.inv_freq"]  # in no state dict: kept as it is
+    assert not rotary.is_meta and torch.equal(rotary, dict(model.named_buffers())["model.rotary_emb.inv_freq"])
+    assert not next(model.parameters()).is_meta  # the original is untouched
+    assert block_names(model) == {"LlamaDecoderLayer"}

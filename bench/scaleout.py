@@ -1,15 +1,16 @@
 """One process against two (DDP and FSDP) on this machine's CPU: trained tokens per second of the
 job and peak RSS of each training process, in one run, the same global batch for all three.
 
-    python bench/scaleout.py            # llama-20m on the quickstart text, 30 steps
-    python bench/scaleout.py --smoke    # llama-tiny, 6 steps (tested)
+    python bench/scaleout.py                       # llama-20m on the quickstart text, 30 steps
+    python bench/scaleout.py --preset llama-120m   # where sharding shows in memory, 10 steps
+    python bench/scaleout.py --smoke               # llama-tiny, 6 steps (tested)
 
 Each job is `lmforge train examples/quickstart.yaml` (its own tokenizer, the text in data/) with
 micro-batch 8 x grad_accum 2 in one process, and micro-batch 8 in each of two (`--nproc 2`,
 distributed.strategy ddp or fsdp), fp32, no evaluation, no checkpoint until the end. Tokens per
 second is the job's, from metrics.jsonl, over the steps after the first log point (start-up and
 first-step allocation excluded). Peak RSS is sampled every 0.1 s from every training process
-(psutil), the torchrun launcher excluded, and the largest is printed.
+(psutil), the torchrun launcher excluded: each process's, largest first.
 """
 
 from __future__ import annotations
@@ -58,14 +59,15 @@ def run(name: str, processes: int, overrides: list[str], settings: list[str], ou
     seconds = sum(p["train/step_time"] * (p["step"] - q["step"]) for q, p in zip(logged[:-1], later, strict=True))
     trained = later[-1]["train/tokens_seen"] - first["train/tokens_seen"]
     top = sorted(peaks.values(), reverse=True)[:processes]
-    return {"tokens_per_sec": trained / seconds, "peak_rss_mb": max(top) / 2**20}
+    return {"tokens_per_sec": trained / seconds, "peak_rss_mb": [rss / 2**20 for rss in top]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps")
+    parser.add_argument("--preset", default="llama-20m", help="model.preset (default llama-20m)")
     args = parser.parse_args()
-    steps, log_every = (6, 2) if args.smoke else (30, 5)
+    steps, log_every = (6, 2) if args.smoke else (30, 5) if args.preset == "llama-20m" else (10, 2)
     settings = [
         f"train.max_steps={steps}",
         f"train.log_every={log_every}",
@@ -77,7 +79,7 @@ def main() -> None:
         "tracking.backends=[none]",
     ]
     if not args.smoke:
-        settings += ["model.preset=llama-20m", "model.hidden_size=null", "model.intermediate_size=null"]
+        settings += [f"model.preset={args.preset}", "model.hidden_size=null", "model.intermediate_size=null"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (processes, overrides) in JOBS.items():
@@ -86,7 +88,8 @@ def main() -> None:
     print(f"{'job':<20} {'tokens/s':>10} {'vs 1 process':>13} {'peak RSS per process':>22}")
     for name, figures in results.items():
         ratio = figures["tokens_per_sec"] / alone
-        print(f"{name:<20} {figures['tokens_per_sec']:>10,.0f} {ratio:>12.2f}x {figures['peak_rss_mb']:>19,.0f} MB")
+        rss = " / ".join(f"{mb:,.0f}" for mb in figures["peak_rss_mb"])
+        print(f"{name:<20} {figures['tokens_per_sec']:>10,.0f} {ratio:>12.2f}x {rss:>19} MB")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,8 @@ def train(
             if _should_save(loop, new_best):
                 _save(loop)
     progress.close()
+    if skeleton is not None:  # the last checkpoint holds it: room for the gathered weights
+        getattr(optimizer, "optimizer", optimizer).state.clear()
     return TrainResult(_trained_model(model, accelerator, skeleton), state, checkpoint_dir)
 
 
@@ -272,7 +274,9 @@ def _trained_model(model: nn.Module, accelerator: Accelerator, skeleton: nn.Modu
     """The plain trained model: unwrapped; under FSDP gathered into `skeleton` on the main process
     (the others get None), for evaluation and final/."""
     trained = accelerator.unwrap_model(model, keep_torch_compile=False)
-    return trained if skeleton is None else consolidate(trained, skeleton, accelerator.is_main_process)
+    if skeleton is None:
+        return trained
+    return consolidate(trained, skeleton, accelerator.is_main_process)
 
 
 def _start(loop: Loop, resume_from: Path | None) -> TrainState:

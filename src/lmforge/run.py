@@ -278,8 +278,9 @@ def _data_and_model(config: Config, console: Console, process: PartialState):
     data = prepare_per_node(config, process, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
     model = build_model(config, data.tokenizer, labels=data.labels)
-    plan = StepPlan(len(data.splits["train"]), config.train.micro_batch_size, config.train.grad_accum)
-    steps = total_steps(config.train, plan)
+    train = config.train  # the loop's plan: steps per epoch depend on the number of processes
+    plan = StepPlan(len(data.splits["train"]), train.micro_batch_size, train.grad_accum, process.num_processes)
+    steps = total_steps(train, plan)
     return resolved_curriculum(config, steps), data, model, plan, steps
 
 

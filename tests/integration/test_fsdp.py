@@ -70,7 +70,8 @@ def test_two_processes_train_as_one_and_their_sharded_checkpoints_resume_on_one_
 
     where = workdir(tmp_path)
     lmforge(where, "name=one", "train.grad_accum=2")  # micro-batches 4 x 2 in one process
-    lmforge(where, "name=two", "--nproc", "2")  # 4 in each of 2 processes
+    pair = lmforge(where, "name=two", "--nproc", "2")  # 4 in each of 2 processes
+    assert "2 processes (FSDP, weights sharded)" in pair.stdout and "up to 256 tokens per step" in pair.stdout
     one, two = run_named(where, "one"), run_named(where, "two")
     expected = losses(one)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]

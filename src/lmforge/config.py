@@ -1094,7 +1094,8 @@ def _check_deepspeed_file(path: Path, train: TrainConfig) -> list[str]:
     if not isinstance(ds, dict):
         return [f"{field}: {path}: a DeepSpeed config is a JSON object"]
     problems = []
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else 0
+    zero = ds.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
     if stage not in (0, 1, 2, 3):
         problems.append(f"{field}: {path}: zero_optimization.stage is {stage!r}; DeepSpeed has stages 0 to 3")
     for key, ours, name in (

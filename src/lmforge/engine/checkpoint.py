@@ -98,19 +98,10 @@ def save_checkpoint(
             save_model(model, str(tmp / "model.safetensors"))
         else:
             save_file(trainable_state(model), str(tmp / "model.safetensors"))
-            (tmp / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
-        save_base_config(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, text in (files or {}).items():  # small files that make the checkpoint usable as a model
-            (tmp / name).write_text(text)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(capture_rng(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=2))
-        (tmp / "config.yaml").write_text(config_yaml)
+        _write_the_rest(tmp, state, model, scheduler, config_yaml, tokenizer, files, base)
         files = {p.name: _describe(p) for p in sorted(tmp.iterdir())}
         weights = "all" if base is None else TRAINABLE
         manifest = {"format": FORMAT, "step": state.step, "weights": weights, "files": files}
@@ -155,17 +146,7 @@ def save_sharded_checkpoint(
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED))
     if main:
         try:
-            if base is not None:
-                (tmp / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
-            save_base_config(model, tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            for name, text in (files or {}).items():
-                (tmp / name).write_text(text)
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(capture_rng(), tmp / "rng.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=2))
-            (tmp / "config.yaml").write_text(config_yaml)
+            _write_the_rest(tmp, state, model, scheduler, config_yaml, tokenizer, files, base)
             written = sorted(p for p in tmp.rglob("*") if p.is_file())
             manifest = {
                 "format": FORMAT,
@@ -186,6 +167,25 @@ def save_sharded_checkpoint(
             raise
     _barrier()
     return Checkpoint(target, state.step)
+
+
+def _write_the_rest(
+    tmp: Path, state: TrainState, model, scheduler, config_yaml: str, tokenizer, files: dict | None, base: dict | None
+) -> None:
+    """Into a checkpoint being written, besides its weights and optimizer state: the base record, the
+    model's config, tokenizer and small files that make it usable as a model, the scheduler and RNG
+    states, the loop's state and the resolved config."""
+    if base is not None:
+        (tmp / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
+    save_base_config(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    for name, text in (files or {}).items():  # small files that make the checkpoint usable as a model
+        (tmp / name).write_text(text)
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(capture_rng(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=2))
+    (tmp / "config.yaml").write_text(config_yaml)
 
 
 @contextmanager

@@ -17,11 +17,12 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import PartialState
@@ -66,6 +67,8 @@ from lmforge.models.build import build_model, count_parameters
 from lmforge.models.peft import BASE_FILE, base_record, check_quantization, save_base_config, write_base_record
 from lmforge.results.plugins import plugins_for
 from lmforge.tracking.base import RUN_ARTIFACTS, Trackers, open_trackers, saved_ids
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -140,10 +143,10 @@ def run_train(
     if run_dir is not None:
         checkpoint = latest_valid(run_dir / "checkpoints", warn) if (run_dir / "checkpoints").is_dir() else None
     else:
-        with process.main_process_first():  # a checkpoint in the mirror is downloaded once, by the main process
-            log = lambda message: console.print(message, highlight=False)  # noqa: E731
-            checkpoint = find_resume_checkpoint(config, resume, warn, log) if resume else None
-        checkpoint = same_checkpoint_everywhere(process, checkpoint)
+        log = lambda message: console.print(message, highlight=False)  # noqa: E731
+        # a checkpoint in the mirror is downloaded once per machine, by its first process
+        find = lambda: find_resume_checkpoint(config, resume, warn, log) if resume else None  # noqa: E731
+        checkpoint = same_checkpoint_everywhere(process, machine_by_machine(process, find))
     if checkpoint is not None:
         config = as_resolved_before(checkpoint, config, console)
         check_resume_config(checkpoint, config, warn, process.num_processes)
@@ -293,20 +296,30 @@ def job_state(config: Config) -> PartialState:
 
 
 def prepare_per_node(config: Config, process: PartialState, log) -> PreparedData:
-    """`prepare_data` in every process of a job, the work done once per machine: the main process
-    first, then the first process of each other machine (which finds a shared data.cache_dir filled,
-    or fills its own machine's: nodes need no shared disk), then the rest, which read their machine's
-    cache. One process alone simply prepares it. A job whose data takes long to tokenize is best
-    prepared before it starts (`lmforge data prepare`; `lmforge train --nproc` does it itself), so
-    that no process waits past distributed.timeout_minutes."""
+    """`prepare_data` in every process of a job, the work done once per machine (see
+    `machine_by_machine`): the first process of each machine finds a shared data.cache_dir filled, or
+    fills its own machine's (nodes need no shared disk); the rest read their machine's cache. A job
+    whose data takes long to tokenize is best prepared before it starts (`lmforge data prepare`;
+    `lmforge train --nproc` does it itself), so that no process waits past
+    distributed.timeout_minutes."""
+    return machine_by_machine(process, lambda: prepare_data(config, log=log))
+
+
+def machine_by_machine(process: PartialState, work: Callable[[], T]) -> T:
+    """work() once in every process of a job, in three waves so that what one process writes to
+    its machine's disk (a data cache, a checkpoint downloaded from the mirror) is there before the
+    next reads it: the main process, then the first process of each other machine, then the rest.
+    One process alone simply calls it."""
     if process.num_processes == 1:
-        return prepare_data(config, log=log)
-    data = prepare_data(config, log=log) if process.is_main_process else None
+        return work()
+    first_wave = process.is_main_process
+    second_wave = process.is_local_main_process and not first_wave
+    result = work() if first_wave else None
     process.wait_for_everyone()
-    if process.is_local_main_process and not process.is_main_process:
-        data = prepare_data(config, log=log)
+    if second_wave:
+        result = work()
     process.wait_for_everyone()
-    return data if data is not None else prepare_data(config, log=log)
+    return result if first_wave or second_wave else work()
 
 
 def same_checkpoint_everywhere(process: PartialState, checkpoint: Checkpoint | None) -> Checkpoint | None:

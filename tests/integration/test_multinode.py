@@ -80,14 +80,14 @@ def test_two_machines_without_a_shared_disk_are_one_run(tmp_path):
     assert not list((nodes[0] / "runs").glob("sharded-2*/checkpoints/*"))  # nothing trained
 
 
-def machine_options(rank: int, port: int) -> list[str]:
+def machine_options(rank: int, port: int, nproc: int = 1) -> list[str]:
     return [
         "--nnodes",
         "2",
         "--node-rank",
         str(rank),
         "--nproc",
-        "1",
+        str(nproc),
         "--master-addr",
         "127.0.0.1",
         "--master-port",
@@ -95,13 +95,13 @@ def machine_options(rank: int, port: int) -> list[str]:
     ]
 
 
-def on_two_machines(nodes, *args) -> tuple[list, list]:
-    """`lmforge train config.yaml ARGS` as machine 0 and machine 1 of a job (one process each, each in
-    its own directory), on a free loopback port; the processes and their (stdout, stderr)."""
+def on_two_machines(nodes, *args, nproc: int = 1) -> tuple[list, list]:
+    """`lmforge train config.yaml ARGS` as machine 0 and machine 1 of a job (`nproc` processes each,
+    each machine in its own directory), on a free loopback port; the processes and their (stdout, stderr)."""
     port = free_port()
     jobs = [
         subprocess.Popen(
-            lmforge_command("train", "config.yaml", *args, *machine_options(rank, port)),
+            lmforge_command("train", "config.yaml", *args, *machine_options(rank, port, nproc)),
             cwd=where,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -111,6 +111,37 @@ def on_two_machines(nodes, *args) -> tuple[list, list]:
         for rank, where in enumerate(nodes)
     ]
     return jobs, [job.communicate(timeout=400) for job in jobs]
+
+
+def test_machines_without_the_checkpoint_resume_from_the_mirror_each_downloading_it_once(tmp_path):
+    """A run trained on one machine with train.mirror resumes (--resume auto) on two new machines of
+    two processes each: on each machine its first process downloads the checkpoint and the others
+    then find it there (four processes downloading into one directory at once would collide)."""
+    drive = tmp_path / "drive"
+    single = machine(tmp_path, "single", grad_accum=4, mirror=str(drive))
+    proc = subprocess.run(
+        lmforge_command("train", "config.yaml", "tracking.backends=[none]"),
+        cwd=single,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (alone,) = (single / "runs").glob("tiny-2*")
+
+    nodes = [machine(tmp_path, f"node{rank}", mirror=str(drive)) for rank in (0, 1)]
+    resume = ("train.max_steps=8", "tracking.backends=[none]", "--resume", "auto")
+    jobs, outputs = on_two_machines(nodes, *resume, nproc=2)
+    for job, (out, err) in zip(jobs, outputs, strict=True):
+        assert job.returncode == 0, out + err
+    assert outputs[0][0].count(f"downloading checkpoint step-000006 of {alone.name}") == 1
+    for where in nodes:  # each machine holds the checkpoint, downloaded whole
+        checkpoint = where / "runs" / alone.name / "checkpoints" / "step-000006"
+        assert (checkpoint / "manifest.json").is_file(), list(checkpoint.parent.iterdir())
+    resumed = nodes[0] / "runs" / alone.name
+    assert [s for s, _ in losses(resumed)] == list(range(1, 9))
+    assert (resumed / "final" / "config.json").is_file()
 
 
 def test_data_prepare_fills_the_cache_a_job_then_reads(tmp_path):

@@ -220,6 +220,8 @@ def test_resume_refuses_a_changed_model_and_allows_more_steps(tmp_path):
     ) in " ".join(out.split())
     run_dir = run_dir_of(tmp_path, "run")
     assert [s for s, _ in losses(run_dir)] == list(range(1, 10))
+    rates = {p["step"]: p["train/lr"] for p in points(run_dir) if "train/lr" in p}
+    assert rates[7] == pytest.approx(0.001)  # the first step after the resume follows the new plan
 
 
 def test_early_stopping_resumed_mid_patience_stops_at_the_same_step(tmp_path_factory):

@@ -28,7 +28,7 @@ from lmforge.engine.checkpoint import (
 )
 from lmforge.engine.early_stopping import record_eval
 from lmforge.engine.losses import count_targets, describe_loss, loss_step_for, resolve_loss_chunk_size
-from lmforge.engine.optim import build_optimizer, build_scheduler
+from lmforge.engine.optim import build_optimizer, build_scheduler, follow_schedule
 from lmforge.engine.progress import TrainProgress
 from lmforge.engine.sharding import (
     accelerate_sharding_off,
@@ -289,6 +289,7 @@ def _start(loop: Loop, resume_from: Path | None) -> TrainState:
         return loop.state
     model, accelerator = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False), loop.accelerator
     loop.state = load_checkpoint(resume_from, model, loop.optimizer, loop.scheduler, accelerator.scaler)
+    follow_schedule(loop.scheduler)  # a resume that changed train.max_steps trains on the new plan at once
     loop.state.world_size = accelerator.num_processes  # (check_resume_config kept the global batch)
     if loop.state.stop_reason != "early_stopping":
         loop.state.stop_reason = None  # a pause, or a finished run given more steps, goes on

@@ -305,6 +305,17 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
 
 
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each parameter group's learning rate from the scheduler's schedule at its current step.
+    A resumed optimizer and scheduler bring back the rate the checkpoint's schedule set for the next
+    step; when the resume plans the schedule again (a new train.max_steps), the next step must
+    already take the new plan's rate. Without a change it is the same rate, bit for bit."""
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports (torch's LRScheduler keeps it there)
+
+
 def schedule_change(cfg_before: TrainConfig, cfg_now: TrainConfig, total_before: int, total_now: int, step: int) -> str:
     """What a resume that changes the run's length does to its learning-rate schedule, in words
     ('' when nothing changes): the schedule is planned over the total steps, so a new total moves

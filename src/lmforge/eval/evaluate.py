@@ -28,7 +28,6 @@ from lmforge.engine.losses import (
     seq2seq_logits,
     target_rows,
 )
-from lmforge.engine.sharding import is_sharded
 
 
 @torch.no_grad()
@@ -178,17 +177,20 @@ def score_rows(
 
 
 def _in_step(batches, model: nn.Module, world: int):
-    """(indices, counted) of this process's evaluation batches. A sharded model (FSDP) gathers its
-    weights from every process at each forward, so a process with fewer batches than the others
-    runs its first batch again, unscored, until all have run as many forwards."""
+    """(indices, counted) of this process's evaluation batches. A wrapped model's forward is a
+    collective (FSDP gathers its weights from every process, DDP broadcasts its buffers), so the
+    processes first agree on the largest count, and one with fewer batches runs its first batch
+    again, unscored, until it has run as many forwards as the others."""
     mine = list(batches)
-    for indices in mine:
-        yield indices, True
-    if world > 1 and is_sharded(model):
+    most = len(mine)
+    if world > 1:
         count = torch.tensor([len(mine)], device=next(model.parameters()).device)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-        for _ in range(int(count) - len(mine)):
-            yield (mine[0] if mine else np.arange(1)), False
+        most = int(count)
+    for indices in mine:
+        yield indices, True
+    for _ in range(most - len(mine)):
+        yield (mine[0] if mine else np.arange(1)), False
 
 
 def evaluate_split(

@@ -58,7 +58,7 @@ from lmforge.engine.loop import (
 )
 from lmforge.engine.optim import schedule_change
 from lmforge.engine.progress import format_duration
-from lmforge.engine.sharding import resolve_strategy
+from lmforge.engine.sharding import fsdp_settings, resolve_strategy
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
 from lmforge.eval.generation import HINTS_FILE, Prompt, hints_of, prompts_and_references, respond
@@ -856,6 +856,9 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
     per_step = config.train.micro_batch_size * config.train.grad_accum * plan.world * config.data.max_length
     strategy = resolve_strategy(config, plan.world)
     job = {"ddp": "DDP", "fsdp": "FSDP, weights sharded", "deepspeed": "DeepSpeed"}.get(strategy)
+    if strategy == "fsdp":
+        fsdp = fsdp_settings(config)
+        job += ", activations recomputed" * fsdp.activation_checkpointing + ", offloaded to CPU" * fsdp.cpu_offload
     cached = " (from cache)" if data.cache_hit else ""
     console.print(f"data{cached}: {rows}", highlight=False)
     console.print(

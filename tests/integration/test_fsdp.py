@@ -12,6 +12,8 @@ its running magnitude, so on a near-zero gradient those bits move a weight by up
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +129,37 @@ def test_bf16_on_two_processes_trains_as_on_one(tmp_path):
     expected = losses(run_named(where, "one"))
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert list(losses(run_named(where, "two")).values()) == pytest.approx(list(expected.values()), rel=2e-3)
+
+
+def test_accelerate_launch_with_an_fsdp_config_trains_sharded(tmp_path):
+    """`accelerate launch --config_file fsdp.yaml -m lmforge train` (strategy auto): the job is FSDP,
+    with the accelerate config's own FSDP settings, and its checkpoints are sharded over 2."""
+    where = workdir(tmp_path, distributed={})
+    (where / "fsdp.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "compute_environment": "LOCAL_MACHINE",
+                "distributed_type": "FSDP",
+                "num_machines": 1,
+                "num_processes": 2,
+                "mixed_precision": "no",
+                "fsdp_config": {"fsdp_version": 2, "fsdp_activation_checkpointing": True},
+            }
+        )
+    )
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "fsdp.yaml"]
+    proc = subprocess.run(
+        [*launch, "-m", "lmforge", "train", "config.yaml", "train.max_steps=3"],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 processes (FSDP, weights sharded, activations recomputed)" in " ".join(proc.stdout.split())
+    manifest = json.loads((run_named(where, "tiny") / "checkpoints" / "step-000003" / "manifest.json").read_text())
+    assert manifest["sharded"] == {"strategy": "fsdp", "world_size": 2}
 
 
 def test_lora_on_two_processes_trains_as_one_and_checkpoints_the_adapters_only(tmp_path):

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_config_dict
 from lmforge.config import ConfigError, load_config
-from lmforge.engine.sharding import block_names, check_strategy, meta_copy, resolve_strategy
+from lmforge.engine.sharding import block_names, check_strategy, fsdp_settings, meta_copy, resolve_strategy
 from lmforge.errors import UserError
 
 
@@ -56,6 +56,34 @@ def test_the_strategy_a_job_gets(config_file, monkeypatch, strategy, world, envi
         monkeypatch.setenv(name, value)
     config = load_config(config_file({"strategy": strategy}), env={})
     assert resolve_strategy(config, world) == expected
+
+
+@pytest.mark.parametrize(
+    ("strategy", "environment", "expected"),
+    [
+        ("fsdp", {}, (True, False, False)),  # distributed.fsdp's defaults
+        (  # accelerate launch --config_file fsdp.yaml: its settings, as accelerate.utils.launch exports them
+            "auto",
+            {
+                "FSDP_RESHARD_AFTER_FORWARD": "false",
+                "FSDP_OFFLOAD_PARAMS": "true",
+                "FSDP_ACTIVATION_CHECKPOINTING": "true",
+            },
+            (False, True, True),
+        ),
+        ("auto", {"FSDP_RESHARD_AFTER_FORWARD": "FULL_SHARD"}, (True, False, False)),  # an FSDP1 config
+        ("auto", {"FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"}, (False, False, False)),
+        ("fsdp", {"FSDP_ACTIVATION_CHECKPOINTING": "true"}, (True, False, False)),  # the config's word wins
+    ],
+)
+def test_the_fsdp_settings_a_job_gets(config_file, monkeypatch, strategy, environment, expected):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for name in ("FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    got = fsdp_settings(load_config(config_file({"strategy": strategy}), env={}))
+    assert (got.reshard_after_forward, got.cpu_offload, got.activation_checkpointing) == expected
 
 
 def test_fsdp_refuses_fp16_and_a_fixed_loss_chunk_size(config_file):

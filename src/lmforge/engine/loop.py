@@ -36,6 +36,7 @@ from lmforge.engine.sharding import (
     clip_sharded_grad_norm,
     consolidate,
     deepspeed_plugin,
+    fsdp_settings,
     meta_copy,
     resolve_strategy,
     shard_model,
@@ -253,7 +254,7 @@ def _prepare(model: nn.Module, config: Config, strategy: str):
     skeleton = None
     if strategy == "fsdp" and accelerator.num_processes > 1:
         skeleton = meta_copy(model)
-        model = shard_model(model, config.distributed.fsdp, accelerator.mixed_precision)
+        model = shard_model(model, fsdp_settings(config), accelerator.mixed_precision)
     optimizer = build_optimizer(model, cfg)
     if cfg.compile:  # the compiled wrapper shares the parameters: the optimizer and checkpoints see the same
         model = torch.compile(model)

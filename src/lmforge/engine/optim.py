@@ -310,7 +310,10 @@ def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     A resumed optimizer and scheduler bring back the rate the checkpoint's schedule set for the next
     step; when the resume plans the schedule again (a new train.max_steps), the next step must
     already take the new plan's rate. Without a change it is the same rate, bit for bit."""
-    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    rates = [
+        base * factor(scheduler.last_epoch)
+        for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
     for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() reports (torch's LRScheduler keeps it there)

@@ -43,6 +43,24 @@ def resolve_strategy(config: Config, world: int) -> str:
     return strategy
 
 
+def fsdp_settings(config: Config) -> FsdpConfig:
+    """The FSDP settings a job trains with: distributed.fsdp, except under strategy auto in a job
+    that `accelerate launch --config_file` started with an FSDP config, whose own settings apply
+    (FSDP_RESHARD_AFTER_FORWARD, FSDP_OFFLOAD_PARAMS and FSDP_ACTIVATION_CHECKPOINTING in the
+    environment, as accelerate.utils.launch sets them; FSDP1's FULL_SHARD reshards, its other
+    strategies keep the weights gathered)."""
+    settings = config.distributed.fsdp
+    if config.distributed.strategy != "auto" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return settings
+    said = {
+        "reshard_after_forward": os.environ.get("FSDP_RESHARD_AFTER_FORWARD"),
+        "cpu_offload": os.environ.get("FSDP_OFFLOAD_PARAMS"),
+        "activation_checkpointing": os.environ.get("FSDP_ACTIVATION_CHECKPOINTING"),
+    }
+    flag = lambda value: value.lower() in ("true", "full_shard", "1")  # noqa: E731
+    return settings.model_copy(update={key: flag(value) for key, value in said.items() if value is not None})
+
+
 def check_strategy(strategy: str) -> None:
     """Refuse a strategy this machine cannot run, before any process group is set up.
 

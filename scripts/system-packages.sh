@@ -3,6 +3,7 @@
 #   postgresql       the sweep tests start their own PostgreSQL server (a study shared by workers)
 #   chromium         the report tests open lmforge's HTML report in a real headless browser
 #   chromium-driver  (chromedriver, through which selenium drives it)
+#   g++              DeepSpeed compiles its CPU communication op when a CPU job starts (the DeepSpeed tests)
 # lmforge itself needs none of them.
 set -euo pipefail
 missing=()
@@ -14,6 +15,9 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 if ! command -v chromedriver >/dev/null 2>&1; then
     missing+=(chromium-driver)
+fi
+if ! command -v g++ >/dev/null 2>&1; then
+    missing+=(g++)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

@@ -95,7 +95,7 @@ def train_command(
     from lmforge.config import load_config
     from lmforge.engine.lr_find import RangeTestInterrupted
     from lmforge.launch import Launch, check_launch, start_job
-    from lmforge.run import quick_test_config, resume_command, run_train
+    from lmforge.run import check_resume_ahead, quick_test_config, resume_command, run_train
 
     job = None
     if nproc is not None or nnodes > 1 or node_rank or master_addr or master_port:
@@ -116,6 +116,8 @@ def train_command(
     if job is not None:
         from lmforge.data.prepare import prepare_data
 
+        if resume and nnodes == 1:  # (machines of a multi-machine job may hold no copy until the job runs)
+            check_resume_ahead(cfg, resume, job.nproc)
         prepare_data(cfg, log=lambda m: err_console.print(m, style="dim"))  # this machine's cache, before the job
         flags = [*(["--quick-test"] if quick_test else []), *(["--dry-run"] if dry_run else [])]
         start_job(job, ["train", str(config), *(overrides or []), *flags, *(["--resume", resume] if resume else [])])

@@ -661,7 +661,8 @@ class FsdpConfig(Section):
 
 
 class DeepSpeedConfig(Section):
-    """DeepSpeed ZeRO through accelerate (GPU only: DeepSpeed does not train on CPU)."""
+    """DeepSpeed ZeRO through accelerate (the deepspeed package: pip install 'lmforge[deepspeed]'). On a
+    machine without CUDA it trains on the CPU over gloo, as DeepSpeed's CPU accelerator does."""
 
     zero_stage: Literal[2, 3] = 2
     """ZeRO stage: 2 shards optimizer state and gradients, 3 the weights too."""
@@ -679,7 +680,8 @@ class DistributedConfig(Section):
     """How the processes share the work. ddp: every process holds the whole model and gradients are
     averaged (DistributedDataParallel). fsdp: weights, gradients and optimizer state are sharded
     (see distributed.fsdp); checkpoints are sharded too and resume on another number of processes.
-    deepspeed: ZeRO through accelerate, GPU only. auto: what `accelerate launch` was configured
+    deepspeed: ZeRO through accelerate; its checkpoints resume on as many processes as wrote them.
+    auto: what `accelerate launch` was configured
     with (its FSDP or DeepSpeed settings), else ddp. A job of one process trains unsharded."""
     fsdp: FsdpConfig = FsdpConfig()
     """FSDP settings (used with strategy: fsdp)."""
@@ -1061,7 +1063,7 @@ def check_config(config: Config) -> list[str]:
 
 def _check_distributed(config: Config) -> list[str]:
     """distributed.strategy against the precision and loss it trains with, and a DeepSpeed JSON file
-    against the run's batch sizes. Whether the machine can run the strategy (DeepSpeed needs CUDA)
+    against the run's batch sizes. Whether the machine can run the strategy (the deepspeed package)
     is known only where the job runs: lmforge.engine.sharding.check_strategy."""
     dist, train, problems = config.distributed, config.train, []
     if dist.strategy == "fsdp":
@@ -1101,10 +1103,23 @@ def _check_deepspeed_file(path: Path, train: TrainConfig) -> list[str]:
     for key, ours, name in (
         ("train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size"),
         ("gradient_accumulation_steps", train.grad_accum, "train.grad_accum"),
+        ("gradient_clipping", train.max_grad_norm or 0.0, "train.max_grad_norm"),
     ):
         value = ds.get(key, "auto")
         if value != "auto" and value != ours:
             problems.append(f'{field}: {path}: {key} is {value!r} but {name} is {ours}: write "auto" there')
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            problems.append(
+                f'{field}: {path}: lmforge builds the {key} (train.{key} and its settings); remove "{key}" '
+                "from the DeepSpeed config"
+            )
+    for key, wanted in (("bf16", train.precision == "bf16"), ("fp16", train.precision == "fp16")):
+        enabled = ds.get(key, {}).get("enabled", "auto") if isinstance(ds.get(key), dict) else "auto"
+        if enabled != "auto" and train.precision != "auto" and bool(enabled) != wanted:
+            problems.append(
+                f'{field}: {path}: {key}.enabled is {enabled!r} but train.precision is {train.precision}: write "auto"'
+            )
     return problems
 
 

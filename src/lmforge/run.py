@@ -44,6 +44,7 @@ from lmforge.engine.checkpoint import (
     latest_valid,
     load_trainer_state,
     load_weights,
+    sharded_layout,
     verify,
 )
 from lmforge.engine.loop import (
@@ -505,14 +506,14 @@ def _run_dir(config: Config, process, checkpoint: Checkpoint | None, given: Path
 
 
 def check_shared_checkpoints(run_dir: Path, process: PartialState, strategy: str) -> None:
-    """Under FSDP every process writes its shards into the run's checkpoints/ and a resume reads
+    """Under FSDP and DeepSpeed every process writes its shards into the run's checkpoints/ and a resume reads
     them all, so every machine of the job must see the run directory machine 0 made: a shared
     output_dir. Checked with a file the main process writes there, before anything trains.
 
     Raises:
         UserError: (in every process) a process does not see the file.
     """
-    if strategy != "fsdp" or process.num_processes == 1:
+    if strategy not in ("fsdp", "deepspeed") or process.num_processes == 1:
         return
     token = run_dir / ".lmforge-shared"
     if process.is_main_process:
@@ -526,8 +527,8 @@ def check_shared_checkpoints(run_dir: Path, process: PartialState, strategy: str
     if not all(seen):
         blind = [rank for rank, ok in enumerate(seen) if not ok]
         raise UserError(
-            f"distributed.strategy=fsdp: process{'es' * (len(blind) > 1)} {', '.join(map(str, blind))} cannot see "
-            f"the run directory {run_dir} that machine 0 made: each process writes its shards of every "
+            f"distributed.strategy={strategy}: process{'es' * (len(blind) > 1)} {', '.join(map(str, blind))} "
+            f"cannot see the run directory {run_dir} that machine 0 made: each process writes its shards of every "
             "checkpoint there, so the machines need a shared output_dir (a network filesystem). Give them one, "
             "or use distributed.strategy=ddp, whose checkpoints machine 0 writes alone"
         )
@@ -746,6 +747,48 @@ def check_mirror(config: Config) -> None:
             raise UserError(f"train.mirror: {exc}") from None
 
 
+def check_resume_ahead(config: Config, resume: str, processes: int) -> None:
+    """run_train's resume checks, made by `lmforge train --nproc` before it starts a job of
+    `processes` on this machine, so that a refusal is said once and plainly rather than by every
+    process under torchrun's report. A checkpoint only the mirror holds is checked by the job, which
+    downloads it first.
+
+    Raises:
+        UserError: as run_train would: no such checkpoint, or a resume it refuses.
+    """
+    if resume == "auto" and config.train.mirror:
+        return
+    quiet = lambda message: None  # noqa: E731  (the job says its warnings)
+    checkpoint = find_resume_checkpoint(config, resume, quiet, quiet)
+    if checkpoint is not None:
+        resolved = as_resolved_before(checkpoint, config, Console(quiet=True))
+        check_resume_config(checkpoint, resolved, quiet, processes)
+
+
+def check_deepspeed_resume(checkpoint: Checkpoint, strategy: str, saved_world: int, world_size: int) -> None:
+    """A DeepSpeed checkpoint holds ZeRO's partitions of the optimizer state (and at stage 3 of the
+    weights), one file per process: it resumes under DeepSpeed on as many processes as wrote it, and
+    a checkpoint written without DeepSpeed does not resume under it.
+
+    Raises:
+        UserError: the strategy or, for a DeepSpeed checkpoint, the number of processes changed.
+    """
+    written = (sharded_layout(checkpoint.path) or {}).get("strategy")
+    if (written == "deepspeed") != (strategy == "deepspeed"):
+        raise UserError(
+            f"cannot resume {checkpoint.path} with distributed.strategy={strategy}: it was written "
+            f"{'with' if written == 'deepspeed' else 'without'} DeepSpeed, whose checkpoints hold ZeRO's own "
+            "partitions; resume it with the strategy it was written with, or start a new run from its weights "
+            "(model.name_or_path)"
+        )
+    if written == "deepspeed" and saved_world != world_size:
+        raise UserError(
+            f"cannot resume {checkpoint.path} on {world_size} process{'es' * (world_size > 1)}: DeepSpeed wrote its "
+            f"ZeRO partitions for {saved_world}; resume on {saved_world} (distributed.strategy=fsdp checkpoints "
+            "resume on any number)"
+        )
+
+
 def check_resume_config(checkpoint: Checkpoint, config: Config, warn, world_size: int = 1) -> None:
     """Refuse a resume whose config changes the model, the data or the optimisation.
 
@@ -755,6 +798,7 @@ def check_resume_config(checkpoint: Checkpoint, config: Config, warn, world_size
     saved = saved_config(checkpoint.path / "config.yaml")
     allowed, refused = resume_differences(saved, config)
     saved_world = load_trainer_state(checkpoint.path).world_size
+    check_deepspeed_resume(checkpoint, resolve_strategy(config, world_size), saved_world, world_size)
     before, now = saved.train.grad_accum * saved_world, config.train.grad_accum * world_size
     if before != now:
         fits = before % world_size == 0

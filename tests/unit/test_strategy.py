@@ -1,7 +1,7 @@
 """distributed.strategy on the config's side: which strategy a job gets, what is refused before
-any process starts (fp16 or a fixed loss chunk size with FSDP, DeepSpeed without CUDA), and a
-DeepSpeed JSON file checked against the run (DeepSpeed itself needs GPUs: bench/gpu_session.sh runs
-it). Also the shape copy into which FSDP's shards are gathered."""
+any process starts (fp16 or a fixed loss chunk size with FSDP), a DeepSpeed JSON file checked
+against the run, and the DeepSpeed plugin built from the run's settings (DeepSpeed jobs themselves:
+tests/integration/test_deepspeed.py). Also the shape copy into which FSDP's shards are gathered."""
 
 import json
 
@@ -12,8 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_config_dict
 from lmforge.config import ConfigError, load_config
-from lmforge.engine.sharding import block_names, check_strategy, fsdp_settings, meta_copy, resolve_strategy
-from lmforge.errors import UserError
+from lmforge.engine.sharding import block_names, fsdp_settings, meta_copy, resolve_strategy
 
 
 @pytest.fixture
@@ -116,12 +115,37 @@ def test_a_deepspeed_file_is_checked_against_the_run(config_file, tmp_path):
     assert problems(config_file({"strategy": "deepspeed", "deepspeed": {"zero_stage": 1}}))  # 2 or 3
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_deepspeed_without_cuda_is_refused_before_the_job_starts(config_file):
-    config = load_config(config_file({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}), env={})
-    with pytest.raises(UserError, match="needs CUDA GPUs .* distributed.strategy=fsdp"):
-        check_strategy(resolve_strategy(config, 2))
-    check_strategy("fsdp")  # runs here
+def test_a_deepspeed_file_may_not_bring_its_own_optimizer_clipping_or_precision(config_file, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "optimizer": {"type": "Adam"},
+                "gradient_clipping": 0.5,
+                "bf16": {"enabled": True},
+                "zero_optimization": {},
+            }
+        )
+    )
+    said = problems(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(ds)}}, precision="fp32"))
+    assert 'lmforge builds the optimizer (train.optimizer and its settings); remove "optimizer"' in said
+    assert "gradient_clipping is 0.5 but train.max_grad_norm is 1.0" in said
+    assert "bf16.enabled is True but train.precision is fp32" in said
+
+
+def test_the_deepspeed_plugin_takes_the_runs_batch_accumulation_and_clipping(config_file, tmp_path):
+    from lmforge.engine.sharding import deepspeed_plugin
+
+    config = load_config(config_file({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}, grad_accum=2), env={})
+    ds = deepspeed_plugin(config.distributed.deepspeed, config.train).deepspeed_config
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]  # final/ is gathered whole
+    file = tmp_path / "ds.json"  # a file's "auto" values are filled the same way, its own values kept
+    file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": "auto"}))
+    config = load_config(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(file)}}), env={})
+    ds = deepspeed_plugin(config.distributed.deepspeed, config.train).deepspeed_config
+    assert ds["gradient_accumulation_steps"] == 1 and ds["zero_optimization"]["stage"] == 2
 
 
 def test_the_shape_copy_holds_no_weights_and_keeps_the_rotary_buffers():

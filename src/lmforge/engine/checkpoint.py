@@ -51,7 +51,9 @@ from lmforge.models.peft import BASE_FILE, save_base_config
 FORMAT = 1
 MANIFEST = "manifest.json"
 SHARDED = "sharded"
-"""The directory of a sharded checkpoint's DCP files."""
+"""The directory of a sharded checkpoint's files (DCP's under FSDP, DeepSpeed's under DeepSpeed)."""
+DEEPSPEED_TAG = "zero"
+"""The tag (subdirectory of SHARDED) under which DeepSpeed's save_checkpoint writes its files."""
 TRAINABLE = "trainable"
 """manifest.json's "weights" of a checkpoint that holds the trainable parameters only (else "all")."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -121,8 +123,9 @@ def save_sharded_checkpoint(
     tokenizer: Any | None = None,
     files: dict[str, str] | None = None,
     base: dict | None = None,
+    strategy: str = "fsdp",
 ) -> Checkpoint:
-    """`save_checkpoint` for a sharded model: every process of the job calls it (DCP's save is a
+    """`save_checkpoint` for a sharded model: every process of the job calls it (the save is a
     collective) and writes its shards; the main process writes the rest and the manifest, then
     renames the directory into place. The temporary directory's name is the same in every process.
 
@@ -130,6 +133,8 @@ def save_sharded_checkpoint(
         main: whether this is the job's main process.
         world_size: the number of processes, recorded in the manifest.
         base: as in save_checkpoint: the adapters only (frozen weights are left out of the shards).
+        strategy: "fsdp" (model sharded by FSDP2; torch.distributed.checkpoint writes the shards) or
+            "deepspeed" (model: the DeepSpeed engine; its save_checkpoint writes the ZeRO partitions).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -140,10 +145,16 @@ def save_sharded_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    options = StateDictOptions(ignore_frozen_params=base is not None)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    with _one_process_is_fine():
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED))
+    if strategy == "deepspeed":
+        engine, model = model, model.module
+        where = str(tmp / SHARDED)
+        engine.save_checkpoint(where, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=base is not None)
+    else:
+        options = StateDictOptions(ignore_frozen_params=base is not None)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+        with _one_process_is_fine():
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED))
+    _barrier()  # every process's part is written
     if main:
         try:
             _write_the_rest(tmp, state, model, scheduler, config_yaml, tokenizer, files, base)
@@ -152,14 +163,15 @@ def save_sharded_checkpoint(
                 "format": FORMAT,
                 "step": state.step,
                 "weights": "all" if base is None else TRAINABLE,
-                "sharded": {"strategy": "fsdp", "world_size": world_size},
+                "sharded": {"strategy": strategy, "world_size": world_size},
                 "files": {str(p.relative_to(tmp)): _describe(p) for p in written},
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             follow_umask(tmp)
             for path in [*written, tmp / MANIFEST]:
                 fsync_file(path)
-            fsync_dir(tmp / SHARDED)
+            for folder in [tmp / SHARDED, *(p for p in (tmp / SHARDED).rglob("*") if p.is_dir())]:
+                fsync_dir(folder)
             fsync_dir(tmp)
             replace_dir(tmp, target)
         except BaseException:
@@ -308,7 +320,10 @@ def load_checkpoint(
 
     A sharded checkpoint (save_sharded_checkpoint) loads into a sharded or a plain model of any
     number of processes: every process of the job calls this then."""
-    if sharded_layout(path) is not None:
+    layout = sharded_layout(path)
+    if (layout or {}).get("strategy") == "deepspeed" or is_deepspeed_engine(model):
+        load_deepspeed(path, model, optimizer is not None)
+    elif layout is not None:
         load_sharded(path, model, optimizer)
     elif is_sharded(model):
         raise UserError(
@@ -326,6 +341,36 @@ def load_checkpoint(
         scaler.load_state_dict(_load(path / "scaler.pt"))
     restore_rng(_load(path / "rng.pt"))
     return load_trainer_state(path)
+
+
+def is_deepspeed_engine(model: torch.nn.Module) -> bool:
+    """Whether `model` is a DeepSpeed engine (distributed.strategy=deepspeed, as accelerate prepares it)."""
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def load_deepspeed(path: Path, engine: torch.nn.Module, with_optimizer: bool) -> None:
+    """A DeepSpeed checkpoint's weights and ZeRO optimizer partitions into the engine of a job of as
+    many processes as wrote it (run.check_resume_config refuses another count); every process calls it.
+
+    Raises:
+        UserError: the checkpoint is not DeepSpeed's, or the model is not a DeepSpeed engine.
+    """
+    layout = sharded_layout(path) or {}
+    if layout.get("strategy") != "deepspeed" or not is_deepspeed_engine(engine):
+        written = layout.get("strategy", "ddp or one process")
+        raise UserError(
+            f"{path} was written with distributed.strategy={written}; DeepSpeed's checkpoints hold ZeRO's own "
+            "partitions, so a run resumes with DeepSpeed exactly when it was written with it: resume with the "
+            "strategy it was written with, or start a new run from its weights (model.name_or_path)"
+        )
+    adapters_only = holds_trainable_only(path)
+    engine.load_checkpoint(
+        str(path / SHARDED),
+        tag=DEEPSPEED_TAG,
+        load_module_strict=not adapters_only,
+        load_optimizer_states=with_optimizer,
+        load_lr_scheduler_states=False,  # lmforge's scheduler.pt holds it
+    )
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -378,7 +423,17 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     Raises:
         RuntimeError: the checkpoint's weights do not fit the model (names missing or unexpected).
     """
-    if sharded_layout(path) is not None:
+    layout = sharded_layout(path)
+    if layout is not None and layout["strategy"] == "deepspeed":  # outside a job: DeepSpeed's own consolidation
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        adapters_only = holds_trainable_only(path)
+        saved = get_fp32_state_dict_from_zero_checkpoint(
+            str(path / SHARDED), tag=DEEPSPEED_TAG, exclude_frozen_parameters=adapters_only
+        )
+        model.load_state_dict(saved, strict=not adapters_only)
+        return
+    if layout is not None:
         load_sharded(path, model)
         return
     file = str(path / "model.safetensors")

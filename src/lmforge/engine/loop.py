@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from lmforge.config import Config, DistributedConfig, TrainConfig, config_hash, 
 from lmforge.data.loader import Prefetcher, StepPlan, step_data, to_device
 from lmforge.data.prepare import PreparedData
 from lmforge.engine.checkpoint import (
+    is_deepspeed_engine,
     load_checkpoint,
     prune,
     remove_stale_temporaries,
@@ -93,7 +95,10 @@ def distributed_cpu() -> bool:
 
 
 def make_accelerator(
-    precision: str, strategy: str = "single", distributed: DistributedConfig | None = None
+    precision: str,
+    strategy: str = "single",
+    distributed: DistributedConfig | None = None,
+    train: TrainConfig | None = None,
 ) -> Accelerator:
     """accelerate's Accelerator for train.precision and a resolved distributed.strategy
     (engine.sharding.resolve_strategy): DeepSpeed through its plugin; FSDP is applied by lmforge
@@ -101,9 +106,13 @@ def make_accelerator(
     # accelerate keeps its settings in a process-wide singleton; clear it so that a second run
     # in the same process (tests, notebooks, sweeps) may use another precision.
     AcceleratorState._reset_state()
-    plugin = deepspeed_plugin(distributed.deepspeed) if strategy == "deepspeed" and distributed else None
+    plugin = deepspeed_plugin(distributed.deepspeed, train) if strategy == "deepspeed" and distributed else None
+    cpu = distributed_cpu() and plugin is None  # accelerate turns DeepSpeed off when told cpu (it runs on gloo here)
+    if plugin is not None:  # the engine steps the optimizer itself, and calls torch's renamed collectives
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        warnings.filterwarnings("ignore", message=r"`torch.distributed.\w+` is deprecated", category=FutureWarning)
     with accelerate_sharding_off():
-        return Accelerator(mixed_precision=resolve_precision(precision), cpu=distributed_cpu(), deepspeed_plugin=plugin)
+        return Accelerator(mixed_precision=resolve_precision(precision), cpu=cpu, deepspeed_plugin=plugin)
 
 
 def total_steps(cfg: TrainConfig, plan: StepPlan) -> int:
@@ -208,6 +217,7 @@ def train(
     deadline = cfg.max_time and time.monotonic() + cfg.max_time
     progress.begin(state.step)
     pin = accelerator.device.type == "cuda"
+    deepspeed = is_deepspeed_engine(model)  # DeepSpeed clips and steps inside its engine
     start = (state.epoch, state.step_in_epoch)  # with data.curriculum, the step decides until the curriculum ends
     ahead = step_data(train_set, plan, config, pad_id, start, rank, pin, step=state.step, total_steps=steps)
     with StopOnSignal() as signals, Prefetcher(ahead, config.data.prefetch) as upcoming:
@@ -215,10 +225,13 @@ def train(
             data = next(upcoming)  # step_data moves to the next epoch (and permutation) when one ends
             state.epoch, state.step_in_epoch, rows, batches = data.epoch, data.step_in_epoch, data.rows, data.batches
             loss_sum, targets, tokens = _forward_backward(model, batches, loss_step, accelerator, config.model.task)
-            grad_norm = _clip(model, accelerator, cfg.max_grad_norm, skeleton is not None)
+            if deepspeed:
+                grad_norm = _deepspeed_step(model, loss_sum)
+            else:
+                grad_norm = _clip(model, accelerator, cfg.max_grad_norm, skeleton is not None)
             lr = scheduler.get_last_lr()[0]
             finite = bool(torch.isfinite(torch.stack([loss_sum, grad_norm.float()])).all())  # one sync
-            if finite or accelerator.scaler is not None:  # fp16: the scaler skips inf steps itself
+            if (finite or accelerator.scaler is not None) and not deepspeed:  # fp16: the scaler skips inf steps
                 optimizer.step()
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in place
                 scheduler.step()
@@ -238,30 +251,33 @@ def train(
             if _should_save(loop, new_best):
                 _save(loop)
     progress.close()
-    if skeleton is not None:  # the last checkpoint holds it: room for the gathered weights
+    if skeleton is not None and not deepspeed:  # the last checkpoint holds it: room for the gathered weights
         getattr(optimizer, "optimizer", optimizer).state.clear()
     return TrainResult(_trained_model(model, accelerator, skeleton), state, checkpoint_dir)
 
 
 def _prepare(model: nn.Module, config: Config, strategy: str):
     """(accelerator, model, optimizer, skeleton) of a run: the model on its device, sharded under
-    FSDP (skeleton: its shape from before, into which the weights are gathered at the end; else
-    None) or wrapped by accelerate (DDP, DeepSpeed), and its optimizer."""
+    FSDP or wrapped by accelerate (DDP, DeepSpeed's engine), and its optimizer. skeleton: where the
+    weights are sharded (FSDP, ZeRO-3), the model's shape from before, into which they are
+    gathered at the end; else None."""
     check_strategy(strategy)
     cfg = config.train
-    accelerator = make_accelerator(cfg.precision, strategy, config.distributed)
+    accelerator = make_accelerator(cfg.precision, strategy, config.distributed, cfg)
     model = model.to(accelerator.device)
     skeleton = None
     if strategy == "fsdp" and accelerator.num_processes > 1:
         skeleton = meta_copy(model)
         model = shard_model(model, fsdp_settings(config), accelerator.mixed_precision)
+    elif strategy == "deepspeed" and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        skeleton = meta_copy(model)  # (accelerate's prepare partitions the weights)
     optimizer = build_optimizer(model, cfg)
     if cfg.compile:  # the compiled wrapper shares the parameters: the optimizer and checkpoints see the same
         model = torch.compile(model)
-    if skeleton is not None:
+    if strategy == "fsdp" and skeleton is not None:
         return accelerator, model, accelerator.prepare(optimizer), skeleton  # (accelerate would add DDP)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return accelerator, model, optimizer, None
+    return accelerator, model, optimizer, skeleton
 
 
 def _clip(model: nn.Module, accelerator: Accelerator, max_norm: float | None, sharded: bool) -> torch.Tensor:
@@ -271,12 +287,28 @@ def _clip(model: nn.Module, accelerator: Accelerator, max_norm: float | None, sh
     return accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
 
 
+def _deepspeed_step(engine: nn.Module, loss_sum: torch.Tensor) -> torch.Tensor:
+    """The DeepSpeed engine's optimizer step (it clips to gradient_clipping, steps and zeroes the
+    gradients); the gradients' total norm before clipping, a 0-d float32 tensor. The processes first
+    agree whether every loss is finite: a step with a non-finite loss is not taken (its gradients
+    are dropped), as the loop skips one without DeepSpeed."""
+    finite = torch.isfinite(loss_sum.detach()).to(torch.int32).reshape(1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not bool(finite.item()):
+        engine.zero_grad()
+        return torch.tensor(float("nan"))
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).detach().cpu()
+
+
 def _trained_model(model: nn.Module, accelerator: Accelerator, skeleton: nn.Module | None) -> nn.Module | None:
-    """The plain trained model: unwrapped; under FSDP gathered into `skeleton` on the main process
-    (the others get None), for evaluation and final/."""
-    trained = accelerator.unwrap_model(model, keep_torch_compile=False)
+    """The plain trained model: unwrapped; under FSDP and ZeRO-3 gathered into `skeleton` on the main
+    process (the others get None), for evaluation and final/."""
+    trained = model if is_deepspeed_engine(model) else accelerator.unwrap_model(model, keep_torch_compile=False)
     if skeleton is None:
-        return trained
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
     return consolidate(trained, skeleton, accelerator.is_main_process)
 
 
@@ -288,7 +320,12 @@ def _start(loop: Loop, resume_from: Path | None) -> TrainState:
         if loop.config.eval.at_start:
             _evaluate(loop)
         return loop.state
-    model, accelerator = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False), loop.accelerator
+    accelerator = loop.accelerator
+    model = (
+        loop.model
+        if is_deepspeed_engine(loop.model)
+        else accelerator.unwrap_model(loop.model, keep_torch_compile=False)
+    )
     loop.state = load_checkpoint(resume_from, model, loop.optimizer, loop.scheduler, accelerator.scaler)
     follow_schedule(loop.scheduler)  # a resume that changed train.max_steps trains on the new plan at once
     loop.state.world_size = accelerator.num_processes  # (check_resume_config kept the global batch)
@@ -348,15 +385,16 @@ def _save(loop: Loop) -> None:
     state.metrics_lines = loop.trackers.position()
     state.tracker_ids = loop.trackers.ids()  # a backend that was down at the start may have started since
     main = loop.accelerator.is_main_process
-    if loop.checkpoint_dir is None or (not main and loop.strategy != "fsdp"):
+    sharded = loop.strategy in ("fsdp", "deepspeed")
+    if loop.checkpoint_dir is None or (not main and not sharded):
         return
     model = loop.accelerator.unwrap_model(loop.model, keep_torch_compile=False)
     files = {HINTS_FILE: json.dumps(hints_of(loop.data, loop.config), ensure_ascii=False)}
-    if loop.strategy == "fsdp":  # every process writes its shards
+    if sharded:  # every process writes its shards
         checkpoint = save_sharded_checkpoint(
             loop.checkpoint_dir,
             state,
-            model,
+            loop.model if loop.strategy == "deepspeed" else model,
             loop.optimizer,
             loop.scheduler,
             dump_yaml(loop.config),
@@ -365,6 +403,7 @@ def _save(loop: Loop) -> None:
             tokenizer=loop.data.tokenizer,
             files=files,
             base=loop.base,
+            strategy=loop.strategy,
         )
         if not main:
             return
@@ -463,7 +502,12 @@ def _forward_backward(model, batches, loss_step, accelerator, task: str) -> tupl
             # the model's forward is autocast already; the loss too, for a chunked loss's head
             with accelerator.autocast():
                 loss_sum, _ = loss_step(model, batch)
-            # DDP averages gradients over processes; * world turns that back into a sum.
-            accelerator.backward(loss_sum * world / targets)
+            # DDP (and ZeRO) average gradients over processes; * world turns that back into a sum.
+            scaled = loss_sum * world / targets
+            if is_deepspeed_engine(model):  # the engine accumulates: told which backward ends the step
+                model.set_gradient_accumulation_boundary(i == len(batches) - 1)
+                model.backward(scaled, scale_wrt_gas=False)  # (the loss is this step's share already)
+            else:
+                accelerator.backward(scaled)
         loss_total += loss_sum.detach()
     return loss_total, targets, tokens

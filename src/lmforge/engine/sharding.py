@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lmforge.config import Config, DeepSpeedConfig, FsdpConfig
+from lmforge.config import Config, DeepSpeedConfig, FsdpConfig, TrainConfig
 from lmforge.errors import UserError
 
 ACCELERATE_STRATEGIES = {"ACCELERATE_USE_FSDP": "fsdp", "ACCELERATE_USE_DEEPSPEED": "deepspeed"}
@@ -65,33 +65,43 @@ def check_strategy(strategy: str) -> None:
     """Refuse a strategy this machine cannot run, before any process group is set up.
 
     Raises:
-        UserError: deepspeed without CUDA or without the deepspeed package.
+        UserError: deepspeed without the deepspeed package.
     """
-    if strategy != "deepspeed":
-        return
-    if not torch.cuda.is_available():
-        raise UserError(
-            "distributed.strategy=deepspeed needs CUDA GPUs (DeepSpeed does not train on CPU); use "
-            "distributed.strategy=fsdp, which shards the same way (ZeRO-3) and runs on CPU too"
-        )
     import importlib.util
 
-    if importlib.util.find_spec("deepspeed") is None:
+    if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install deepspeed")
 
 
-def deepspeed_plugin(settings: DeepSpeedConfig):
-    """accelerate's DeepSpeedPlugin for distributed.deepspeed (a JSON file, or stage and offload)."""
+def deepspeed_plugin(settings: DeepSpeedConfig, train: TrainConfig):
+    """accelerate's DeepSpeedPlugin for distributed.deepspeed (a JSON file, or stage and offload),
+    with the run's micro-batch size, gradient accumulation and clipping (train.*) where the file
+    says "auto" or nothing. DeepSpeed accumulates and clips itself: lmforge's loop hands it each
+    micro-batch's backward and steps it at the step's last (engine.loop)."""
     from accelerate import DeepSpeedPlugin
 
     if settings.config_file is not None:
-        return DeepSpeedPlugin(hf_ds_config=settings.config_file)
-    offload = settings.offload
-    return DeepSpeedPlugin(
-        zero_stage=settings.zero_stage,
-        offload_optimizer_device=offload,
-        offload_param_device=offload if settings.zero_stage == 3 else "none",
-    )
+        plugin = DeepSpeedPlugin(hf_ds_config=settings.config_file)
+    else:
+        offload = settings.offload
+        plugin = DeepSpeedPlugin(
+            zero_stage=settings.zero_stage,
+            offload_optimizer_device=offload,
+            offload_param_device=offload if settings.zero_stage == 3 else "none",
+        )
+    ours = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.max_grad_norm or 0.0,
+    }
+    config = plugin.deepspeed_config
+    config.update({key: value for key, value in ours.items() if config.get(key, "auto") == "auto"})
+    if config.get("train_batch_size") == "auto":  # DeepSpeed derives it: micro-batch x accumulation x processes
+        del config["train_batch_size"]
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:  # final/ and evaluation gather the weights whole (DeepSpeed's own switch)
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return plugin
 
 
 @contextmanager
@@ -171,13 +181,19 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 def consolidate(model: nn.Module, skeleton: nn.Module, main: bool) -> nn.Module | None:
-    """Gather a sharded model's weights into `skeleton` (a `meta_copy` made before sharding) on the
-    main process: a plain model for evaluation and `final/`. Every process must call it (an
-    all-gather); the others get None.
+    """Gather a sharded model's weights (FSDP2's, or a ZeRO-3 DeepSpeed engine's) into `skeleton`
+    (a `meta_copy` made before sharding) on the main process: a plain model for evaluation and
+    `final/`. Every process must call it (an all-gather); the others get None.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if type(model).__name__ == "DeepSpeedEngine":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=None):
+            full = {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()} if main else None
+    else:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not main:
         return None
     _, unexpected = skeleton.load_state_dict(full, strict=False, assign=True)

@@ -172,6 +172,8 @@ def _generate_batch(
         top_p=cfg.top_p if cfg.temperature > 0 else None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        # one process generates with a whole model: after a ZeRO-3 job transformers would wait for the others
+        synced_gpus=False,
         **({"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}),
         **generate_kwargs,
     )

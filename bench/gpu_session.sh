@@ -91,8 +91,9 @@ controls)
     python3 bench/lr_find_check.py --smoke 2>&1 | tee "$out/lr-find.log"
     ;;
 scaleout)
-    # Needs deepspeed (and its deps) in .whl for the DeepSpeed runs. With one GPU, FSDP runs as one
-    # process (sharded checkpoint format, then a resume); with two or more, across them over NCCL.
+    # Needs deepspeed (and its deps) in .whl for the DeepSpeed runs (CPU-tested over gloo; here they
+    # run on NCCL for the first time). With one GPU, FSDP runs as one process (sharded checkpoint
+    # format, then a resume); with two or more, across them over NCCL.
     gpus=$(nvidia-smi --list-gpus | wc -l)
     nproc=$((gpus > 1 ? 2 : 1))
     quick=(train.max_steps=40 train.save_every=20 eval.generate.num_examples=1 tracking.backends=[none])
@@ -104,11 +105,13 @@ scaleout)
         for stage in 2 3; do
             python3 -m lmforge train examples/quickstart.yaml "${quick[@]}" name="zero$stage" \
                 distributed.strategy=deepspeed distributed.deepspeed.zero_stage=$stage --nproc "$nproc" || true
+            python3 -m lmforge train examples/quickstart.yaml "${quick[@]}" name="zero$stage" train.max_steps=60 \
+                distributed.strategy=deepspeed distributed.deepspeed.zero_stage=$stage --resume auto --nproc "$nproc" || true
         done
         python3 bench/checkpoint_size.py
     } 2>&1 | tee "$out/scaleout.log"
     python3 -m pytest -q -p no:cacheprovider tests/integration/test_fsdp.py tests/unit/test_strategy.py \
-        tests/integration/test_adapter_checkpoints.py 2>&1 | tee "$out/scaleout-tests.log"
+        tests/integration/test_deepspeed.py tests/integration/test_adapter_checkpoints.py 2>&1 | tee "$out/scaleout-tests.log"
     ;;
 peers)
     for workload in sft pretrain; do

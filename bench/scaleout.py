@@ -1,5 +1,6 @@
-"""One process against two (DDP and FSDP) on this machine's CPU: trained tokens per second of the
-job and peak RSS of each training process, in one run, the same global batch for all three.
+"""One process against two (DDP, FSDP, DeepSpeed ZeRO-2 and ZeRO-3) on this machine's CPU: trained
+tokens per second of the job and peak RSS of each training process, in one run, the same global
+batch for all.
 
     python bench/scaleout.py                       # llama-20m on the quickstart text, 30 steps
     python bench/scaleout.py --preset llama-120m   # where sharding shows in memory, 10 steps
@@ -7,7 +8,7 @@ job and peak RSS of each training process, in one run, the same global batch for
 
 Each job is `lmforge train examples/quickstart.yaml` (its own tokenizer, the text in data/) with
 micro-batch 8 x grad_accum 2 in one process, and micro-batch 8 in each of two (`--nproc 2`,
-distributed.strategy ddp or fsdp), fp32, no evaluation, no checkpoint until the end. Tokens per
+distributed.strategy ddp, fsdp or deepspeed), fp32, no evaluation, no checkpoint until the end. Tokens per
 second is the job's, from metrics.jsonl, over the steps after the first log point (start-up and
 first-step allocation excluded). Peak RSS is sampled every 0.1 s from every training process
 (psutil), the torchrun launcher excluded: each process's, largest first.
@@ -29,7 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = {  # name: (processes, overrides)
     "1 process": (1, ["train.grad_accum=2"]),
     "2 processes, DDP": (2, ["distributed.strategy=ddp"]),
+    # FSDP and DeepSpeed train on the plain loss (full-vocabulary logits): DDP on it too, to tell
+    # what sharding saves from what the chunked loss saves
+    "2, DDP, plain loss": (2, ["distributed.strategy=ddp", "train.loss_chunk_size=null"]),
     "2 processes, FSDP": (2, ["distributed.strategy=fsdp"]),
+    "2, ZeRO-2": (2, ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]),
+    "2, ZeRO-3": (2, ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=3"]),
 }
 
 
@@ -66,8 +72,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps")
     parser.add_argument("--preset", default="llama-20m", help="model.preset (default llama-20m)")
+    parser.add_argument("--steps", type=int, help="training steps (default 30 for llama-20m, else 10)")
+    parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS), help="the jobs to run")
     args = parser.parse_args()
     steps, log_every = (6, 2) if args.smoke else (30, 5) if args.preset == "llama-20m" else (10, 2)
+    steps = args.steps or steps
     settings = [
         f"train.max_steps={steps}",
         f"train.log_every={log_every}",
@@ -82,7 +91,8 @@ def main() -> None:
         settings += [f"model.preset={args.preset}", "model.hidden_size=null", "model.intermediate_size=null"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (processes, overrides) in JOBS.items():
+        for name in ["1 process", *(job for job in args.jobs if job != "1 process")]:  # the yardstick first
+            processes, overrides = JOBS[name]
             results[name] = run(name, processes, overrides, settings, Path(tmp) / name.replace(" ", "_"))
     alone = results["1 process"]["tokens_per_sec"]
     print(f"{'job':<20} {'tokens/s':>10} {'vs 1 process':>13} {'peak RSS per process':>22}")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from test_fsdp import ATOL, lmforge, losses, run_named, weights, workdir
 
 from conftest import chapters, save_tiny_llama
+from lmforge.eval.target import load_checkpoint_dir
 from lmforge.models.tokenizer import train_bpe_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -40,6 +41,11 @@ def test_zero2_and_zero3_train_as_one_process_and_resume_on_as_many(tmp_path):
         for name, tensor in weights(run / "final").items():
             torch.testing.assert_close(tensor, reference[name], atol=ATOL, rtol=0)
         assert type(model).__name__ == "LlamaForCausalLM"
+        # the last checkpoint read outside a job (eval, export): DeepSpeed's zero_to_fp32 joins the partitions
+        read, _, _ = load_checkpoint_dir(run / "checkpoints" / "step-000006")
+        state = read.state_dict()
+        for name, tensor in weights(run / "final").items():
+            torch.testing.assert_close(state[name], tensor, atol=0, rtol=0)
 
     checkpoint = zero2 / "checkpoints" / "step-000003"
     manifest = json.loads((checkpoint / "manifest.json").read_text())

@@ -400,9 +400,11 @@ class TrainConfig(Section):
     max_time: float | None = Field(default=None, gt=0)
     """Seconds of training in this invocation; when reached, save a checkpoint and stop (resume later)."""
     num_threads: int | None = Field(default=None, ge=1)
-    """CPU threads for tensor work (torch.set_num_threads). Default: PyTorch's, one per core. On a
-    machine that other jobs keep busy, fewer threads than cores can be several times faster (threads
-    that wait for a core stall the others); the plan line says how many are used."""
+    """CPU threads for tensor work (torch.set_num_threads). Default: OMP_NUM_THREADS where it is set,
+    else the physical cores this process may use (its CPU affinity and cgroup quota, which PyTorch's
+    own default ignores), shared among the job's processes on the machine. On a machine that other
+    jobs keep busy, fewer threads than cores can be several times faster (threads that wait for a
+    core stall the others); the plan line says how many are used and why."""
     compile: bool = False
     """Compile the model with torch.compile (inductor). The first steps are slow while it compiles;
     fixed shapes (packing) avoid recompiling. Needs a C/C++ compiler on CPU."""
@@ -1779,7 +1781,6 @@ def derived_defaults(config: Config) -> dict[str, str]:
     """What each unset (null) setting that lmforge derives comes to for this config, in words, keyed by
     dotted name (`lmforge config show` writes them as comments): a preset's sizes, the held-out
     splits, the packing, the too-long rule, the cache, evaluation's batch, the CPU threads."""
-    import torch
 
     data, derived = config.data, _derived_sizes(config)
     for split, fraction in (("validation", data.validation_fraction), ("test", data.test_fraction)):
@@ -1798,7 +1799,9 @@ def derived_defaults(config: Config) -> dict[str, str]:
     if config.eval.batch_size is None:
         derived["eval.batch_size"] = f"{config.train.micro_batch_size} (train.micro_batch_size)"
     if config.train.num_threads is None:
-        derived["train.num_threads"] = f"{torch.get_num_threads()} (PyTorch's, one per core)"
+        from lmforge.engine.threads import default_threads
+
+        derived["train.num_threads"] = "{} ({})".format(*default_threads())
     return derived
 
 

@@ -60,6 +60,7 @@ from lmforge.engine.loop import (
 from lmforge.engine.optim import schedule_change
 from lmforge.engine.progress import format_duration
 from lmforge.engine.sharding import fsdp_settings, resolve_strategy
+from lmforge.engine.threads import default_threads
 from lmforge.errors import UserError
 from lmforge.eval.evaluate import describe, evaluate_split
 from lmforge.eval.generation import HINTS_FILE, Prompt, hints_of, prompts_and_references, respond
@@ -277,8 +278,7 @@ def _data_and_model(config: Config, console: Console, process: PartialState):
     (the main process fills the cache, the others read it), a model built from the seeded RNGs, the
     step plan and the run's length, and the config with the curriculum's default length resolved
     over that length."""
-    if config.train.num_threads is not None:
-        torch.set_num_threads(config.train.num_threads)
+    torch.set_num_threads(config.train.num_threads or default_threads()[0])
     data = prepare_per_node(config, process, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     set_seed(config.seed)
     model = build_model(config, data.tokenizer, labels=data.labels)
@@ -921,7 +921,7 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
         + (f", {plan.world} processes ({job})" if plan.world > 1 else "")
         + (f", attention {attention.removeprefix('lmforge_')}" if attention else "")
         + f", {malloc.active()}"
-        + ("" if torch.cuda.is_available() else f", {_threads(torch.get_num_threads())} (train.num_threads)"),
+        + ("" if torch.cuda.is_available() else f", {_threads(config.train.num_threads)}"),
         highlight=False,
     )
     if precision == "no" and config.train.precision == "auto" and cpu_has_native_bf16():
@@ -941,8 +941,11 @@ def _dropout_said(config: Config, model) -> str:
     return f", dropout {config.model.dropout:g} ({', '.join(dropout_fields(model.config))})"
 
 
-def _threads(n: int) -> str:
-    return f"{n} CPU thread{'s' if n != 1 else ''}"
+def _threads(configured: int | None) -> str:
+    """The plan's words for the CPU threads: "2 CPU threads (the 2 cores this process may use;
+    train.num_threads)", or "(train.num_threads)" alone where the config sets them."""
+    n, why = (configured, "") if configured else default_threads()
+    return f"{n} CPU thread{'s' if n != 1 else ''} ({why + '; ' if why else ''}train.num_threads)"
 
 
 def _warn_before_training(

@@ -3,6 +3,7 @@
 import json
 import subprocess
 
+import joblib
 import pytest
 import torch
 import yaml
@@ -104,7 +105,10 @@ def test_mlflow_run_holds_the_metrics(trained_run):
     allocator = cli_allocator()
     assert run.data.tags["lmforge.malloc"] == allocator
     (plan,) = [line for line in stdout.splitlines() if line.startswith("plan: ")]
-    assert plan.endswith(f", {allocator}, {torch.get_num_threads()} CPU threads (train.num_threads)")
+    cores = joblib.cpu_count(only_physical_cores=True)  # the cores this process may use
+    assert plan.endswith(
+        f", {allocator}, {cores} CPU threads (the {cores} cores this process may use; train.num_threads)"
+    )
     history = client.get_metric_history(run.info.run_id, "train/loss")
     jsonl = [p for p in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in p]
     assert [(m.step, m.value) for m in history] == [(p["step"], pytest.approx(p["train/loss"])) for p in jsonl]

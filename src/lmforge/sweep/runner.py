@@ -396,8 +396,9 @@ def _threads_per_trial(slots: int) -> int | None:
     """With several trial processes, each gets an equal share of this process's CPUs."""
     if slots < 2:
         return None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // slots)
+    from lmforge.engine.threads import available_cores
+
+    return max(1, available_cores() // slots)
 
 
 def _read_outcome(trial_dir: Path, code: int, oom_kills: int | None) -> dict[str, Any]:

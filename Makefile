@@ -7,10 +7,13 @@ BIN     = $(VENV)/bin
 
 .PHONY: setup system-packages quickstart test test-fast lint clean
 
+# DeepSpeed goes beside the venv, not in it (pyproject.toml says why): the DeepSpeed tests put
+# $(VENV)/deepspeed on PYTHONPATH; its other requirements (torch, numpy, pydantic) are the venv's.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/deepspeed "deepspeed>=0.16" hjson py-cpuinfo ninja msgpack einops
 	touch $@
 
 setup: $(BIN)/.installed

@@ -159,6 +159,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def deepspeed_env(**extra: str) -> dict[str, str]:
+    """`subprocess_env` with DeepSpeed importable. `make setup` installs it beside the venv
+    (.venv/deepspeed), out of every other process's way (pyproject.toml says why). Missing, the
+    test fails: it does not skip."""
+    where = Path(sys.executable).parent.parent / "deepspeed"
+    assert (where / "deepspeed").is_dir(), f"DeepSpeed is not installed in {where}: run make setup"
+    env = subprocess_env(**extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(where), *filter(None, [env.get("PYTHONPATH")])])
+    env["PATH"] = f"{where / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # ninja, for DeepSpeed's CPU op
+    return env
+
+
 class RecordingTracker:
     """Stands where metrics.jsonl does (written synchronously) and keeps the points in memory, to
     read logged values back in tests: `Trackers(RecordingTracker(), [], None, print)`."""

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cli_allocator, subprocess_env
+from conftest import ROOT, cli_allocator, deepspeed_env, subprocess_env
 
 
 def test_memory_benchmark_smoke():
@@ -25,12 +25,12 @@ def test_memory_benchmark_smoke():
     assert lines[-1].startswith("summary (cpu, medians of 1): chunked/plain step peak memory v2k/s64:")
 
 
-def run_bench(script: str, *args: str) -> list[str]:
+def run_bench(script: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
         text=True,
-        env=subprocess_env(),
+        env=env or subprocess_env(),
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -145,7 +145,7 @@ def test_checkpoint_size_smoke():
 
 @pytest.mark.slow
 def test_scaleout_smoke():
-    lines = run_bench("scaleout.py", "--smoke", "--jobs", "2 processes, FSDP", "2, ZeRO-3")
+    lines = run_bench("scaleout.py", "--smoke", "--jobs", "2 processes, FSDP", "2, ZeRO-3", env=deepspeed_env())
     assert lines[0].split()[:2] == ["job", "tokens/s"]
     rows = {line[:20].strip(): line[20:].split() for line in lines[1:4]}
     assert list(rows) == ["1 process", "2 processes, FSDP", "2, ZeRO-3"]

@@ -14,13 +14,18 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_fsdp import ATOL, lmforge, losses, run_named, weights, workdir
+from test_fsdp import ATOL, lora_workdir, losses, run_named, weights, workdir
+from test_fsdp import lmforge as lmforge_in
 
-from conftest import chapters, save_tiny_llama
+from conftest import deepspeed_env
 from lmforge.eval.target import load_checkpoint_dir
-from lmforge.models.tokenizer import train_bpe_tokenizer
 
 pytestmark = pytest.mark.slow
+
+
+def lmforge(where, *args, ok=True):
+    """`lmforge train config.yaml ARGS` in `where`, DeepSpeed importable (conftest.deepspeed_env)."""
+    return lmforge_in(where, *args, ok=ok, env=deepspeed_env())
 
 
 def test_zero2_and_zero3_train_as_one_process_and_resume_on_as_many(tmp_path):
@@ -75,14 +80,7 @@ def test_zero2_and_zero3_train_as_one_process_and_resume_on_as_many(tmp_path):
 
 
 def test_lora_under_zero2_checkpoints_the_adapters_only_and_resumes(tmp_path):
-    save_tiny_llama(tmp_path / "base", train_bpe_tokenizer(chapters(30), vocab_size=400))
-    where = workdir(
-        tmp_path,
-        model={"name_or_path": str(tmp_path / "base")},
-        tokenizer={},
-        lora={"r": 4, "alpha": 8, "dropout": 0.0},
-        distributed={"strategy": "deepspeed"},
-    )
+    where = lora_workdir(tmp_path, distributed={"strategy": "deepspeed"})
     lmforge(where, "name=one", "train.grad_accum=2", "distributed.strategy=ddp")
     lmforge(where, "name=two", "--nproc", "2")
     one, two = run_named(where, "one"), run_named(where, "two")

@@ -39,13 +39,20 @@ def workdir(tmp_path, **config):
     return tmp_path
 
 
-def lmforge(where, *args, ok=True):
+def lora_workdir(tmp_path, **config):
+    """`workdir` for LoRA (r 4) on a tiny pretrained Llama saved in tmp_path/base."""
+    save_tiny_llama(tmp_path / "base", train_bpe_tokenizer(chapters(30), vocab_size=400))
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    return workdir(tmp_path, model={"name_or_path": str(tmp_path / "base")}, tokenizer={}, lora=lora, **config)
+
+
+def lmforge(where, *args, ok=True, env=None):
     proc = subprocess.run(
         lmforge_command("train", "config.yaml", *args),
         cwd=where,
         capture_output=True,
         text=True,
-        env=subprocess_env(),
+        env=env or subprocess_env(),
         timeout=600,
     )
     if ok:
@@ -163,13 +170,7 @@ def test_accelerate_launch_with_an_fsdp_config_trains_sharded(tmp_path):
 
 
 def test_lora_on_two_processes_trains_as_one_and_checkpoints_the_adapters_only(tmp_path):
-    save_tiny_llama(tmp_path / "base", train_bpe_tokenizer(chapters(30), vocab_size=400))
-    where = workdir(
-        tmp_path,
-        model={"name_or_path": str(tmp_path / "base")},
-        tokenizer={},
-        lora={"r": 4, "alpha": 8, "dropout": 0.0},
-    )
+    where = lora_workdir(tmp_path)
     lmforge(where, "name=one", "train.grad_accum=2")
     lmforge(where, "name=two", "--nproc", "2")
     one, two = run_named(where, "one"), run_named(where, "two")

@@ -29,6 +29,21 @@ def machine(tmp_path, name: str, **train) -> tuple:
     return where
 
 
+def train_alone(where):
+    """`lmforge train config.yaml` in one process in `where`; its run directory."""
+    proc = subprocess.run(
+        lmforge_command("train", "config.yaml", "tracking.backends=[none]"),
+        cwd=where,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = (where / "runs").glob("tiny-2*")
+    return run_dir
+
+
 def losses(run_dir):
     points = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     return [(p["step"], p["train/loss"]) for p in points if "train/loss" in p]
@@ -51,17 +66,7 @@ def test_two_machines_without_a_shared_disk_are_one_run(tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 7))
 
-    single = machine(tmp_path, "single", micro_batch_size=8)
-    proc = subprocess.run(
-        lmforge_command("train", "config.yaml", "tracking.backends=[none]"),
-        cwd=single,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (alone,) = (single / "runs").glob("tiny-2*")
+    alone = train_alone(machine(tmp_path, "single", micro_batch_size=8))
     got, expected = losses(run_dir), losses(alone)
     assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 7))
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
@@ -118,17 +123,7 @@ def test_machines_without_the_checkpoint_resume_from_the_mirror_each_downloading
     two processes each: on each machine its first process downloads the checkpoint and the others
     then find it there (four processes downloading into one directory at once would collide)."""
     drive = tmp_path / "drive"
-    single = machine(tmp_path, "single", grad_accum=4, mirror=str(drive))
-    proc = subprocess.run(
-        lmforge_command("train", "config.yaml", "tracking.backends=[none]"),
-        cwd=single,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (alone,) = (single / "runs").glob("tiny-2*")
+    alone = train_alone(machine(tmp_path, "single", grad_accum=4, mirror=str(drive)))
 
     nodes = [machine(tmp_path, f"node{rank}", mirror=str(drive)) for rank in (0, 1)]
     resume = ("train.max_steps=8", "tracking.backends=[none]", "--resume", "auto")

@@ -1100,8 +1100,10 @@ def _check_deepspeed_file(path: Path, train: TrainConfig) -> list[str]:
     problems = []
     zero = ds.get("zero_optimization")
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-    if stage not in (0, 1, 2, 3):
-        problems.append(f"{field}: {path}: zero_optimization.stage is {stage!r}; DeepSpeed has stages 0 to 3")
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        problems.append(
+            f"{field}: {path}: zero_optimization.stage is {stage!r}; DeepSpeed's stages are the numbers 0 to 3"
+        )
     for key, ours, name in (
         ("train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size"),
         ("gradient_accumulation_steps", train.grad_accum, "train.grad_accum"),
@@ -1110,6 +1112,12 @@ def _check_deepspeed_file(path: Path, train: TrainConfig) -> list[str]:
         value = ds.get(key, "auto")
         if value != "auto" and value != ours:
             problems.append(f'{field}: {path}: {key} is {value!r} but {name} is {ours}: write "auto" there')
+    batch, per_process = ds.get("train_batch_size", "auto"), train.micro_batch_size * train.grad_accum
+    if batch != "auto" and (not isinstance(batch, int) or isinstance(batch, bool) or batch % per_process):
+        problems.append(
+            f"{field}: {path}: train_batch_size is {batch!r}; DeepSpeed requires train.micro_batch_size x "
+            f'train.grad_accum x processes ({train.micro_batch_size} x {train.grad_accum} x N): write "auto" there'
+        )
     for key in ("optimizer", "scheduler"):
         if key in ds:
             problems.append(

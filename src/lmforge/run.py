@@ -778,8 +778,8 @@ def check_deepspeed_resume(checkpoint: Checkpoint, strategy: str, saved_world: i
         raise UserError(
             f"cannot resume {checkpoint.path} with distributed.strategy={strategy}: it was written "
             f"{'with' if written == 'deepspeed' else 'without'} DeepSpeed, whose checkpoints hold ZeRO's own "
-            "partitions; resume it with the strategy it was written with, or start a new run from its weights "
-            "(model.name_or_path)"
+            "partitions; resume it with the strategy it was written with, or export its weights (lmforge export "
+            f"{checkpoint.path} --out DIR) and start a new run from DIR (model.name_or_path)"
         )
     if written == "deepspeed" and saved_world != world_size:
         raise UserError(

@@ -101,7 +101,7 @@ def test_a_deepspeed_file_is_checked_against_the_run(config_file, tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 5}, "train_micro_batch_size_per_gpu": 16}))
     said = problems(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(ds)}}))
-    assert "zero_optimization.stage is 5; DeepSpeed has stages 0 to 3" in said
+    assert "zero_optimization.stage is 5; DeepSpeed's stages are the numbers 0 to 3" in said
     assert "train_micro_batch_size_per_gpu is 16 but train.micro_batch_size is 4" in said and '"auto"' in said
 
     ds.write_text("{not json")
@@ -131,6 +131,10 @@ def test_a_deepspeed_file_may_not_bring_its_own_optimizer_clipping_or_precision(
     assert 'lmforge builds the optimizer (train.optimizer and its settings); remove "optimizer"' in said
     assert "gradient_clipping is 0.5 but train.max_grad_norm is 1.0" in said
     assert "bf16.enabled is True but train.precision is fp32" in said
+    ds.write_text(json.dumps({"zero_optimization": {"stage": "3"}, "train_batch_size": 6}))
+    said = problems(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(ds)}}))
+    assert "zero_optimization.stage is '3'; DeepSpeed's stages are the numbers 0 to 3" in said
+    assert "train_batch_size is 6; DeepSpeed requires train.micro_batch_size x train.grad_accum x processes" in said
 
 
 def test_the_deepspeed_plugin_takes_the_runs_batch_accumulation_and_clipping(config_file, tmp_path):

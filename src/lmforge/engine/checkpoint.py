@@ -329,7 +329,8 @@ def load_checkpoint(
         raise UserError(
             f"{path} holds whole weights (written with distributed.strategy=ddp or one process); a job with "
             "distributed.strategy=fsdp resumes from sharded checkpoints only: resume it with the strategy it "
-            "was written with, or start a new run from its weights (model.name_or_path)"
+            "was written with, or export its weights (lmforge export CHECKPOINT --out DIR) and start a new run "
+            "from DIR (model.name_or_path)"
         )
     else:
         load_weights(path, model)
@@ -361,7 +362,8 @@ def load_deepspeed(path: Path, engine: torch.nn.Module, with_optimizer: bool) ->
         raise UserError(
             f"{path} was written with distributed.strategy={written}; DeepSpeed's checkpoints hold ZeRO's own "
             "partitions, so a run resumes with DeepSpeed exactly when it was written with it: resume with the "
-            "strategy it was written with, or start a new run from its weights (model.name_or_path)"
+            "strategy it was written with, or export its weights (lmforge export CHECKPOINT --out DIR) and start "
+            "a new run from DIR (model.name_or_path)"
         )
     adapters_only = holds_trainable_only(path)
     engine.load_checkpoint(

@@ -70,7 +70,7 @@ def check_strategy(strategy: str) -> None:
     import importlib.util
 
     if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install deepspeed")
+        raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install 'lmforge[deepspeed]'")
 
 
 def deepspeed_plugin(settings: DeepSpeedConfig, train: TrainConfig):

@@ -42,6 +42,7 @@ from lmforge.engine.checkpoint import (
     checkpoint_name,
     holds_trainable_only,
     latest_valid,
+    list_checkpoints,
     load_trainer_state,
     load_weights,
     sharded_layout,
@@ -497,12 +498,32 @@ def _run_dir(config: Config, process, checkpoint: Checkpoint | None, given: Path
     new one."""
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint.path} (step {checkpoint.step})")
+        if process.is_main_process:
+            set_aside_later(checkpoint, console)
         return checkpoint.path.parent.parent, load_trainer_state(checkpoint.path)
     if given is None:
         return shared_run_dir(config, process), None
     for name in ("metrics.jsonl", "tracking.json", "eval.json", "examples.jsonl"):  # an attempt that saved nothing
         (given / name).unlink(missing_ok=True)
     return given, None
+
+
+def set_aside_later(checkpoint: Checkpoint, console: Console) -> None:
+    """A resume from a checkpoint that is not its run's newest starts another history from it. The
+    later checkpoints of the first history move to <run>/abandoned/after-step-N-<time>/, kept, but
+    where --resume auto no longer finds them (it would take the newest, of the other history)."""
+    later = [c for c in list_checkpoints(checkpoint.path.parent) if c.step > checkpoint.step]
+    if not later:
+        return
+    aside = checkpoint.path.parent.parent / "abandoned" / f"after-step-{checkpoint.step}-{datetime.now():%Y%m%d-%H%M%S}"
+    aside.mkdir(parents=True)
+    for later_one in later:
+        later_one.path.rename(aside / later_one.path.name)
+    names = ", ".join(c.path.name for c in later)
+    console.print(
+        f"[yellow]warning: the run goes on from step {checkpoint.step}: its later checkpoints ({names}) "
+        f"are set aside in {aside}[/yellow]"
+    )
 
 
 def check_shared_checkpoints(run_dir: Path, process: PartialState, strategy: str) -> None:

@@ -224,6 +224,22 @@ def test_resume_refuses_a_changed_model_and_allows_more_steps(tmp_path):
     assert rates[7] == pytest.approx(0.001)  # the first step after the resume follows the new plan
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """--resume of a checkpoint before the run's newest starts another history: the later
+    checkpoints are kept aside, where --resume auto does not take them, and the run continues
+    exactly as it went the first time."""
+    config = write_config(tmp_path, max_steps=6, save_every=2, keep_last=3)
+    finish(config)
+    run_dir = run_dir_of(tmp_path, "run")
+    first = losses(run_dir)
+    out = " ".join(finish(config, "--resume", str(run_dir / "checkpoints" / "step-000002")).stdout.split())
+    assert "its later checkpoints (step-000004, step-000006) are set aside in" in out
+    (aside,) = (run_dir / "abandoned").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000004", "step-000006"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    assert losses(run_dir) == first
+
+
 def test_early_stopping_resumed_mid_patience_stops_at_the_same_step(tmp_path_factory):
     early = {"max_steps": 60, "eval_every": 4, "save_every": 50, "early_stopping": {"patience": 2, "min_delta": 0.25}}
     ref_tmp = tmp_path_factory.mktemp("es-ref")

@@ -1080,8 +1080,14 @@ def _check_distributed(config: Config) -> list[str]:
                 "forward, where FSDP keeps it sharded; with distributed.strategy=fsdp set it to auto or null "
                 "(the plain loss)"
             )
-    if dist.deepspeed.config_file is not None:
+    if dist.deepspeed.config_file is not None and dist.strategy in ("deepspeed", "auto"):
         problems += _check_deepspeed_file(Path(dist.deepspeed.config_file), train)
+        both = sorted({"zero_stage", "offload"} & dist.deepspeed.model_fields_set)
+        if both:
+            problems.append(
+                f"distributed.deepspeed: config_file and {' and '.join(both)} are both given, and the file's "
+                "zero_optimization would win; set them in one place (the file, or drop config_file)"
+            )
     return problems
 
 

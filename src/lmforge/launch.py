@@ -70,9 +70,12 @@ def start_job(launch: Launch, lmforge_args: list[str]) -> None:
     """Replace this process with the launcher (signals then reach it, and it passes them on to the
     job's processes); does not return. Each process gets an equal share of the cores this one may use
     as its CPU threads (OMP_NUM_THREADS, unless set: torchrun would give each one thread)."""
-    from lmforge.engine.threads import available_cores
+    from lmforge.engine.threads import CORE_SHARE, available_cores
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // launch.nproc)))
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = available_cores()
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // launch.nproc))
+        os.environ[CORE_SHARE] = f"{cores}/{launch.nproc}"
     command = torchrun_command(launch, lmforge_args)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -217,10 +217,7 @@ def _run(config, console, warn, precision, checkpoint, process, how: Launch) -> 
     _warn_before_training(data.report, data.tokenizer, config, checkpoint, plan, steps, warn)
     config, finder = _lr_of_run(config, model, data, console, how.dry_run)
     if how.dry_run:
-        for line in data_report_lines(data.report):
-            console.print(line, highlight=False)
-        console.print("dry run: config and data are valid; nothing was trained")
-        return RunOutcome(None, {})
+        return _end_dry_run(console, data, checkpoint)
 
     run_dir, saved = _run_dir(config, process, checkpoint, how.run_dir, console)
     check_shared_checkpoints(run_dir, process, resolve_strategy(config, process.num_processes))
@@ -491,6 +488,15 @@ def check_resume_base(checkpoint: Checkpoint, base: dict | None) -> None:
         f"{str(base.get('fingerprint'))[:12]}): other weights. Adapters on another base give wrong outputs; resume "
         "with the base they were trained on, or start a new run"
     )
+
+
+def _end_dry_run(console: Console, data: PreparedData, checkpoint: Checkpoint | None) -> RunOutcome:
+    for line in data_report_lines(data.report):
+        console.print(line, highlight=False)
+    if checkpoint is not None:
+        console.print(f"a run would resume from {checkpoint.path} (step {checkpoint.step})", highlight=False)
+    console.print("dry run: config and data are valid; nothing was trained")
+    return RunOutcome(None, {})
 
 
 def _run_dir(config: Config, process, checkpoint: Checkpoint | None, given: Path | None, console):
@@ -804,9 +810,9 @@ def check_deepspeed_resume(checkpoint: Checkpoint, strategy: str, saved_world: i
         )
     if written == "deepspeed" and saved_world != world_size:
         raise UserError(
-            f"cannot resume {checkpoint.path} on {world_size} process{'es' * (world_size > 1)}: DeepSpeed wrote its "
-            f"ZeRO partitions for {saved_world}; resume on {saved_world} (distributed.strategy=fsdp checkpoints "
-            "resume on any number)"
+            f"cannot resume {checkpoint.path} on {world_size} process{'es' * (world_size > 1)}: DeepSpeed wrote "
+            f"its ZeRO partitions for {saved_world}; resume with --nproc {saved_world} (distributed.strategy=fsdp "
+            "checkpoints resume on any number)"
         )
 
 
@@ -920,7 +926,9 @@ def _print_plan(console, config, data, model, trainable, total, plan, steps, pre
     )
     per_step = config.train.micro_batch_size * config.train.grad_accum * plan.world * config.data.max_length
     strategy = resolve_strategy(config, plan.world)
-    job = {"ddp": "DDP", "fsdp": "FSDP, weights sharded", "deepspeed": "DeepSpeed"}.get(strategy)
+    deepspeed = config.distributed.deepspeed
+    zero = Path(deepspeed.config_file).name if deepspeed.config_file else f"ZeRO-{deepspeed.zero_stage}"
+    job = {"ddp": "DDP", "fsdp": "FSDP, weights sharded", "deepspeed": f"DeepSpeed {zero}"}.get(strategy)
     if strategy == "fsdp":
         fsdp = fsdp_settings(config)
         job += ", activations recomputed" * fsdp.activation_checkpointing + ", offloaded to CPU" * fsdp.cpu_offload

@@ -34,7 +34,7 @@ def test_zero2_and_zero3_train_as_one_process_and_resume_on_as_many(tmp_path):
     where = workdir(tmp_path, distributed={"strategy": "deepspeed"})
     lmforge(where, "name=one", "train.grad_accum=2", "distributed.strategy=ddp")  # micro-batches 4 x 2
     two = lmforge(where, "name=zero2", "--nproc", "2")
-    assert "2 processes (DeepSpeed)" in two.stdout and "Traceback" not in two.stderr
+    assert "2 processes (DeepSpeed ZeRO-2)" in two.stdout and "Traceback" not in two.stderr
     lmforge(where, "name=zero3", "--nproc", "2", "distributed.deepspeed.zero_stage=3")
     one, zero2, zero3 = (run_named(where, name) for name in ("one", "zero2", "zero3"))
     expected = losses(one)
@@ -68,7 +68,7 @@ def test_zero2_and_zero3_train_as_one_process_and_resume_on_as_many(tmp_path):
 
     # ZeRO's partitions are per process, and DeepSpeed's alone: another count or strategy is refused
     for args, said in (
-        (["train.grad_accum=2"], "DeepSpeed wrote its ZeRO partitions for 2; resume on 2"),
+        (["train.grad_accum=2"], "DeepSpeed wrote its ZeRO partitions for 2; resume with --nproc 2"),
         (["--nproc", "2", "distributed.strategy=fsdp"], "it was written with DeepSpeed"),
     ):
         refused = lmforge(where, "--resume", str(checkpoint), "name=zero2", *args, ok=False)

@@ -215,7 +215,7 @@ def test_resume_refuses_a_changed_model_and_allows_more_steps(tmp_path):
     assert "resuming with a changed setting: train.max_steps: 6 -> 9" in out
     # lr 2e-3, 3 warmup steps, cosine: at step 6 the old plan had ended (0), the new is halfway down
     assert (
-        "the cosine learning-rate schedule is planned again over 9 steps instead of 6: at step 6 the learning "
+        "the cosine learning-rate schedule is planned again over 9 steps instead of 6: at step 7 the learning "
         "rate becomes 0.001 (it was 0), reaching 0 at step 9"
     ) in " ".join(out.split())
     run_dir = run_dir_of(tmp_path, "run")
@@ -234,6 +234,8 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
     first = losses(run_dir)
     out = " ".join(finish(config, "--resume", str(run_dir / "checkpoints" / "step-000002")).stdout.split())
     assert "its later checkpoints (step-000004, step-000006) are set aside in" in out
+    dry = finish(config, "--resume", "auto", "--dry-run").stdout
+    assert f"a run would resume from {run_dir / 'checkpoints' / 'step-000006'} (step 6)" in " ".join(dry.split())
     (aside,) = (run_dir / "abandoned").iterdir()
     assert sorted(p.name for p in aside.iterdir()) == ["step-000004", "step-000006"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]

@@ -193,18 +193,18 @@ def test_a_resume_with_another_length_says_what_happens_to_each_schedule():
         return schedule_change(cfg, cfg, 100, total_now, step)
 
     assert change(200, 50, scheduler="wsd", warmup_steps=3) == (
-        "the wsd learning-rate schedule is planned again over 200 steps instead of 100: at step 50 the learning "
+        "the wsd learning-rate schedule is planned again over 200 steps instead of 100: at step 51 the learning "
         "rate becomes 0.002 (it was 0.002), decaying from step 160 (it was 80), reaching 0 at step 200"
     )
     # 2e-3 * (0.1 + 0.9 * (1 - 50/200) ** 2), and (1 - 50/100) ** 2 before
     assert change(200, 50, scheduler="polynomial", power=2, min_lr_ratio=0.1).endswith(
-        "at step 50 the learning rate becomes 0.00121 (it was 0.00065), reaching 0.0002 at step 200"
+        "at step 51 the learning rate becomes 0.00121 (it was 0.00065), reaching 0.0002 at step 200"
     )
     # inverse_sqrt and constant do not depend on the length, unless their warmup is a share of it
     assert change(200, 50, scheduler="inverse_sqrt", warmup_steps=3) == ""
     assert change(200, 50, scheduler="constant", warmup_steps=3) == ""
     assert change(200, 15, scheduler="inverse_sqrt", warmup_ratio=0.1).endswith(
-        "at step 15 the learning rate becomes 0.0015 (it was 0.00163), its warmup now 20 steps (it was 10)"
+        "at step 16 the learning rate becomes 0.0015 (it was 0.00163), its warmup now 20 steps (it was 10)"
     )
     assert change(100, 50, scheduler="wsd") == ""  # the same length
 

@@ -137,6 +137,14 @@ def test_a_deepspeed_file_may_not_bring_its_own_optimizer_clipping_or_precision(
     assert "train_batch_size is 6; DeepSpeed requires train.micro_batch_size x train.grad_accum x processes" in said
 
 
+def test_a_deepspeed_file_is_one_place_for_the_zero_settings_and_checked_only_for_deepspeed(config_file, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "optimizer": {"type": "Adam"}}))
+    said = problems(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(ds), "zero_stage": 3}}))
+    assert "config_file and zero_stage are both given, and the file's zero_optimization would win" in said
+    load_config(config_file({"strategy": "fsdp", "deepspeed": {"config_file": str(ds)}}), env={})  # not used: not read
+
+
 def test_the_deepspeed_plugin_takes_the_runs_batch_accumulation_and_clipping(config_file, tmp_path):
     from lmforge.engine.sharding import deepspeed_plugin
 

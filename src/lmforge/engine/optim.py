@@ -328,10 +328,10 @@ def schedule_change(cfg_before: TrainConfig, cfg_now: TrainConfig, total_before:
     before, now = schedule_of(cfg_before, total_before), schedule_of(cfg_now, total_now)
     if now.kind in ENDLESS and before.warmup == now.warmup:
         return ""
-    rates = [cfg_before.lr * before.factor(step), cfg_now.lr * now.factor(step)]
+    rates = [cfg_before.lr * before.factor(step), cfg_now.lr * now.factor(step)]  # (the next step's)
     text = (
         f"the {now.kind} learning-rate schedule is planned again over {total_now:,} steps instead of "
-        f"{total_before:,}: at step {step:,} the learning rate becomes {rates[1]:.3g} (it was {rates[0]:.3g})"
+        f"{total_before:,}: at step {step + 1:,} the learning rate becomes {rates[1]:.3g} (it was {rates[0]:.3g})"
     )
     if now.kind in ENDLESS:
         return f"{text}, its warmup now {now.warmup:,} steps (it was {before.warmup:,})"

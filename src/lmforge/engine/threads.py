@@ -6,6 +6,9 @@ import os
 
 import torch
 
+CORE_SHARE = "_LMFORGE_CORE_SHARE"
+"""Set by `lmforge train --nproc` beside the OMP_NUM_THREADS it gives each process: "cores/processes"."""
+
 
 def available_cores() -> int:
     """The physical cores this process may use: joblib's `cpu_count`, which reads the CPU affinity
@@ -26,6 +29,9 @@ def default_threads() -> tuple[int, str]:
     each other.
     """
     if os.environ.get("OMP_NUM_THREADS"):
+        if share := os.environ.get(CORE_SHARE):  # lmforge's launcher set it: say what it was
+            cores, local = (int(part) for part in share.split("/"))
+            return torch.get_num_threads(), f"the {cores} cores this process may use, shared by {local} processes"
         return torch.get_num_threads(), "OMP_NUM_THREADS"
     cores = available_cores()
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

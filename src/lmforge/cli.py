@@ -115,9 +115,10 @@ def train_command(
     _quiet_libraries()
     if job is not None:
         from lmforge.data.prepare import prepare_data
-        from lmforge.engine.sharding import check_strategy, resolve_strategy
+        from lmforge.engine.sharding import check_deepspeed_batch, check_strategy, resolve_strategy
 
-        check_strategy(resolve_strategy(cfg, job.nproc * job.nnodes))  # (the deepspeed package) said once, here
+        check_strategy(resolve_strategy(cfg, job.nproc * job.nnodes))  # said once, here, not by every process
+        check_deepspeed_batch(cfg, job.nproc * job.nnodes)
         if resume and nnodes == 1:  # (machines of a multi-machine job may hold no copy until the job runs)
             check_resume_ahead(cfg, resume, job.nproc)
         prepare_data(cfg, log=lambda m: err_console.print(m, style="dim"))  # this machine's cache, before the job

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import tiny_config_dict
 from lmforge.config import ConfigError, load_config
 from lmforge.engine.sharding import block_names, fsdp_settings, meta_copy, resolve_strategy
+from lmforge.errors import UserError
 
 
 @pytest.fixture
@@ -143,6 +144,17 @@ def test_a_deepspeed_file_is_one_place_for_the_zero_settings_and_checked_only_fo
     said = problems(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(ds), "zero_stage": 3}}))
     assert "config_file and zero_stage are both given, and the file's zero_optimization would win" in said
     load_config(config_file({"strategy": "fsdp", "deepspeed": {"config_file": str(ds)}}), env={})  # not used: not read
+
+
+def test_a_deepspeed_files_train_batch_size_is_checked_against_the_job(config_file, tmp_path):
+    from lmforge.engine.sharding import check_deepspeed_batch
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
+    config = load_config(config_file({"strategy": "deepspeed", "deepspeed": {"config_file": str(ds)}}), env={})
+    check_deepspeed_batch(config, 2)  # 4 x 1 x 2
+    with pytest.raises(UserError, match=r"train_batch_size is 8, but a job of 4 processes takes 4 x 1 x 4 = 16"):
+        check_deepspeed_batch(config, 4)
 
 
 def test_the_deepspeed_plugin_takes_the_runs_batch_accumulation_and_clipping(config_file, tmp_path):

@@ -34,6 +34,7 @@ from lmforge.engine.optim import build_optimizer, build_scheduler, follow_schedu
 from lmforge.engine.progress import TrainProgress
 from lmforge.engine.sharding import (
     accelerate_sharding_off,
+    check_deepspeed_batch,
     check_strategy,
     clip_sharded_grad_norm,
     consolidate,
@@ -262,6 +263,7 @@ def _prepare(model: nn.Module, config: Config, strategy: str):
     weights are sharded (FSDP, ZeRO-3), the model's shape from before, into which they are
     gathered at the end; else None."""
     check_strategy(strategy)
+    check_deepspeed_batch(config, int(os.environ.get("WORLD_SIZE", "1")))  # (a job of torchrun or accelerate)
     cfg = config.train
     accelerator = make_accelerator(cfg.precision, strategy, config.distributed, cfg)
     model = model.to(accelerator.device)

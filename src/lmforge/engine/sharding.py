@@ -14,8 +14,10 @@ reshards on load: a job of 2 processes resumes on 1 or 4.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -71,6 +73,26 @@ def check_strategy(strategy: str) -> None:
 
     if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install 'lmforge[deepspeed]'")
+
+
+def check_deepspeed_batch(config: Config, processes: int) -> None:
+    """A DeepSpeed JSON file's explicit train_batch_size against the job: DeepSpeed requires
+    micro-batch x accumulation x processes, and would say so only once every process is up.
+
+    Raises:
+        UserError: naming the value to write.
+    """
+    settings, train = config.distributed.deepspeed, config.train
+    if settings.config_file is None or resolve_strategy(config, processes) != "deepspeed":
+        return
+    batch = json.loads(Path(settings.config_file).read_text(encoding="utf-8")).get("train_batch_size", "auto")
+    wanted = train.micro_batch_size * train.grad_accum * processes
+    if batch not in ("auto", wanted):
+        raise UserError(
+            f"distributed.deepspeed.config_file: {settings.config_file}: train_batch_size is {batch}, but a job of "
+            f"{processes} process{'es' * (processes > 1)} takes {train.micro_batch_size} x {train.grad_accum} x "
+            f'{processes} = {wanted} per step: write {wanted} or "auto" there'
+        )
 
 
 def deepspeed_plugin(settings: DeepSpeedConfig, train: TrainConfig):

@@ -10,6 +10,7 @@ Tolerance: relative 1e-5 on losses, absolute 1e-4 on weights, as tests/integrati
 
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -17,8 +18,7 @@ from safetensors.torch import load_file
 from test_fsdp import ATOL, lora_workdir, losses, run_named, weights, workdir
 from test_fsdp import lmforge as lmforge_in
 
-from conftest import deepspeed_env
-from lmforge.eval.target import load_checkpoint_dir
+from conftest import deepspeed_env, lmforge_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +46,27 @@ def test_zero2_and_zero3_train_as_one_process_and_resume_on_as_many(tmp_path):
         for name, tensor in weights(run / "final").items():
             torch.testing.assert_close(tensor, reference[name], atol=ATOL, rtol=0)
         assert type(model).__name__ == "LlamaForCausalLM"
-        # the last checkpoint read outside a job (eval, export): DeepSpeed's zero_to_fp32 joins the partitions
-        read, _, _ = load_checkpoint_dir(run / "checkpoints" / "step-000006")
-        state = read.state_dict()
+        # the last checkpoint exported outside a job: DeepSpeed's zero_to_fp32 joins the partitions
+        out = where / f"export-{run.name}"
+        export = subprocess.run(
+            lmforge_command("export", str(run / "checkpoints" / "step-000006"), "--out", str(out)),
+            capture_output=True,
+            text=True,
+            env=deepspeed_env(),
+        )
+        assert export.returncode == 0, export.stdout + export.stderr
+        exported = weights(out)
         for name, tensor in weights(run / "final").items():
-            torch.testing.assert_close(state[name], tensor, atol=0, rtol=0)
+            torch.testing.assert_close(exported[name], tensor, atol=0, rtol=0)
 
     checkpoint = zero2 / "checkpoints" / "step-000003"
+    alone = subprocess.run(  # where deepspeed is not installed: said, no traceback
+        lmforge_command("export", str(checkpoint), "--out", str(where / "no-deepspeed")),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert alone.returncode == 2 and "pip install 'lmforge[deepspeed]'" in alone.stderr, alone.stderr
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     assert manifest["sharded"] == {"strategy": "deepspeed", "world_size": 2}
     assert {f"sharded/zero/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)} <= set(manifest["files"])

@@ -427,7 +427,13 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     """
     layout = sharded_layout(path)
     if layout is not None and layout["strategy"] == "deepspeed":  # outside a job: DeepSpeed's own consolidation
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError:
+            raise UserError(
+                f"{path} was written by DeepSpeed, whose zero_to_fp32 joins its partitions: pip install "
+                "'lmforge[deepspeed]'"
+            ) from None
 
         adapters_only = holds_trainable_only(path)
         saved = get_fp32_state_dict_from_zero_checkpoint(

@@ -308,9 +308,9 @@ def _deepspeed_step(engine: nn.Module, loss_sum: torch.Tensor) -> torch.Tensor:
 def _trained_model(model: nn.Module, accelerator: Accelerator, skeleton: nn.Module | None) -> nn.Module | None:
     """The plain trained model: unwrapped; under FSDP and ZeRO-3 gathered into `skeleton` on the main
     process (the others get None), for evaluation and final/."""
-    trained = model if is_deepspeed_engine(model) else accelerator.unwrap_model(model, keep_torch_compile=False)
     if skeleton is None:
         return accelerator.unwrap_model(model, keep_torch_compile=False)
+    trained = model if is_deepspeed_engine(model) else accelerator.unwrap_model(model, keep_torch_compile=False)
     return consolidate(trained, skeleton, accelerator.is_main_process)
 
 

@@ -94,7 +94,7 @@ def train_command(
     """Train a model as the config says."""
     from lmforge.config import load_config
     from lmforge.engine.lr_find import RangeTestInterrupted
-    from lmforge.launch import Launch, check_launch, start_job
+    from lmforge.launch import Launch, check_launch, leave_job, start_job
     from lmforge.run import check_resume_ahead, quick_test_config, resume_command, run_train
 
     job = None
@@ -135,6 +135,7 @@ def train_command(
         command = resume_command(str(config), overrides or [], "auto")
         err_console.print(f"interrupted at once; the newest complete checkpoint is kept: {command}", markup=False)
         raise typer.Exit(130) from None
+    leave_job()
     if outcome.paused in SIGNAL_EXITS:
         raise typer.Exit(SIGNAL_EXITS[outcome.paused])
 

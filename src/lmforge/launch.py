@@ -80,3 +80,21 @@ def start_job(launch: Launch, lmforge_args: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(command[0], command)
+
+
+def leave_job() -> None:
+    """Destroy torch.distributed's default process group, where this process is in one: once a
+    job's process has finished its run normally, before the interpreter exits.
+
+    torch asks every trainer process to do so near the end of its main (the "Shutdown" section of
+    its distributed docs): a gloo group left to the interpreter's exit may still hold work whose
+    tensors then need the GIL and abort the finished process (SIGABRT, "terminate called without
+    an active exception", pytorch/pytorch#190489), failing a job whose run was complete. Not called
+    after an error: a process still in a collective with the others would hang (torchtitan#1342).
+    """
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

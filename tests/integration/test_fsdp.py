@@ -124,6 +124,18 @@ def test_two_processes_train_as_one_and_their_sharded_checkpoints_resume_on_one_
     assert "Traceback" not in refused.stderr
 
 
+EXIT_PROBE = """import atexit, sys
+
+
+def probe():
+    if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+        print("process group left at exit", flush=True)
+
+
+atexit.register(probe)
+"""
+
+
 def test_bf16_on_two_processes_trains_as_on_one(tmp_path):
     """bf16 autocast under FSDP (a MixedPrecisionPolicy: bf16 compute, fp32 master weights and
     gradient reduction) against bf16 autocast in one process. Tolerance: relative 2e-3 on losses
@@ -131,8 +143,13 @@ def test_bf16_on_two_processes_trains_as_on_one(tmp_path):
     the reductions in another order, so the losses part at the third or fourth digit)."""
     where = workdir(tmp_path)
     lmforge(where, "name=one", "train.grad_accum=2", "train.precision=bf16")
-    pair = lmforge(where, "name=two", "--nproc", "2", "train.precision=bf16")
+    probe = tmp_path / "probe"  # reports, as each process exits, a process group it left behind
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(EXIT_PROBE)
+    pair = lmforge(where, "name=two", "--nproc", "2", "train.precision=bf16", env=subprocess_env(PYTHONPATH=str(probe)))
     assert "precision bf16" in pair.stdout
+    # each process left the job: a gloo group left to the interpreter's exit can abort a finished process
+    assert "process group left at exit" not in pair.stdout + pair.stderr
     expected = losses(run_named(where, "one"))
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert list(losses(run_named(where, "two")).values()) == pytest.approx(list(expected.values()), rel=2e-3)

@@ -20,9 +20,14 @@ Data preparation (tokenising, packing, caching) is outside the timed call for ev
 
 The memory allocator changes CPU speed for every tool alike (tcmalloc: +5-35% here, see
 lmforge/malloc.py). `--malloc as-shipped` (the default) runs each tool as its users get it:
-lmforge with tcmalloc where it is installed (`lmforge train` preloads it), the peers on the C
-library's malloc; `system` and `tcmalloc` give every tool the same one. The table names each
-tool's allocator.
+lmforge with tcmalloc where it is installed (`lmforge train` preloads it) and glibc keeping
+freed memory where not (lmforge.malloc.GLIBC_KEEP), the peers on the C library's malloc;
+`system` and `tcmalloc` give every tool the same one. The table names each tool's allocator,
+precision and thread count.
+
+`--defaults` runs every tool exactly as its users get it: its own default precision (lmforge's
+`precision: auto`, `Trainer`'s fp32, TRL `SFTConfig`'s bf16), thread count (no OMP_NUM_THREADS)
+and allocator (as shipped); the settings above (steps, batch, lr...) stay the same for all.
 """
 
 from __future__ import annotations
@@ -161,12 +166,12 @@ LEVERS = {
 
 def run_lmforge(
     ws: Workspace, workload: str, s: dict, lever: dict, eval_every: int | None = None
-) -> tuple[float, int, object, list]:
+) -> tuple[float, int, object, list, str]:
     from rich.console import Console
 
     from lmforge.config import Config
     from lmforge.data.prepare import prepare_data
-    from lmforge.engine.loop import train
+    from lmforge.engine.loop import resolve_precision, train
     from lmforge.models.build import build_model
     from lmforge.tracking.base import Trackers
 
@@ -192,7 +197,7 @@ def run_lmforge(
                 "warmup_steps": s["warmup_steps"],
                 "weight_decay": s["weight_decay"],
                 "max_grad_norm": s["max_grad_norm"],
-                "precision": s["precision"],
+                "precision": "auto" if s["precision"] == "default" else s["precision"],
                 "log_every": eval_every or s["steps"],
                 "eval_every": eval_every,
                 **lever.get("train", {}),
@@ -210,7 +215,8 @@ def run_lmforge(
     # until the last step is logged: the validation batch the loop runs at its end is left out,
     # as no peer is asked for one
     wall = max(stamp for _, stamp, metrics in record.points if "train/loss" in metrics) - started
-    return wall, result.state.target_tokens_seen, result.model, training_curve(record.points, started)
+    precision = {"no": "fp32"}.get(resolve_precision(config.train.precision), resolve_precision(config.train.precision))
+    return wall, result.state.target_tokens_seen, result.model, training_curve(record.points, started), precision
 
 
 def training_curve(points: list[tuple[int, float, dict]], started: float) -> list[tuple[int, float, float]]:
@@ -247,7 +253,7 @@ def hf_arguments(s: dict, out: str, **extra):
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
-        bf16=s["precision"] == "bf16",
+        **({} if s["precision"] == "default" else {"bf16": s["precision"] == "bf16"}),  # default: the tool's own
         **extra,
     ), TrainingArguments
 
@@ -279,7 +285,7 @@ def curve_callback(model, held_out: list[dict], every: int):
 
 def run_trainer(
     ws: Workspace, workload: str, s: dict, grouped: bool, eval_every: int | None = None
-) -> tuple[float, int, object, list]:
+) -> tuple[float, int, object, list, str]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, default_data_collator
 
@@ -305,10 +311,10 @@ def run_trainer(
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
-    return wall, seen[0], trainer.model, curve.curve if curve else []
+    return wall, seen[0], trainer.model, curve.curve if curve else [], "bf16" if trainer.args.bf16 else "fp32"
 
 
-def run_trl(ws: Workspace, workload: str, s: dict) -> tuple[float, int, object, list]:
+def run_trl(ws: Workspace, workload: str, s: dict) -> tuple[float, int, object, list, str]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -328,7 +334,7 @@ def run_trl(ws: Workspace, workload: str, s: dict) -> tuple[float, int, object, 
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
-    return wall, seen[0], trainer.model, []
+    return wall, seen[0], trainer.model, [], "bf16" if trainer.args.bf16 else "fp32"
 
 
 def run_one(tool: str, workload: str, ws: Workspace, s: dict) -> dict:
@@ -338,11 +344,12 @@ def run_one(tool: str, workload: str, ws: Workspace, s: dict) -> dict:
     torch.manual_seed(s["seed"])
     every = s.get("eval_every") if workload == "time-to-loss" else None
     if tool.startswith("lmforge"):
-        wall, targets, model, curve = run_lmforge(ws, workload, s, LEVERS[tool], eval_every=every)
+        wall, targets, model, curve, precision = run_lmforge(ws, workload, s, LEVERS[tool], eval_every=every)
     elif tool.startswith("trainer"):
-        wall, targets, model, curve = run_trainer(ws, workload, s, grouped=tool == "trainer-grouped", eval_every=every)
+        grouped = tool == "trainer-grouped"
+        wall, targets, model, curve, precision = run_trainer(ws, workload, s, grouped=grouped, eval_every=every)
     else:
-        wall, targets, model, curve = run_trl(ws, workload, s)
+        wall, targets, model, curve, precision = run_trl(ws, workload, s)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     tokenizer = AutoTokenizer.from_pretrained(str(ws.base))
     if workload in ("sft", "time-to-loss"):
@@ -357,6 +364,8 @@ def run_one(tool: str, workload: str, ws: Workspace, s: dict) -> dict:
         "peak_rss_mb": peak_mb,
         "val_loss": validation_loss(model, held_out),
         "malloc": malloc.active(),
+        "precision": precision,
+        "threads": torch.get_num_threads(),
     }
     if workload == "time-to-loss":
         figures["curve"] = curve
@@ -374,7 +383,10 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path, default=None, help="default: a directory under /tmp, reused")
     parser.add_argument("--tools", nargs="*", default=None, help="a subset of the tools")
     parser.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32", help="for every tool (bf16: autocast, fp32 weights)"
+        "--precision",
+        choices=["fp32", "bf16", "default"],
+        default="fp32",
+        help="for every tool (bf16: autocast, fp32 weights)",
     )
     parser.add_argument(
         "--malloc",
@@ -382,8 +394,17 @@ def main() -> None:
         default="as-shipped",
         help="as-shipped: lmforge preloads tcmalloc where installed, the peers do not; else the same for all",
     )
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="every tool exactly as its users get it: its own default precision, thread count and allocator",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.defaults:
+        if args.precision != "fp32" or args.malloc != "as-shipped":
+            parser.error("--defaults gives every tool its own precision and allocator: drop --precision and --malloc")
+        args.precision = "default"
     settings = SMOKE if args.smoke else SETTINGS
     if args.workload == "time-to-loss":
         settings = SMOKE_TIME_TO_LOSS if args.smoke else TIME_TO_LOSS
@@ -404,7 +425,8 @@ def main() -> None:
             command += ["--precision", args.precision]
             if args.smoke:
                 command.append("--smoke")
-            out = subprocess.run(command, capture_output=True, text=True, env=tool_env(tool, args.malloc))
+            env = tool_env(tool, args.malloc, args.defaults)
+            out = subprocess.run(command, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 raise SystemExit(f"{tool} failed:\n{out.stderr[-3000:]}")
             results[tool].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -413,13 +435,16 @@ def main() -> None:
         print_time_to_loss(results, repeats)
 
 
-def tool_env(tool: str, choice: str) -> dict[str, str]:
-    """The environment a tool's process starts with, for --malloc `choice`."""
+def tool_env(tool: str, choice: str, defaults: bool = False) -> dict[str, str]:
+    """The environment a tool's process starts with, for --malloc `choice`; with `defaults`, no
+    thread count set for it either (each tool picks its own)."""
     env = malloc.without_preload(os.environ)
+    if defaults:
+        env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLIBC_TUNABLES")}
     if choice == "system" or (choice == "as-shipped" and not tool.startswith("lmforge")):
         return env
     preloaded = malloc.preload_plan(env, sys.platform)  # what `lmforge train` starts with
-    if preloaded is None and choice == "tcmalloc":
+    if choice == "tcmalloc" and "LD_PRELOAD" not in (preloaded or {}):
         raise SystemExit(
             "--malloc tcmalloc: no tcmalloc installed (apt install libtcmalloc-minimal4), or LMFORGE_MALLOC=system"
         )
@@ -430,26 +455,31 @@ def print_table(workload: str, settings: dict, results: dict[str, list[dict]], r
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"workload {workload} on {device}: {json.dumps(settings)}")
     columns = (
-        f"{'trained tok/s':>14} {'spread':>13} {'peak RSS MB':>12} {'wall s':>8} {'tokens':>9} {'val loss':>9}  malloc"
+        f"{'trained tok/s':>14} {'spread':>13} {'peak RSS MB':>12} {'wall s':>8} {'tokens':>9} {'val loss':>9}  "
+        "precision threads malloc"
     )
     print(f"{'tool':<18} {columns}")
     median = {}
     for tool, runs in results.items():
         speeds = [r["tokens_per_s"] for r in runs]
         median[tool] = {
-            k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("tool", "curve", "malloc")
+            k: statistics.median(r[k] for r in runs)
+            for k in runs[0]
+            if k not in ("tool", "curve", "malloc", "precision", "threads")
         }
         m = median[tool]
         spread = f"{min(speeds):.0f}-{max(speeds):.0f}"
         print(
             f"{tool:<18} {m['tokens_per_s']:>14.0f} {spread:>13} {m['peak_rss_mb']:>12.0f} {m['wall_s']:>8.1f} "
-            f"{m['trained_tokens']:>9.0f} {m['val_loss']:>9.3f}  {'/'.join(sorted({r['malloc'] for r in runs}))}"
+            f"{m['trained_tokens']:>9.0f} {m['val_loss']:>9.3f}  {'/'.join(sorted({r['precision'] for r in runs})):<9} "
+            f"{'/'.join(sorted({str(r['threads']) for r in runs})):<7} {'/'.join(sorted({r['malloc'] for r in runs}))}"
         )
     base = next(t for t in results if t.startswith("lmforge"))
     ours, others = median[base], [t for t in results if t != base]
     speed = ", ".join(f"{ours['tokens_per_s'] / median[t]['tokens_per_s']:.2f}x vs {t}" for t in others)
     memory = ", ".join(f"{ours['peak_rss_mb'] / median[t]['peak_rss_mb']:.2f}x vs {t}" for t in others)
-    print(f"summary ({device}, medians of {repeats}, malloc {choice}): {base} trained tok/s {speed}; peak RSS {memory}")
+    how = "every tool on its defaults" if settings["precision"] == "default" else f"malloc {choice}"
+    print(f"summary ({device}, medians of {repeats}, {how}): {base} trained tok/s {speed}; peak RSS {memory}")
 
 
 def print_time_to_loss(results: dict[str, list[dict]], repeats: int) -> None:
@@ -468,6 +498,8 @@ def print_time_to_loss(results: dict[str, list[dict]], repeats: int) -> None:
         start = statistics.median(run["curve"][0][2] for run in runs)
         best = statistics.median(min(loss for _, _, loss in run["curve"]) for run in runs)
         print(f"{tool:<18} {start:>14.3f} {best:>10.3f} {statistics.median(seconds[tool]):>18.1f}")
+    if not {"lmforge", "trainer"} <= set(seconds):
+        return
     ours, peer = statistics.median(seconds["lmforge"]), statistics.median(seconds["trainer"])
     ratio = ours / peer if peer else float("nan")
     print(

@@ -36,6 +36,9 @@ def corpus(tmp_path) -> Path:
 
 
 def tiny_config_dict(corpus: Path, cache_dir: Path, out: Path) -> dict:
+    """A tiny pretraining config in fp32 on every machine: the tests compare runs with fp32
+    references at tight tolerances, and `precision: auto` would pick bf16 on a CPU that computes it
+    natively (that choice is tested in test_precision_default.py)."""
     return {
         "name": "tiny",
         "seed": 7,
@@ -49,7 +52,14 @@ def tiny_config_dict(corpus: Path, cache_dir: Path, out: Path) -> dict:
             "validation_fraction": 0.1,
             "test_fraction": 0.1,
         },
-        "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 1e-3, "log_every": 1, "eval_every": None},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "log_every": 1,
+            "eval_every": None,
+            "precision": "fp32",
+        },
         "eval": {"max_batches": 2, "at_start": False, "generate": {"num_examples": 1, "max_new_tokens": 4}},
         "tracking": {"backends": ["none"]},
     }
@@ -148,8 +158,9 @@ def lmforge_command(*args: str) -> list[str]:
 
 
 def cli_allocator() -> str:
-    """The allocator `lmforge train` runs on here: it preloads tcmalloc where that is installed."""
-    return "tcmalloc" if malloc.find_tcmalloc() else "glibc malloc"
+    """The allocator `lmforge train` runs on here: it preloads tcmalloc where that is installed,
+    else tells glibc's malloc to keep freed memory (lmforge.malloc)."""
+    return "tcmalloc" if malloc.find_tcmalloc() else malloc.KEPT
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -388,7 +388,9 @@ class TrainConfig(Section):
     """Clip the global gradient norm to this; null disables clipping."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision. auto: bf16 on GPUs that support it, else fp16 with a grad scaler on
-    CUDA, fp32 on CPU. fp16 needs CUDA."""
+    CUDA; on a CPU bf16 where it computes bf16 natively (AVX512-BF16 or AMX: the validation loss
+    of fp32 at about twice the speed, bench/RESULTS.md), else fp32. bf16 is autocast over fp32
+    master weights. fp16 needs CUDA."""
     eval_every: int | None = Field(default=200, ge=1)
     """Evaluate on validation every this many steps (and always at the end); null: only at the end."""
     log_every: int = Field(default=10, ge=1)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT, cli_allocator, deepspeed_env, subprocess_env
+from lmforge.engine.loop import cpu_has_native_bf16
 
 
 def test_memory_benchmark_smoke():
@@ -47,6 +48,13 @@ def test_vs_peers_pretrain_and_time_to_loss_smoke(tmp_path):
     assert all(line.endswith("  glibc malloc") for line in lines[2:-1])  # the same allocator for both
     assert lines[-1].startswith("summary (cpu, medians of 1, malloc system): lmforge trained tok/s ")
     assert "x vs trainer" in lines[-1]
+
+    # every tool as its users get it: lmforge's precision auto and allocator, Trainer's fp32 and glibc
+    lines = run_bench("vs_peers.py", "--workload", "pretrain", "--smoke", "--defaults", "--workspace", str(tmp_path))
+    rows = {line.split()[0]: line.split() for line in lines[2:-1]}
+    assert rows["lmforge"][7] == ("bf16" if cpu_has_native_bf16() else "fp32") and rows["trainer"][7] == "fp32"
+    assert " ".join(rows["lmforge"][9:]) == cli_allocator() and " ".join(rows["trainer"][9:]) == "glibc malloc"
+    assert lines[-1].startswith("summary (cpu, medians of 1, every tool on its defaults): lmforge trained tok/s ")
 
     lines = run_bench("vs_peers.py", "--workload", "time-to-loss", "--smoke", "--workspace", str(tmp_path))
     starts = {line.split()[0]: float(line.split()[1]) for line in lines[-3:-1]}
@@ -93,7 +101,7 @@ def test_vs_peers_sft_smoke(tmp_path):
         assert tokens_per_s > 0 and tokens > 0 and 0 < val_loss < 20, tool
         # --malloc as-shipped: lmforge preloads tcmalloc where installed, as `lmforge train` does
         shipped = cli_allocator() if tool.startswith("lmforge") else "glibc malloc"
-        assert " ".join(row[7:]) == shipped, tool
+        assert row[7] == "fp32" and int(row[8]) >= 1 and " ".join(row[9:]) == shipped, tool
     assert lines[-1].startswith("summary (cpu, medians of 1, malloc as-shipped): lmforge trained tok/s ")
     assert "x vs trl-packed" in lines[-1]
 

@@ -1,5 +1,6 @@
-"""When lmforge train re-executes itself with tcmalloc preloaded, and when it leaves the process alone.
-The re-execution itself runs in tests/integration/test_cli_train.py (the real CLI)."""
+"""When lmforge train re-executes itself with tcmalloc preloaded or glibc's tunables set, and when it
+leaves the process alone. The re-execution itself runs in tests/integration/test_cli_train.py (the
+real CLI)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,19 @@ def test_preloads_tcmalloc_once_where_nothing_else_is_chosen():
     assert malloc.without_preload(env) == {"PATH": "/bin", **quiet}  # a child of it chooses afresh
 
 
+def test_without_tcmalloc_glibc_keeps_freed_memory():
+    env = malloc.preload_plan({"PATH": "/bin"}, "linux", lambda: None, lambda: "glibc")
+    keep = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": keep, "_LMFORGE_MALLOC_PRELOADED": "1"}
+    assert malloc.preload_plan(env, "linux", never) is None  # the re-executed process goes on
+    assert malloc.without_preload(env) == {"PATH": "/bin"}  # a child of it chooses afresh
+    mine = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert malloc.preload_plan(mine, "linux", lambda: None, lambda: "glibc") is None  # the user chose
+    assert malloc.without_preload(mine) == mine
+    assert malloc.preload_plan({}, "linux", lambda: None, lambda: "") is None  # musl: no glibc tunables
+
+
 def test_leaves_the_process_alone_otherwise():
-    assert malloc.preload_plan({}, "linux", lambda: None) is None  # not installed
     assert malloc.preload_plan({}, "darwin", never) is None
     assert malloc.preload_plan({"LD_PRELOAD": "libjemalloc.so.2"}, "linux", never) is None  # the user chose
     assert malloc.preload_plan({"LMFORGE_MALLOC": "system"}, "linux", never) is None
@@ -46,7 +58,8 @@ def test_the_opt_out_is_not_a_config_override(tmp_path):
 
 
 def test_names_the_allocator_in_use():
-    expected = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
+    kept = os.environ.get("GLIBC_TUNABLES") == malloc.GLIBC_KEEP
+    expected = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else malloc.KEPT if kept else "glibc malloc"
     assert malloc.active() == expected
     tip = malloc.advice({})
     if expected == "tcmalloc":

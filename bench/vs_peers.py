@@ -215,7 +215,8 @@ def run_lmforge(
     # until the last step is logged: the validation batch the loop runs at its end is left out,
     # as no peer is asked for one
     wall = max(stamp for _, stamp, metrics in record.points if "train/loss" in metrics) - started
-    precision = {"no": "fp32"}.get(resolve_precision(config.train.precision), resolve_precision(config.train.precision))
+    mixed = resolve_precision(config.train.precision)  # accelerate's name: "no" is fp32
+    precision = "fp32" if mixed == "no" else mixed
     return wall, result.state.target_tokens_seen, result.model, training_curve(record.points, started), precision
 
 
